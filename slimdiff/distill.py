@@ -1,0 +1,120 @@
+"""Distillation losses and feature capture: task + output-KD + feature-KD (plain as BK-SDM, normalized as LAPTOP)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimdiff.errors import SlimdiffError
+from slimdiff.models import Adapter
+
+KDMode = Literal["plain", "normalized"]
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Weights of the distillation terms; `features` pairs (student module, teacher module) by name."""
+
+    mode: KDMode = "normalized"
+    output_weight: float = 1.0
+    feature_weight: float = 1.0
+    features: tuple[tuple[str, str], ...] | None = None  # None: match the shared blocks automatically
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("plain", "normalized"):
+            raise SlimdiffError(f"unknown KD mode '{self.mode}'; valid: plain, normalized")
+        if self.output_weight < 0 or self.feature_weight < 0:
+            raise SlimdiffError("KD weights must be ≥ 0")
+
+
+def feature_kd_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mode: KDMode) -> torch.Tensor:
+    """Sum over stages of the feature MSE; `normalized` divides each term by the teacher feature's mean square.
+
+    Normalizing makes every stage count equally however large its activations are: BK-SDM's plain sum is
+    dominated by the few stages with the largest magnitudes (LAPTOP-Diff, METHODS.md §3).
+    """
+    if len(student) != len(teacher) or not student:
+        raise SlimdiffError(f"feature KD needs matched, non-empty feature lists (got {len(student)} and {len(teacher)})")
+    total = student[0].new_zeros(())
+    for s, t in zip(student, teacher):
+        term = F.mse_loss(s.float(), t.float())
+        if mode == "normalized":
+            term = term / t.float().pow(2).mean().clamp_min(1e-12)
+        total = total + term
+    return total
+
+
+def output_kd_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's and the teacher's noise predictions."""
+    return F.mse_loss(student_eps.float(), teacher_eps.float())
+
+
+def default_feature_pairs(student: Adapter, teacher: Adapter) -> tuple[tuple[str, str], ...]:
+    """Pair the blocks both models share by name (down/mid/up blocks, or transformer blocks)."""
+    teacher_names = {block.name for block in teacher.blocks()}
+    pairs = tuple((b.name, b.name) for b in student.blocks() if b.name in teacher_names)
+    if not pairs:
+        raise SlimdiffError("student and teacher share no block names; pass feature pairs explicitly")
+    return pairs
+
+
+def _first_tensor(output: object) -> torch.Tensor:
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise SlimdiffError(f"cannot capture a feature from a module returning {type(output).__name__}")
+    return output
+
+
+class FeatureCapture:
+    """Records the outputs of named modules during forward passes.
+
+    Names are resolved on the bare model (pass the unwrapped model, not a DDP/accelerate wrapper): the hooks sit on
+    the module objects themselves, so wrapping the model afterwards changes nothing.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name in self.names:
+            try:
+                module = model.get_submodule(name.removeprefix("module."))
+            except AttributeError:
+                raise SlimdiffError(f"feature module '{name}' not found in the model") from None
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def record(_module: nn.Module, _inputs: object, output: object) -> None:
+            self.features[name] = _first_tensor(output)
+
+        return record
+
+    def take(self) -> list[torch.Tensor]:
+        """The captured features in name order; clears the record."""
+        missing = [n for n in self.names if n not in self.features]
+        if missing:
+            raise SlimdiffError(f"modules {missing} did not run in the forward pass (were they removed?)")
+        features = [self.features[n] for n in self.names]
+        self.features.clear()
+        return features
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def capture(model: nn.Module, names: Sequence[str]) -> Iterator[FeatureCapture]:
+    """`with capture(model, names) as cap:` … `cap.take()`; the hooks are removed on exit."""
+    cap = FeatureCapture(model, names)
+    try:
+        yield cap
+    finally:
+        cap.remove()

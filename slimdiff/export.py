@@ -1,0 +1,402 @@
+"""Save and load any slimdiff model — pruned, layer-removed or untouched — without pickles.
+
+A model directory holds:
+
+- `config.json` — the diffusers config the model was originally built from (so the unmodified skeleton can be
+  rebuilt, and plain diffusers can read an unmodified model);
+- `diffusion_pytorch_model.safetensors` — the weights, under diffusers' own names;
+- `slimdiff.json` — the *structure* (every module whose sizes or type differ from the skeleton built from the
+  config), the weights' checksum, and the provenance (source, engine, budget, metrics so far).
+
+`load` builds the skeleton with empty weights, applies the structure, resizes parameters to the shapes in the
+safetensors header, then assigns the weights: the result is an instance of the original diffusers class. Nothing
+in any file is executed; every mismatch is refused with an error that names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from slimdiff.errors import SlimdiffError
+from slimdiff.io import atomic_path, atomic_write_json, read_json
+from slimdiff.models import SkippedLayer, build, config_of, model_class
+from slimdiff.models.base import get_submodule, set_submodule
+
+FORMAT = "slimdiff"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+BUFFERS_NAME = "slimdiff_buffers.safetensors"
+SPEC_NAME = "slimdiff.json"
+CONFIG_NAME = "config.json"
+SCHEDULER_NAME = "scheduler_config.json"
+#: Pipeline subfolders that hold the denoiser, in the order they are looked for.
+DENOISER_SUBFOLDERS = ("unet", "transformer")
+
+#: Module types a structure may put in place of a skeleton module.
+REPLACEMENTS: dict[str, type[nn.Module]] = {"SkippedLayer": SkippedLayer}
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+@dataclass
+class Provenance:
+    """What a saved model was made from; engines and the trainer append to `history`."""
+
+    source: str = ""
+    engine: str | None = None
+    budget: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Provenance:
+        known = {k: data[k] for k in ("source", "engine", "budget", "metrics", "history") if k in data}
+        return cls(**known)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# structure: what differs from the skeleton
+# ----------------------------------------------------------------------------------------------------------------
+def _simple_attrs(module: nn.Module) -> dict[str, Any]:
+    """Plain size/flag attributes of a module (the ones constructors derive from their arguments)."""
+    attrs = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training":
+            continue
+        if isinstance(value, _SCALARS) or (
+            isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value)
+        ):
+            attrs[key] = value
+    return attrs
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def structure_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module of `model` whose type or size attributes differ from the skeleton built from its config."""
+    skeleton = dict(build(config_of(model), empty=True).named_modules())
+    structure: dict[str, dict[str, Any]] = {}
+    replaced: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in replaced):
+            continue
+        reference = skeleton.get(name)
+        kind = type(module).__name__
+        if reference is None or type(reference) is not type(module):
+            if kind not in REPLACEMENTS:
+                raise SlimdiffError(
+                    f"module '{name}' ({kind}) is not part of the {type(model).__name__} architecture and is not "
+                    f"a replacement slimdiff can save (valid: {', '.join(REPLACEMENTS)})"
+                )
+            structure[name] = {"replace": kind, "attrs": {k: _jsonable(v) for k, v in _simple_attrs(module).items()}}
+            replaced.append(name)
+            continue
+        ours, theirs = _simple_attrs(module), _simple_attrs(reference)
+        changed = {k: _jsonable(v) for k, v in ours.items() if k in theirs and theirs[k] != v}
+        if changed:
+            structure[name] = {"attrs": changed}
+    present = set(dict(model.named_modules()))
+    for name in skeleton:
+        if name not in present and not any(name == p or name.startswith(p + ".") for p in replaced):
+            raise SlimdiffError(f"module '{name}' was deleted from the model; only whole layers can be replaced")
+    return structure
+
+
+def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) -> None:
+    """Apply a saved structure to a skeleton (replacements first, then attributes)."""
+    for name, entry in structure.items():
+        if "replace" in entry:
+            kind = entry["replace"]
+            if kind not in REPLACEMENTS:
+                raise SlimdiffError(f"structure replaces '{name}' with unknown type '{kind}'")
+            set_submodule(model, name, REPLACEMENTS[kind](**entry.get("attrs", {})))
+    for name, entry in structure.items():
+        if "replace" in entry:
+            continue
+        module = get_submodule(model, name)
+        current = _simple_attrs(module)
+        for key, value in entry.get("attrs", {}).items():
+            if key not in current:
+                raise SlimdiffError(f"structure sets unknown attribute '{key}' on '{name}'")
+            setattr(module, key, tuple(value) if isinstance(current[key], tuple) else value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _changed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers (not in the state dict) whose value differs from the skeleton's."""
+    skeleton = build(config_of(model), empty=True)
+    reference = dict(skeleton.named_buffers())
+    persistent = set(model.state_dict())
+    changed = {}
+    for name, buffer in model.named_buffers():
+        if name in persistent:
+            continue
+        ref = reference.get(name)
+        if ref is None or ref.shape != buffer.shape or not torch.equal(ref.to(buffer), buffer):
+            changed[name] = buffer.detach().cpu().contiguous()
+    return changed
+
+
+def save(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    provenance: Provenance | None = None,
+    scheduler_config: dict[str, Any] | None = None,
+    conditioning: dict[str, Any] | None = None,
+) -> Path:
+    """Save `model` into `out_dir` (created if needed; other files there, e.g. checkpoints, are left alone).
+
+    Every file is written atomically and `slimdiff.json` last, with the checksums of the weights it belongs to: a
+    save interrupted at any point leaves either the previous model or one that `load` refuses, never a wrong one.
+    `conditioning` records what the model is conditioned on (e.g. `{"classes": [...]}`) for samplers.
+    """
+    model_class(config_of(model))  # refuse unsupported families before writing anything
+    structure = structure_of(model)
+    buffers = _changed_buffers(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SlimdiffError(f"output path {out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SPEC_NAME).unlink(missing_ok=True)  # the model is invalid until its new spec lands
+    atomic_write_json(out_dir / CONFIG_NAME, config_of(model) | {"_diffusers_version": diffusers.__version__})
+    files = {}
+    for name, tensors in ((WEIGHTS_NAME, state), (BUFFERS_NAME, buffers)):
+        if not tensors:
+            (out_dir / name).unlink(missing_ok=True)
+            continue
+        with atomic_path(out_dir / name) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        files[name] = _sha256(out_dir / name)
+    if scheduler_config is not None:
+        atomic_write_json(out_dir / SCHEDULER_NAME, scheduler_config)
+    spec = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "class": type(model).__name__,
+        "dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
+        "structure": structure,
+        "files": files,
+        "conditioning": conditioning or {},
+        "provenance": asdict(provenance or Provenance()),
+    }
+    atomic_write_json(out_dir / SPEC_NAME, spec)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_model_dir(path: str | Path) -> Path:
+    """The directory that holds the denoiser: `path` itself, or its `unet/`/`transformer/` pipeline subfolder."""
+    path = Path(path)
+    if not path.exists():
+        raise SlimdiffError(f"model directory not found: {path}")
+    if not path.is_dir():
+        raise SlimdiffError(f"{path} is a file; pass a diffusers model or pipeline directory")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    for sub in DENOISER_SUBFOLDERS:
+        if (path / sub / CONFIG_NAME).is_file():
+            return path / sub
+    raise SlimdiffError(
+        f"{path} holds no model: expected {CONFIG_NAME} there, or a pipeline with a "
+        f"{' or '.join(s + '/' for s in DENOISER_SUBFOLDERS)} subfolder"
+    )
+
+
+def read_spec(model_dir: str | Path) -> dict[str, Any] | None:
+    """The `slimdiff.json` of a model directory, or None for a plain diffusers directory."""
+    path = resolve_model_dir(model_dir) / SPEC_NAME
+    if not path.exists():
+        return None
+    spec = read_json(path, "slimdiff spec")
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise SlimdiffError(f"{path} is not a slimdiff spec (missing \"format\": \"{FORMAT}\")")
+    if spec.get("format_version", 0) > FORMAT_VERSION:
+        raise SlimdiffError(
+            f"{path} was written by a newer slimdiff (format {spec['format_version']}); upgrade slimdiff"
+        )
+    return spec
+
+
+def read_provenance(model_dir: str | Path) -> Provenance:
+    """What a saved model was made from (empty for a plain diffusers directory)."""
+    spec = read_spec(model_dir)
+    return Provenance.from_dict(spec["provenance"]) if spec else Provenance()
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """The diffusers config of a model directory."""
+    config = read_json(resolve_model_dir(model_dir) / CONFIG_NAME, "model config")
+    if not isinstance(config, dict):
+        raise SlimdiffError(f"{resolve_model_dir(model_dir) / CONFIG_NAME} is not a JSON object")
+    model_class(config)
+    return config
+
+
+def _weight_files(model_dir: Path, spec: dict[str, Any] | None) -> list[Path]:
+    if spec is not None:
+        return [model_dir / WEIGHTS_NAME]
+    index = model_dir / f"{WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        weight_map = read_json(index, "weights index").get("weight_map", {})
+        return sorted({model_dir / name for name in weight_map.values()})
+    single = [model_dir / WEIGHTS_NAME, model_dir / WEIGHTS_NAME.replace(".safetensors", ".fp16.safetensors")]
+    found = [p for p in single if p.is_file()]
+    if found:
+        return found[:1]
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")) or any(model_dir.glob("*.ckpt")):
+        raise SlimdiffError(
+            f"{model_dir} has only pickled weights (.bin/.pt/.ckpt), which slimdiff never loads; convert them to "
+            f"{WEIGHTS_NAME} (e.g. `Model.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)` "
+            "in a trusted environment)"
+        )
+    return [model_dir / WEIGHTS_NAME]
+
+
+def _open_header(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Shapes and dtypes of every tensor in a safetensors file, reading only its header."""
+    if not path.is_file():
+        raise SlimdiffError(f"weights file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = {}
+            for key in f.keys():
+                piece = f.get_slice(key)
+                header[key] = (torch.Size(piece.get_shape()), piece.get_dtype())
+            return header
+    except (SafetensorError, OSError) as error:
+        raise SlimdiffError(f"{path} is corrupt or truncated (not a valid safetensors file): {error}") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise SlimdiffError(f"{path} is corrupt or truncated (not a valid safetensors file): {error}") from None
+
+
+def _verify_checksums(model_dir: Path, spec: dict[str, Any]) -> None:
+    for name, digest in spec.get("files", {}).items():
+        path = model_dir / name
+        if not path.is_file():
+            raise SlimdiffError(f"{path} is missing (listed in {SPEC_NAME})")
+        if _sha256(path) != digest:
+            raise SlimdiffError(f"{path} does not match its checksum in {SPEC_NAME}: the file is corrupt or was changed")
+
+
+def _resize_parameters(model: nn.Module, shapes: dict[str, tuple[torch.Size, Any]], where: Path) -> None:
+    """Give every (empty) parameter the shape recorded in the weights file; refuse missing or extra tensors."""
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(shapes)), sorted(set(shapes) - expected)
+    if missing or extra:
+        detail = "; ".join(
+            part for part in (f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "")
+            if part
+        )
+        raise SlimdiffError(f"weights in {where} do not match the model's structure: {detail}")
+    for name, param in list(model.named_parameters()):
+        shape = shapes[name][0]
+        if param.shape != shape:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(owner, attr, nn.Parameter(torch.empty(shape, device="meta"), requires_grad=param.requires_grad))
+
+
+def load(
+    model_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    weights: bool = True,
+) -> nn.Module:
+    """Load a model saved by `save` or a plain diffusers model/pipeline directory (safetensors only).
+
+    `weights=False` builds the exact architecture on the meta device without reading any weights (for counting).
+    """
+    model_dir = resolve_model_dir(model_dir)
+    config = read_config(model_dir)
+    spec = read_spec(model_dir)
+    if spec is not None and spec.get("class") != config.get("_class_name"):
+        raise SlimdiffError(
+            f"{model_dir}: {SPEC_NAME} says class {spec.get('class')} but {CONFIG_NAME} says {config.get('_class_name')}"
+        )
+    files = _weight_files(model_dir, spec)
+    shapes: dict[str, tuple[torch.Size, Any]] = {}
+    for path in files:
+        shapes.update(_open_header(path))
+
+    model = build(config, empty=True)
+    if spec is not None:
+        apply_structure(model, spec.get("structure", {}))
+    _resize_parameters(model, shapes, model_dir)
+    if not weights:
+        return model.to("meta").eval()
+
+    if spec is not None:
+        _verify_checksums(model_dir, spec)
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(_read_tensors(path))
+    model.load_state_dict(state, strict=True, assign=True)
+    if spec is not None and (model_dir / BUFFERS_NAME).is_file():
+        for name, value in _read_tensors(model_dir / BUFFERS_NAME).items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            owner.register_buffer(attr, value, persistent=False)
+    if any(p.is_meta for p in model.parameters()):
+        raise SlimdiffError(f"{model_dir}: some parameters were not loaded")
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def load_scheduler_config(model_dir: str | Path) -> dict[str, Any] | None:
+    """The noise-scheduler config saved beside a model (or a pipeline's `scheduler/`), if any."""
+    path = Path(model_dir)
+    for candidate in (
+        resolve_model_dir(path) / SCHEDULER_NAME,
+        path / "scheduler" / SCHEDULER_NAME,
+        resolve_model_dir(path).parent / "scheduler" / SCHEDULER_NAME,
+    ):
+        if candidate.is_file():
+            return read_json(candidate, "scheduler config")
+    return None
+
+
+__all__ = [
+    "Provenance",
+    "load",
+    "load_scheduler_config",
+    "read_config",
+    "read_provenance",
+    "read_spec",
+    "resolve_model_dir",
+    "save",
+    "structure_of",
+]

@@ -1,0 +1,1 @@
+"""Measurement: cost (params, MACs, latency) and quality (FID/KID, CLIP score)."""

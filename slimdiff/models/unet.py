@@ -1,0 +1,128 @@
+"""Adapters for the two diffusers U-Nets: `UNet2DModel` (DDPM/DDIM, LDM) and `UNet2DConditionModel` (SD family)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
+
+from slimdiff.models.base import Adapter, Block, Layer, count_params
+
+
+class _UNetAdapter(Adapter):
+    """What both U-Nets share: down blocks → mid block → up blocks, with skip connections."""
+
+    def blocks(self) -> list[Block]:
+        model = self.model
+        # Every down block pushes one skip tensor per resnet (+1 for its downsampler); conv_in pushes the first.
+        skips: list[str] = ["conv_in"]
+        blocks: list[Block] = []
+        previous = "conv_in"
+        for i, down in enumerate(model.down_blocks):
+            name = f"down_blocks.{i}"
+            blocks.append(Block(name, "down", (previous,)))
+            skips += [name] * (len(down.resnets) + (1 if down.downsamplers else 0))
+            previous = name
+        if model.mid_block is not None:
+            blocks.append(Block("mid_block", "mid", (previous,)))
+            previous = "mid_block"
+        for j, up in enumerate(model.up_blocks):
+            consumed = [skips.pop() for _ in up.resnets]
+            sources = tuple(dict.fromkeys([previous, *consumed]))
+            name = f"up_blocks.{j}"
+            blocks.append(Block(name, "up", sources))
+            previous = name
+        return blocks
+
+    def layers(self) -> list[Layer]:
+        layers: list[Layer] = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, ResnetBlock2D):
+                if module.conv1.in_channels != module.conv2.out_channels:
+                    reason = f"changes channels ({module.conv1.in_channels} → {module.conv2.out_channels})"
+                elif module.up or module.down:
+                    reason = "changes resolution"
+                else:
+                    reason = ""
+                layers.append(Layer(name, "resnet", count_params(module), not reason, reason))
+            elif isinstance(module, (Attention, Transformer2DModel)) and self._is_block_layer(name):
+                layers.append(Layer(name, "attention", count_params(module), True))
+        return layers
+
+    @staticmethod
+    def _is_block_layer(name: str) -> bool:
+        # `…blocks.i.attentions.k`, not attention modules nested deeper inside a Transformer2DModel.
+        parts = name.split(".")
+        return len(parts) >= 2 and parts[-2] == "attentions"
+
+    def layer_returns_tuple(self, name: str) -> bool:
+        return isinstance(self.model.get_submodule(name), Transformer2DModel)
+
+    def output_modules(self) -> list[nn.Module]:
+        return [self.model.conv_out]
+
+
+class UNetAdapter(_UNetAdapter):
+    """`UNet2DModel`: unconditional, or class-conditional when the config sets `num_class_embeds`."""
+
+    family = "unet"
+    model: UNet2DModel
+
+    def __init__(self, model: UNet2DModel, forward_module: nn.Module | None = None) -> None:
+        super().__init__(model, forward_module)
+        self.cond_kind = "class" if model.config.num_class_embeds else "none"
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.model.config.num_class_embeds
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_cond(cond, x_t.shape[0])
+        out = self.forward_module(x_t, t, class_labels=cond, return_dict=False)[0]
+        return out[:, : self.in_channels]
+
+    def example_inputs(self, batch_size: int = 1, device: torch.device | str | None = None) -> dict[str, Any]:
+        size = self.sample_size
+        inputs: dict[str, Any] = {
+            "sample": torch.randn(batch_size, self.in_channels, size, size, device=device),
+            "timestep": torch.full((batch_size,), 10, dtype=torch.long, device=device),
+        }
+        if self.cond_kind == "class":
+            inputs["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return inputs
+
+
+class SDUNetAdapter(_UNetAdapter):
+    """`UNet2DConditionModel`: cross-attention on prompt embeddings `(batch, tokens, cross_attention_dim)`."""
+
+    family = "sd-unet"
+    cond_kind = "text"
+    model: UNet2DConditionModel
+
+    #: Token count used for example inputs; 77 is CLIP's context length (SD 1.x/2.x).
+    text_tokens = 77
+
+    @property
+    def cross_attention_dim(self) -> int:
+        dim = self.model.config.cross_attention_dim
+        return dim[0] if isinstance(dim, (list, tuple)) else dim
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_cond(cond, x_t.shape[0])
+        out = self.forward_module(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+        return out[:, : self.in_channels]
+
+    def example_inputs(self, batch_size: int = 1, device: torch.device | str | None = None) -> dict[str, Any]:
+        size = self.sample_size
+        return {
+            "sample": torch.randn(batch_size, self.in_channels, size, size, device=device),
+            "timestep": torch.full((batch_size,), 10, dtype=torch.long, device=device),
+            "encoder_hidden_states": torch.randn(
+                batch_size, self.text_tokens, self.cross_attention_dim, device=device
+            ),
+        }
