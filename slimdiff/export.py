@@ -376,6 +376,17 @@ def load(
     return model.eval()
 
 
+def load_architecture(model_dir: str | Path) -> nn.Module:
+    """The model's exact architecture on the meta device, without reading any weights.
+
+    A directory that holds only a `config.json` gives the architecture the config describes.
+    """
+    resolved = resolve_model_dir(model_dir)
+    if read_spec(resolved) is None and not any(resolved.glob("*.safetensors")):
+        return build(read_config(resolved), empty=True).to("meta").eval()
+    return load(resolved, weights=False)
+
+
 def load_scheduler_config(model_dir: str | Path) -> dict[str, Any] | None:
     """The noise-scheduler config saved beside a model (or a pipeline's `scheduler/`), if any."""
     path = Path(model_dir)
@@ -392,6 +403,7 @@ def load_scheduler_config(model_dir: str | Path) -> dict[str, Any] | None:
 __all__ = [
     "Provenance",
     "load",
+    "load_architecture",
     "load_scheduler_config",
     "read_config",
     "read_provenance",

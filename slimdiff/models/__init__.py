@@ -45,7 +45,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "block_out_channels": [32, 64, 64],
         "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-        "layers_per_block": 2,
+        "layers_per_block": 1,
         "norm_num_groups": 8,
         "attention_head_dim": 16,
     },

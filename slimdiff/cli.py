@@ -1,0 +1,177 @@
+"""`slimdiff` — the command line. Thin: parse, call `slimdiff.jobs`, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from slimdiff.errors import SlimdiffError
+
+app = typer.Typer(
+    help="Make trained diffusion models (diffusers U-Nets and DiTs) smaller and faster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Steps = Annotated[int, typer.Option("--steps", help="Number of optimizer steps.", min=1)]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (data order, noise, init).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch size.", min=1)]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")]
+Data = Annotated[str, typer.Option("--data", help="'digits' (bundled) or an image folder (class subfolders).")]
+
+
+@app.command()
+def info(
+    model_dir: Annotated[Path, typer.Argument(help="A diffusers model or pipeline directory (weights optional).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")] = False,
+) -> None:
+    """Family, params, MACs, blocks and layers of a model — without loading its weights."""
+    from slimdiff.jobs import model_info
+
+    report = model_info(model_dir)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{report['class']} ({report['family']}), {report['sample_size']}² × {report['in_channels']} ch, "
+               f"conditioning: {report['conditioning']}")
+    typer.echo(f"params: {report['params']:,}")
+    typer.echo(f"MACs:   {report['macs'] / 1e9:.3f} G incl. attention matmuls, "
+               f"{report['macs_no_attn'] / 1e9:.3f} G without ({report['macs_counts']})")
+    typer.echo(f"blocks ({len(report['blocks'])}): " + ", ".join(b["name"] for b in report["blocks"]))
+    removable = sum(layer["removable"] for layer in report["layers"])
+    typer.echo(f"layers: {len(report['layers'])} residual layers, {removable} removable")
+
+
+@app.command()
+def sample(
+    model_dir: Annotated[Path, typer.Argument(help="Model or pipeline directory.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG grid to write.")],
+    n: Annotated[int, typer.Option("--n", help="Number of samples.", min=1)] = 64,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.", min=1)] = 50,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="ddpm, ddim or dpm.")] = "ddim",
+    seed: Seed = 0,
+    batch_size: BatchSize = 64,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1 = off).")] = 1.0,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="Class labels, comma-separated.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file, one per line.")] = None,
+) -> None:
+    """Sample a seeded, batched grid of images."""
+    from slimdiff.data import load_prompts
+    from slimdiff.jobs import sample_model
+
+    label_list = _parse_labels(labels) if labels else None
+    prompt_list = load_prompts(prompts) if prompts else None
+    start = time.perf_counter()
+    sample_model(
+        model_dir, out, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
+        guidance_scale=guidance, labels=label_list, prompts=prompt_list,
+    )
+    typer.echo(f"wrote {out} ({n} samples, {scheduler} {steps} steps, {time.perf_counter() - start:.1f} s)")
+
+
+def _parse_labels(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SlimdiffError(f"--labels must be comma-separated integers, got '{text}'") from None
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Output directory (model, checkpoints, log.jsonl).")],
+    model: Annotated[str, typer.Option("--model", help="tiny-unet, tiny-sd, tiny-dit or a config.json.")] = "tiny-unet",
+    data: Data = "digits",
+    steps: Steps = 1500,
+    batch_size: BatchSize = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Linear warm-up steps.")] = 100,
+    ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA decay of the saved weights.")] = 0.995,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
+    seed: Seed = 0,
+    resume: Resume = False,
+) -> None:
+    """Train a model from scratch (e.g. a teacher on digits); the final EMA weights land in --out."""
+    import torch
+
+    from slimdiff.jobs import new_model, train_model
+    from slimdiff.train import TrainConfig
+
+    torch.manual_seed(seed)
+    config = TrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(warmup, steps), ema_decay=ema_decay,
+        checkpoint_every=checkpoint_every, seed=seed,
+    )
+    result = train_model(new_model(model), data, out, config, source=f"scratch:{model}", resume=resume)
+    typer.echo(f"trained {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
+
+
+@app.command()
+def finetune(
+    model_dir: Annotated[Path, typer.Argument(help="The model to continue training.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    data: Data = "digits",
+    steps: Steps = 500,
+    batch_size: BatchSize = 64,
+    lr: Annotated[float, typer.Option("--lr")] = 2e-4,
+    ema_decay: Annotated[float, typer.Option("--ema-decay")] = 0.995,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher model for distillation.")] = None,
+    kd: Annotated[str, typer.Option("--kd", help="Feature-KD: plain (BK-SDM) or normalized (LAPTOP).")] = "normalized",
+    seed: Seed = 0,
+    resume: Resume = False,
+) -> None:
+    """Fine-tune a (compressed) model, optionally distilling from a teacher."""
+    from slimdiff.distill import KDConfig
+    from slimdiff.jobs import finetune_model
+    from slimdiff.train import TrainConfig
+
+    config = TrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed
+    )
+    kd_config = KDConfig(mode=kd) if teacher is not None else None
+    result = finetune_model(model_dir, data, out, config, teacher_dir=teacher, kd=kd_config, resume=resume)
+    typer.echo(f"fine-tuned {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
+
+
+@app.command()
+def run(recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")]) -> None:
+    """Run a multi-step recipe (train → fine-tune → sample …)."""
+    from slimdiff.jobs import run_recipe
+    from slimdiff.recipe import load_recipe
+
+    for summary in run_recipe(load_recipe(recipe)):
+        typer.echo(json.dumps(summary))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the demo writes (the teacher is cached here).")] = Path(
+        "runs/demo"
+    ),
+) -> None:
+    """The main job on the bundled digits: train (or reuse) a teacher, sample a grid, print its cost."""
+    from slimdiff.demo import run_demo
+
+    run_demo(out, echo=typer.echo)
+
+
+def main() -> None:
+    """Entry point: bad input ends with one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except SlimdiffError as error:
+        typer.echo(f"slimdiff: error: {error}", err=True)
+        sys.exit(2)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)

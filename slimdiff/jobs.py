@@ -1,0 +1,329 @@
+"""The jobs behind the CLI and recipes: inspect a model, train or fine-tune one, sample from one.
+
+Each job takes plain arguments (paths, numbers), does its work through the library modules, and returns a result;
+printing and argument parsing stay in `cli.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from slimdiff.data import class_prompts, load_data, load_prompts
+from slimdiff.diffusion import DEFAULT_SCHEDULE, sample
+from slimdiff.distill import KDConfig
+from slimdiff.errors import SlimdiffError
+from slimdiff.export import (
+    Provenance,
+    load,
+    load_architecture,
+    load_scheduler_config,
+    read_provenance,
+    read_spec,
+    resolve_model_dir,
+    save,
+)
+from slimdiff.io import read_json
+from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.recipe import FinetuneStep, Recipe, SampleStep, TrainStep
+from slimdiff.models import TINY_CONFIGS, Adapter, adapter_for, build, build_tiny
+from slimdiff.report import save_grid
+from slimdiff.text import TEXT_ENCODER_DIR, TOKENIZER_DIR, TextEncoder, make_tiny_clip_text
+from slimdiff.train import Conditioning, TrainConfig, TrainResult, default_conditioning, train, text_conditioning
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# info
+# ----------------------------------------------------------------------------------------------------------------
+def model_info(model_dir: str | Path) -> dict[str, Any]:
+    """Family, size and structure of a model directory, without reading its weights."""
+    model = load_architecture(model_dir)
+    adapter = adapter_for(model)
+    macs = count_macs(model)
+    return {
+        "path": str(model_dir),
+        "family": adapter.family,
+        "class": type(model).__name__,
+        "sample_size": adapter.sample_size,
+        "in_channels": adapter.in_channels,
+        "conditioning": adapter.cond_kind,
+        "params": count_params(model),
+        "macs": macs.total,
+        "macs_no_attn": macs.without_attention,
+        "macs_counts": "per denoiser call, batch 1, at sample_size"
+        + (f", {adapter.text_tokens} text tokens" if adapter.cond_kind == "text" else ""),
+        "blocks": [{"name": b.name, "kind": b.kind, "inputs": list(b.inputs)} for b in adapter.blocks()],
+        "layers": [
+            {"name": layer.name, "kind": layer.kind, "params": layer.params, "removable": layer.removable}
+            | ({"reason": layer.reason} if layer.reason else {})
+            for layer in adapter.layers()
+        ],
+        "provenance": vars(read_provenance(model_dir)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# conditioning: what a model directory is conditioned on
+# ----------------------------------------------------------------------------------------------------------------
+def _pipeline_root(model_dir: Path) -> Path:
+    """The folder that may hold a text encoder / VAE: the model dir, or the pipeline around a `unet/` subfolder."""
+    resolved = resolve_model_dir(model_dir)
+    return resolved if resolved == Path(model_dir) else Path(model_dir)
+
+
+def load_text_encoder(model_dir: str | Path) -> TextEncoder:
+    """The text encoder saved with a text-conditioned model (in the model dir or its pipeline root)."""
+    resolved = resolve_model_dir(model_dir)
+    for root in dict.fromkeys([resolved, _pipeline_root(Path(model_dir)), resolved.parent]):
+        if (root / TEXT_ENCODER_DIR).is_dir():
+            return TextEncoder.from_dir(root)
+    raise SlimdiffError(
+        f"{model_dir} is text-conditioned but has no {TOKENIZER_DIR}/ and {TEXT_ENCODER_DIR}/ beside it; "
+        "put the pipeline's text encoder there"
+    )
+
+
+def _load_vae(model_dir: str | Path) -> AutoencoderKL | None:
+    resolved = resolve_model_dir(model_dir)
+    vae_dir = resolved.parent / "vae" if resolved != Path(model_dir) else None
+    if vae_dir is None or not (vae_dir / "config.json").is_file():
+        return None
+    if not any(vae_dir.glob("*.safetensors")):
+        raise SlimdiffError(f"{vae_dir} has no .safetensors weights (pickled weights are never loaded)")
+    return AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, local_files_only=True).eval()
+
+
+@dataclass
+class SamplingInputs:
+    """Conditions for `n` samples and the matching guidance inputs."""
+
+    cond: torch.Tensor | None
+    uncond_embedding: torch.Tensor | None
+    description: list[str]
+
+
+def sampling_inputs(
+    model_dir: str | Path,
+    adapter: Adapter,
+    n: int,
+    *,
+    labels: list[int] | None = None,
+    prompts: list[str] | None = None,
+) -> SamplingInputs:
+    """Conditions for sampling: given labels/prompts, else the classes or prompts recorded with the model."""
+    recorded = (read_spec(model_dir) or {}).get("conditioning", {})
+    if adapter.cond_kind == "none":
+        if labels or prompts:
+            raise SlimdiffError("this model is unconditional; drop --labels/--prompts")
+        return SamplingInputs(None, None, [])
+    if adapter.cond_kind == "class":
+        if prompts:
+            raise SlimdiffError("this model is class-conditional; pass --labels, not --prompts")
+        if not labels:
+            count = len(recorded.get("classes", [])) or adapter.num_classes
+            labels = list(range(count))
+        bad = [label for label in labels if not 0 <= label < adapter.num_classes]
+        if bad:
+            raise SlimdiffError(f"labels {bad} out of range; valid: 0..{adapter.num_classes - 1}")
+        chosen = [labels[i % len(labels)] for i in range(n)]
+        return SamplingInputs(torch.tensor(chosen), None, [str(c) for c in chosen])
+    if labels:
+        raise SlimdiffError("this model is text-conditioned; pass --prompts, not --labels")
+    prompts = prompts or recorded.get("prompts")
+    if not prompts:
+        raise SlimdiffError("this text-conditioned model records no prompts; pass a prompts file")
+    encoder = load_text_encoder(model_dir)
+    chosen = [prompts[i % len(prompts)] for i in range(n)]
+    return SamplingInputs(encoder.encode(chosen), encoder.encode([""]), chosen)
+
+
+def sample_model(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    n: int = 64,
+    steps: int = 50,
+    scheduler: str = "ddim",
+    seed: int = 0,
+    batch_size: int = 64,
+    guidance_scale: float = 1.0,
+    labels: list[int] | None = None,
+    prompts: list[str] | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Sample `n` images from a model directory and write a PNG grid to `out`; returns the images."""
+    model = load(model_dir)
+    adapter = adapter_for(model)
+    inputs = sampling_inputs(model_dir, adapter, n, labels=labels, prompts=prompts)
+    vae = _load_vae(model_dir)
+    decode = None
+    if vae is not None:
+        factor = vae.config.scaling_factor
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return vae.decode(latents / factor).sample
+
+    images = sample(
+        adapter,
+        n=n,
+        steps=steps,
+        scheduler=scheduler,
+        schedule=load_scheduler_config(model_dir),
+        cond=inputs.cond,
+        guidance_scale=guidance_scale,
+        uncond_embedding=inputs.uncond_embedding,
+        seed=seed,
+        batch_size=batch_size,
+        decode=decode,
+        progress=progress,
+    )
+    scale = max(1, 128 // images.shape[-1])
+    save_grid(images, out, scale=scale)
+    return images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training and fine-tuning
+# ----------------------------------------------------------------------------------------------------------------
+def new_model(spec: str) -> nn.Module:
+    """A fresh model from a tiny-config name (`tiny-unet`, `tiny-sd`, `tiny-dit`) or a config JSON file."""
+    if spec in TINY_CONFIGS:
+        return build_tiny(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise SlimdiffError(f"--model must be one of {', '.join(TINY_CONFIGS)} or a config.json file; got '{spec}'")
+    return build(read_json(path, "model config"))
+
+
+def _conditioning_for(
+    adapter: Adapter, classes: list[str], out_dir: Path, source_dir: Path | None, seed: int
+) -> tuple[Conditioning, dict[str, Any]]:
+    """Training conditioning and what to record with the model (class names, or prompts + text encoder)."""
+    if adapter.cond_kind == "none":
+        return default_conditioning(adapter), {}
+    if adapter.cond_kind == "class":
+        if len(classes) > adapter.num_classes:
+            raise SlimdiffError(f"the data has {len(classes)} classes but the model only {adapter.num_classes}")
+        return default_conditioning(adapter), {"classes": classes}
+    if source_dir is not None:
+        encoder = load_text_encoder(source_dir)
+    else:
+        encoder = make_tiny_clip_text(out_dir, hidden_size=adapter.cross_attention_dim, seed=seed)
+    if encoder.hidden_size != adapter.cross_attention_dim:
+        raise SlimdiffError(
+            f"text encoder width {encoder.hidden_size} ≠ the U-Net's cross_attention_dim {adapter.cross_attention_dim}"
+        )
+    encoder.save(out_dir)
+    prompts = class_prompts(classes)
+    cond = text_conditioning(encoder.encode(prompts), encoder.encode([""]))
+    return cond, {"classes": classes, "prompts": prompts}
+
+
+def _data_for(adapter: Adapter, data: str, seed: int):
+    return load_data(data, size=adapter.sample_size, channels=adapter.in_channels, split="train", seed=seed)
+
+
+def train_model(
+    model: nn.Module,
+    data: str,
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    source: str,
+    source_dir: str | Path | None = None,
+    teacher_dir: str | Path | None = None,
+    kd: KDConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or fine-tune) `model` on `data` and save the EMA weights to `out_dir` in the export format."""
+    out_dir = Path(out_dir)
+    adapter = adapter_for(model)
+    dataset = _data_for(adapter, data, config.seed)
+    source_path = Path(source_dir) if source_dir is not None else None
+    conditioning, recorded = _conditioning_for(adapter, dataset.classes, out_dir, source_path, config.seed)
+    schedule = (load_scheduler_config(source_path) if source_path else None) or DEFAULT_SCHEDULE
+    teacher = load(teacher_dir) if teacher_dir is not None else None
+    result = train(
+        model, dataset, out_dir, config,
+        conditioning=conditioning, schedule=schedule, teacher=teacher, kd=kd, resume=resume, progress=progress,
+    )
+    provenance = read_provenance(source_path) if source_path else Provenance(source=source)
+    provenance.history.append(
+        {
+            "job": "finetune" if source_path else "train",
+            "data": data,
+            "steps": config.steps,
+            "batch_size": config.batch_size,
+            "seconds": round(result.seconds, 1),
+            "final_loss": result.final_loss,
+        }
+        | ({"teacher": str(teacher_dir), "kd": vars(kd or KDConfig())} if teacher_dir else {})
+    )
+    save(result.model, out_dir, provenance=provenance, scheduler_config=dict(schedule), conditioning=recorded)
+    return result
+
+
+def finetune_model(
+    model_dir: str | Path, data: str, out_dir: str | Path, config: TrainConfig, **kwargs: Any
+) -> TrainResult:
+    """Continue training a saved (typically compressed) model."""
+    model = load(model_dir)
+    if Path(out_dir).resolve() == Path(model_dir).resolve():
+        raise SlimdiffError("--out must differ from the model directory (the source is never overwritten)")
+    return train_model(model, data, out_dir, config, source=str(model_dir), source_dir=model_dir, **kwargs)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recipes
+# ----------------------------------------------------------------------------------------------------------------
+def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every step of a recipe in order; returns one summary per step."""
+    out = Path(recipe.out)
+    current: str = recipe.model
+    summaries: list[dict[str, Any]] = []
+    for index, step in enumerate(recipe.steps):
+        kind = next(f.name for f in dataclasses.fields(step))
+        step_dir = out / f"{index:02d}-{kind}"
+        if isinstance(step, TrainStep):
+            result = train_model(
+                new_model(current), recipe.data, step_dir, step.train, source=current, resume=True, progress=progress
+            )
+            current = str(step_dir)
+            summaries.append({"step": kind, "out": current, "final_loss": result.final_loss})
+        elif isinstance(step, FinetuneStep):
+            options = step.finetune
+            kd = (
+                KDConfig(options.kd, options.kd_output_weight, options.kd_feature_weight) if options.teacher else None
+            )
+            train_config = TrainConfig(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TrainConfig)})
+            result = finetune_model(
+                _model_dir(current), recipe.data, step_dir, train_config,
+                teacher_dir=options.teacher, kd=kd, resume=True, progress=progress,
+            )
+            current = str(step_dir)
+            summaries.append({"step": kind, "out": current, "final_loss": result.final_loss})
+        elif isinstance(step, SampleStep):
+            grid = step_dir / "samples.png"
+            options = step.sample
+            sample_model(
+                _model_dir(current), grid, n=options.n, steps=options.steps, scheduler=options.scheduler,
+                seed=options.seed, batch_size=options.batch_size, guidance_scale=options.guidance_scale,
+                progress=progress,
+            )
+            summaries.append({"step": kind, "out": str(grid)})
+    return summaries
+
+
+def _model_dir(current: str) -> str:
+    if current in TINY_CONFIGS or Path(current).is_file():
+        raise SlimdiffError(f"'{current}' is not a trained model yet: start the recipe with a train step")
+    return current
