@@ -327,6 +327,32 @@ def _resize_parameters(model: nn.Module, shapes: dict[str, tuple[torch.Size, Any
             setattr(owner, attr, nn.Parameter(torch.empty(shape, device="meta"), requires_grad=param.requires_grad))
 
 
+def _expected_weight_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """The weight shape a layer's own size attributes imply (None for layers without such attributes)."""
+    if isinstance(module, nn.Conv2d):
+        return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    if isinstance(module, nn.GroupNorm) and module.affine:
+        return (module.num_channels,)
+    if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        return tuple(module.normalized_shape)
+    if isinstance(module, nn.Embedding):
+        return (module.num_embeddings, module.embedding_dim)
+    return None
+
+
+def _check_consistent(model: nn.Module, where: Path) -> None:
+    """Refuse weights whose shapes contradict the recorded structure (e.g. weights of another model)."""
+    for name, module in model.named_modules():
+        expected = _expected_weight_shape(module)
+        if expected is not None and tuple(module.weight.shape) != expected:
+            raise SlimdiffError(
+                f"weights in {where} do not match the model's structure: '{name}.weight' has shape "
+                f"{tuple(module.weight.shape)} but the architecture needs {expected}"
+            )
+
+
 def load(
     model_dir: str | Path,
     *,
@@ -354,6 +380,7 @@ def load(
     if spec is not None:
         apply_structure(model, spec.get("structure", {}))
     _resize_parameters(model, shapes, model_dir)
+    _check_consistent(model, model_dir)
     if not weights:
         return model.to("meta").eval()
 

@@ -91,6 +91,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; returns the (possibly converted) value."""
+    if tp is Step:
+        return _step(value, where)
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -128,8 +130,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise SlimdiffError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is Step:
-        return _step(value, where)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     raise TypeError(f"unsupported annotation {tp!r}")

@@ -247,7 +247,11 @@ def train(
     num_timesteps = noise_scheduler.config.num_train_timesteps
 
     mixed = config.mixed_precision
-    accelerator = Accelerator(mixed_precision=("bf16" if torch.cuda.is_available() else "no") if mixed == "auto" else mixed)
+    cuda = torch.cuda.is_available()
+    # cpu=True on CPU-only machines lets `accelerate launch`/torchrun start gloo processes (MULTI_CPU).
+    accelerator = Accelerator(
+        cpu=not cuda, mixed_precision=("bf16" if cuda else "no") if mixed == "auto" else mixed
+    )
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise SlimdiffError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
@@ -339,7 +343,7 @@ def train(
                                 student_features.take(), teacher_features.take(), kd.mode
                             )
                     loss = sum(terms.values())
-                _check_finite(accelerator, loss, step, out_dir)
+                _stop_if_diverged(accelerator, bool(torch.isfinite(loss)), "loss", step + 1, out_dir)
                 accelerator.backward(loss / config.grad_accumulation)
                 for key, value in terms.items():
                     terms_sum[key] = terms_sum.get(key, 0.0) + value.item() / config.grad_accumulation
@@ -372,6 +376,8 @@ def train(
                 if on_step is not None:
                     on_step(done, record)
             if done % config.checkpoint_every == 0 or done == config.steps:
+                finite = all(bool(torch.isfinite(p).all()) for p in bare.parameters())
+                _stop_if_diverged(accelerator, finite, "a parameter", done, out_dir)  # never checkpoint NaNs
                 if accelerator.is_main_process:
                     _save_checkpoint(
                         out_dir, done, bare, ema, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
@@ -384,16 +390,16 @@ def train(
     return TrainResult(bare.cpu(), config.steps, last_loss, time.perf_counter() - started, history)
 
 
-def _check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, out_dir: Path) -> None:
-    """Stop every process together when any of them sees a NaN/inf loss."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=accelerator.device)
+def _stop_if_diverged(accelerator: Accelerator, finite: bool, what: str, step: int, out_dir: Path) -> None:
+    """Stop every process together when any of them sees a NaN/inf `what`, naming the last good checkpoint."""
+    bad = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")
     if bad.item() > 0:
         kept = _checkpoint_dirs(out_dir)
         where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
         raise SlimdiffError(
-            f"loss became NaN/inf at step {step + 1}; training stopped and {where} (lower the learning rate, or "
+            f"{what} became NaN/inf at step {step}; training stopped and {where} (lower the learning rate, or "
             "check the data)"
         )
 

@@ -1,0 +1,132 @@
+"""The `slimdiff` command line: info on the reference configs, sample, recipes, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from slimdiff.cli import main
+from slimdiff.export import save
+from slimdiff.models import build_tiny
+
+from helpers import reference_config
+
+REFERENCE_PARAMS = {
+    "ddpm-cifar10-32.unet.json": 35_746_307,
+    "sd-1.5.unet.json": 859_520_964,
+    "dit-xl-2-256.transformer.json": 749_826_464,
+}
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["slimdiff", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+def test_info_on_reference_configs(name: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    shutil.copy(reference_config(name), tmp_path / "config.json")
+    code, out, _ = run_cli(monkeypatch, capsys, "info", tmp_path, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["params"] == REFERENCE_PARAMS[name]
+    assert isinstance(report["macs"], int) and report["macs_no_attn"] < report["macs"]
+    assert report["blocks"] and report["layers"]
+    assert {"name", "kind", "inputs"} <= set(report["blocks"][0])
+
+
+def test_info_summary_says_what_macs_count(tmp_path: Path, monkeypatch, capsys) -> None:
+    save(build_tiny("tiny-sd"), tmp_path / "m")
+    code, out, _ = run_cli(monkeypatch, capsys, "info", tmp_path / "m")
+    assert code == 0
+    assert "incl. attention matmuls" in out and "77 text tokens" in out and "params: 791,233" in out
+
+
+@pytest.mark.parametrize("name", ["tiny-unet", "tiny-dit"])
+def test_sample_writes_grid(name: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    save(build_tiny(name), tmp_path / "m", conditioning={"classes": ["0", "1"]} if name == "tiny-dit" else None)
+    code, out, err = run_cli(
+        monkeypatch, capsys, "sample", tmp_path / "m", "--n", "4", "--steps", "2", "--scheduler", "dpm",
+        "--out", tmp_path / "grid.png",
+    )
+    assert code == 0, err
+    image = Image.open(tmp_path / "grid.png")
+    assert image.size == ((2 * (16 + 2) + 2) * 8,) * 2  # 2×2 grid of 16 px images, 2 px padding, scaled 8×
+
+
+def test_every_command_has_help(monkeypatch, capsys) -> None:
+    for command in ("info", "sample", "train", "finetune", "run", "demo"):
+        code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
+        assert code == 0 and "Usage" in out
+
+
+def _one_line_error(code: int, err: str, expected: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("slimdiff: error:"), err
+    assert expected in lines[0]
+
+
+def test_error_missing_dir(tmp_path: Path, monkeypatch, capsys) -> None:
+    _one_line_error(*run_cli(monkeypatch, capsys, "info", tmp_path / "nope")[::2], "model directory not found")
+
+
+def test_error_unknown_family(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
+    _one_line_error(*run_cli(monkeypatch, capsys, "info", tmp_path)[::2], "unsupported model family 'UNet3DConditionModel'")
+
+
+def test_error_corrupt_safetensors(tmp_path: Path, monkeypatch, capsys) -> None:
+    save(build_tiny("tiny-unet"), tmp_path / "m")
+    (tmp_path / "m" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", tmp_path / "m", "--out", tmp_path / "g.png")
+    _one_line_error(code, err, "corrupt or truncated")
+
+
+def test_error_bad_recipe_field(tmp_path: Path, monkeypatch, capsys) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-unet\nsteps:\n  - train: {steps: 10, batch_size: many}\n")
+    code, _, err = run_cli(monkeypatch, capsys, "run", recipe)
+    _one_line_error(code, err, "r.yaml.steps[0].train.batch_size: expected an integer, got 'many'")
+
+
+def test_error_bad_data_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, _, err = run_cli(
+        monkeypatch, capsys, "train", "--data", tmp_path / "no-images", "--steps", "1", "--out", tmp_path / "o"
+    )
+    _one_line_error(code, err, "no-images")
+
+
+def test_error_bad_labels(tmp_path: Path, monkeypatch, capsys) -> None:
+    save(build_tiny("tiny-dit"), tmp_path / "m")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", tmp_path / "m", "--labels", "1,x", "--out", tmp_path / "g.png")
+    _one_line_error(code, err, "--labels must be comma-separated integers")
+
+
+def test_recipe_trains_then_samples(tmp_path: Path, monkeypatch, capsys) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: tiny-dit\ndata: digits\nout: {tmp_path / 'out'}\nsteps:\n"
+        "  - train: {steps: 3, batch_size: 8, checkpoint_every: 2}\n"
+        "  - finetune: {steps: 2, batch_size: 8, lr: 1.0e-4}\n"
+        "  - sample: {n: 4, steps: 2}\n"
+    )
+    code, out, err = run_cli(monkeypatch, capsys, "run", recipe)
+    assert code == 0, err
+    summaries = [json.loads(line) for line in out.splitlines()]
+    assert [s["step"] for s in summaries] == ["train", "finetune", "sample"]
+    assert (tmp_path / "out" / "02-sample" / "samples.png").is_file()
+    spec = json.loads((tmp_path / "out" / "01-finetune" / "slimdiff.json").read_text())
+    assert [h["job"] for h in spec["provenance"]["history"]] == ["train", "finetune"]
+    assert spec["conditioning"]["classes"] == [str(i) for i in range(10)]

@@ -1,0 +1,70 @@
+"""Sampling through diffusers schedulers: seeded, batched, conditioned, guided; the training target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimdiff.diffusion import SAMPLERS, make_scheduler, sample, training_target
+from slimdiff.errors import SlimdiffError
+from slimdiff.models import adapter_for, build_tiny
+
+
+@pytest.mark.parametrize("scheduler", sorted(SAMPLERS))
+def test_samplers_are_seeded_and_finite(scheduler: str) -> None:
+    adapter = adapter_for(build_tiny("tiny-unet").eval())
+    first = sample(adapter, n=3, steps=4, scheduler=scheduler, seed=7, progress=False)
+    again = sample(adapter, n=3, steps=4, scheduler=scheduler, seed=7, progress=False)
+    other = sample(adapter, n=3, steps=4, scheduler=scheduler, seed=8, progress=False)
+    assert first.shape == (3, 1, 16, 16) and torch.isfinite(first).all()
+    assert first.min() >= -1 and first.max() <= 1
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_deterministic_sampler_does_not_depend_on_batching() -> None:
+    adapter = adapter_for(build_tiny("tiny-unet").eval())
+    whole = sample(adapter, n=4, steps=3, scheduler="ddim", seed=0, batch_size=4, progress=False)
+    split = sample(adapter, n=4, steps=3, scheduler="ddim", seed=0, batch_size=3, progress=False)
+    assert torch.allclose(whole, split, atol=1e-5)
+
+
+def test_class_guidance_changes_samples_and_uses_null_class() -> None:
+    adapter = adapter_for(build_tiny("tiny-dit").eval())
+    labels = torch.tensor([1, 2])
+    plain = sample(adapter, n=2, steps=3, cond=labels, progress=False)
+    guided = sample(adapter, n=2, steps=3, cond=labels, guidance_scale=3.0, progress=False)
+    assert not torch.allclose(plain, guided)
+    seen = []
+    hook = adapter.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["class_labels"].clone()), with_kwargs=True)
+    sample(adapter, n=2, steps=1, cond=labels, guidance_scale=3.0, progress=False)
+    hook.remove()
+    assert seen[0].tolist() == [1, 2, 1000, 1000]
+
+
+def test_text_guidance_needs_the_empty_prompt() -> None:
+    adapter = adapter_for(build_tiny("tiny-sd").eval())
+    cond = torch.randn(2, 5, 32)
+    with pytest.raises(SlimdiffError, match="empty prompt"):
+        sample(adapter, n=2, steps=2, cond=cond, guidance_scale=2.0, progress=False)
+    out = sample(adapter, n=2, steps=2, cond=cond, guidance_scale=2.0, uncond_embedding=torch.zeros(1, 5, 32),
+                 progress=False)
+    assert out.shape == (2, 1, 16, 16)
+
+
+def test_bad_sampling_arguments() -> None:
+    adapter = adapter_for(build_tiny("tiny-unet"))
+    with pytest.raises(SlimdiffError, match="unknown scheduler 'euler'; valid: ddpm, ddim, dpm"):
+        sample(adapter, n=1, steps=1, scheduler="euler", progress=False)
+    with pytest.raises(SlimdiffError, match="must be ≥ 1"):
+        sample(adapter, n=0, steps=1, progress=False)
+    with pytest.raises(SlimdiffError, match="got 3 conditions for 2 samples"):
+        sample(adapter_for(build_tiny("tiny-dit")), n=2, steps=1, cond=torch.tensor([1, 2, 3]), progress=False)
+
+
+def test_training_target_follows_prediction_type() -> None:
+    x0, noise, t = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.tensor([10, 900])
+    assert torch.equal(training_target(make_scheduler("ddpm"), x0, noise, t), noise)
+    v_sched = make_scheduler("ddpm", {"prediction_type": "v_prediction"})
+    alpha = v_sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+    assert torch.allclose(training_target(v_sched, x0, noise, t), expected, atol=1e-6)

@@ -1,0 +1,253 @@
+"""Export: save → load gives the original diffusers class with identical outputs, running in its pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiTPipeline, StableDiffusionPipeline
+from safetensors.torch import save_file
+
+from slimdiff.errors import SlimdiffError
+from slimdiff.export import Provenance, load, load_architecture, read_provenance, read_spec, save, structure_of
+from slimdiff.models import SkippedLayer, adapter_for, build_tiny
+from slimdiff.text import make_tiny_clip_text
+
+from helpers import FAMILIES, tiny_vae
+
+
+def _outputs(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+def _hand_pruned(name: str) -> torch.nn.Module:
+    """Prune channels by hand (non-uniformly) and remove one layer — the two surgeries every engine does."""
+    model = build_tiny(name, **({"in_channels": 4, "out_channels": 4} if name != "tiny-unet" else {})).eval()
+    adapter = adapter_for(model)
+    if name == "tiny-dit":
+        ff = model.transformer_blocks[1].ff.net
+        keep = torch.arange(0, ff[0].proj.out_features, 3)  # inner MLP width 256 → 86
+        ff[0].proj = _slice(ff[0].proj, rows=keep)
+        ff[2] = _slice(ff[2], cols=keep)
+    else:
+        resnet = model.down_blocks[0].resnets[0]
+        keep = torch.arange(0, resnet.conv1.out_channels - 8)  # 32 → 24 channels, GroupNorm(8) still divides
+        resnet.conv1 = _slice(resnet.conv1, rows=keep)
+        resnet.norm2 = _slice(resnet.norm2, rows=keep)
+        resnet.time_emb_proj = _slice(resnet.time_emb_proj, rows=keep)
+        resnet.conv2 = _slice(resnet.conv2, cols=keep)
+    adapter.fix_after_surgery()
+    removable = [layer.name for layer in adapter.layers() if layer.removable]
+    adapter.remove_layer(removable[-1])
+    return model
+
+
+def _slice(module: torch.nn.Module, rows=None, cols=None) -> torch.nn.Module:
+    """A copy of a Linear/Conv2d/GroupNorm keeping output channels `rows` and input channels `cols`."""
+    import copy
+
+    module = copy.deepcopy(module)
+    weight = module.weight.data
+    if rows is not None:
+        weight = weight[rows]
+        if module.bias is not None:
+            module.bias = torch.nn.Parameter(module.bias.data[rows].clone())
+    if cols is not None and weight.ndim > 1:
+        weight = weight[:, cols]
+    module.weight = torch.nn.Parameter(weight.clone())
+    if isinstance(module, torch.nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, torch.nn.Conv2d):
+        module.out_channels, module.in_channels = weight.shape[:2]
+    elif isinstance(module, torch.nn.GroupNorm):
+        module.num_channels = weight.shape[0]
+    return module
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_round_trip_is_exact(name: str, tmp_path: Path) -> None:
+    model = build_tiny(name).eval()
+    inputs = adapter_for(model).example_inputs(2)
+    save(model, tmp_path / "m", provenance=Provenance(source="test", engine=None, metrics={"fid": 1.5}))
+    loaded = load(tmp_path / "m")
+    assert type(loaded) is type(model)
+    assert torch.equal(_outputs(loaded, inputs), _outputs(model, inputs))
+    assert read_provenance(tmp_path / "m").metrics == {"fid": 1.5}
+    assert read_spec(tmp_path / "m")["structure"] == {}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pruned_and_layer_removed_model_round_trips(name: str, tmp_path: Path) -> None:
+    model = _hand_pruned(name)
+    inputs = adapter_for(model).example_inputs(2)
+    expected = _outputs(model, inputs)
+    save(model, tmp_path / "m", provenance=Provenance(source="hand", engine="manual", budget={"macs": 0.9}))
+    spec = read_spec(tmp_path / "m")
+    assert any("replace" in entry for entry in spec["structure"].values())
+    loaded = load(tmp_path / "m")
+    assert type(loaded) is type(model)
+    assert structure_of(loaded) == structure_of(model)
+    assert any(isinstance(m, SkippedLayer) for m in loaded.modules())
+    assert torch.equal(_outputs(loaded, inputs), expected)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+    meta = load_architecture(tmp_path / "m")
+    assert all(p.is_meta for p in meta.parameters())
+    assert [p.shape for p in meta.parameters()] == [p.shape for p in model.parameters()]
+
+
+def test_unet_runs_in_ddpm_and_ddim_pipelines(tmp_path: Path) -> None:
+    save(_hand_pruned("tiny-unet"), tmp_path / "m")
+    unet = load(tmp_path / "m")
+    for pipeline in (DDPMPipeline(unet, DDPMScheduler()), DDIMPipeline(unet, DDIMScheduler())):
+        images = pipeline(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+        assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
+
+
+def test_sd_unet_runs_in_stable_diffusion_pipeline(tmp_path: Path) -> None:
+    save(_hand_pruned("tiny-sd"), tmp_path / "m")
+    unet = load(tmp_path / "m")
+    encoder = make_tiny_clip_text(tmp_path / "clip", hidden_size=32, max_length=16)
+    pipeline = StableDiffusionPipeline(
+        vae=tiny_vae(4), text_encoder=encoder.text_model, tokenizer=encoder.tokenizer, unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = pipeline(["a photo of the digit 3"], num_inference_steps=2, height=16, width=16, output_type="np",
+                   generator=torch.manual_seed(0))
+    assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all()
+
+
+def test_dit_runs_in_dit_pipeline(tmp_path: Path) -> None:
+    save(_hand_pruned("tiny-dit"), tmp_path / "m")
+    transformer = load(tmp_path / "m")
+    pipeline = DiTPipeline(transformer=transformer, vae=tiny_vae(4), scheduler=DDIMScheduler())
+    out = pipeline(class_labels=[1, 7], num_inference_steps=2, guidance_scale=2.0, output_type="np",
+                   generator=torch.manual_seed(0))
+    assert out.images.shape == (2, 16, 16, 3) and np.isfinite(out.images).all()
+
+
+def test_pipeline_folder_loads_its_denoiser(tmp_path: Path) -> None:
+    model = build_tiny("tiny-dit").eval()
+    save(model, tmp_path / "pipe" / "transformer")
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    loaded = load(tmp_path / "pipe")
+    inputs = adapter_for(model).example_inputs(1)
+    assert torch.equal(_outputs(loaded, inputs), _outputs(model, inputs))
+
+
+def test_plain_diffusers_directory_loads_and_unmodified_export_loads_in_diffusers(tmp_path: Path) -> None:
+    model = build_tiny("tiny-unet").eval()
+    model.save_pretrained(tmp_path / "plain", safe_serialization=True)
+    inputs = adapter_for(model).example_inputs(1)
+    assert torch.equal(_outputs(load(tmp_path / "plain"), inputs), _outputs(model, inputs))
+    save(model, tmp_path / "ours")
+    from diffusers import UNet2DModel
+
+    assert torch.equal(_outputs(UNet2DModel.from_pretrained(tmp_path / "ours"), inputs), _outputs(model, inputs))
+
+
+def test_save_into_existing_directory_keeps_other_files(tmp_path: Path) -> None:
+    (tmp_path / "m" / "checkpoints").mkdir(parents=True)
+    save(build_tiny("tiny-unet"), tmp_path / "m")
+    assert (tmp_path / "m" / "checkpoints").is_dir()
+
+
+# -- refusing bad input -----------------------------------------------------------------------------------------
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    return save(build_tiny("tiny-unet"), tmp_path / "m")
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(SlimdiffError, match="model directory not found"):
+        load(tmp_path / "nope")
+
+
+def test_directory_without_model(tmp_path: Path) -> None:
+    with pytest.raises(SlimdiffError, match="holds no model: expected config.json"):
+        load(tmp_path)
+
+
+def test_unknown_family(saved: Path) -> None:
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps(config | {"_class_name": "FluxTransformer2DModel"}))
+    with pytest.raises(SlimdiffError, match="unsupported model family 'FluxTransformer2DModel'"):
+        load(saved)
+
+
+def test_truncated_safetensors(saved: Path) -> None:
+    weights = saved / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SlimdiffError, match="corrupt or truncated"):
+        load(saved)
+
+
+def test_garbage_safetensors(saved: Path) -> None:
+    (saved / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(SlimdiffError, match="corrupt or truncated"):
+        load(saved)
+
+
+def test_flipped_byte_fails_checksum(saved: Path) -> None:
+    weights = saved / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SlimdiffError, match="does not match its checksum"):
+        load(saved)
+
+
+def test_weights_of_another_model_are_refused(saved: Path, tmp_path: Path) -> None:
+    other = build_tiny("tiny-unet", block_out_channels=[16, 32, 32])
+    save_file(dict(other.state_dict()), tmp_path / "w.safetensors")
+    spec = json.loads((saved / "slimdiff.json").read_text())
+    (saved / "diffusion_pytorch_model.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes())
+    spec["files"] = {}
+    (saved / "slimdiff.json").write_text(json.dumps(spec))
+    with pytest.raises(SlimdiffError, match=r"'conv_in.weight' has shape \(16, 1, 3, 3\) but the architecture needs"):
+        load(saved)
+
+
+def test_missing_tensor_is_refused(saved: Path) -> None:
+    model = build_tiny("tiny-unet")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("conv_out")}
+    save_file(state, saved / "diffusion_pytorch_model.safetensors")
+    spec = json.loads((saved / "slimdiff.json").read_text())
+    spec["files"] = {}
+    (saved / "slimdiff.json").write_text(json.dumps(spec))
+    with pytest.raises(SlimdiffError, match=r"do not match the model's structure: missing \['conv_out.bias'"):
+        load(saved)
+
+
+def test_spec_with_unknown_replacement_is_refused(saved: Path) -> None:
+    spec = json.loads((saved / "slimdiff.json").read_text())
+    spec["structure"] = {"mid_block.resnets.0": {"replace": "os.system", "attrs": {}}}
+    (saved / "slimdiff.json").write_text(json.dumps(spec))
+    with pytest.raises(SlimdiffError, match="unknown type 'os.system'"):
+        load(saved)
+
+
+def test_newer_format_is_refused(saved: Path) -> None:
+    spec = json.loads((saved / "slimdiff.json").read_text())
+    (saved / "slimdiff.json").write_text(json.dumps(spec | {"format_version": 99}))
+    with pytest.raises(SlimdiffError, match="newer slimdiff"):
+        load(saved)
+
+
+def test_pickled_weights_are_never_loaded(tmp_path: Path) -> None:
+    model = build_tiny("tiny-unet")
+    model.save_config(tmp_path)
+    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"pickle would run code")
+    with pytest.raises(SlimdiffError, match="only pickled weights"):
+        load(tmp_path)
+
+
+def test_config_only_directory_gives_architecture(tmp_path: Path) -> None:
+    build_tiny("tiny-sd").save_config(tmp_path)
+    model = load_architecture(tmp_path)
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build_tiny("tiny-sd").parameters())
