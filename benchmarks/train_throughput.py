@@ -1,6 +1,6 @@
 """Training throughput of the tiny teachers on this machine: optimizer steps per second at batch 64.
 
-    python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
+python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
 """
 
 from __future__ import annotations
@@ -30,8 +30,13 @@ def measure(name: str, steps: int, batch_size: int) -> dict[str, float | int | s
         start = time.perf_counter()
         train(build_tiny(name), data, Path(out) / "timed", config, progress=False)
         seconds = time.perf_counter() - start
-    return {"model": name, "batch_size": batch_size, "steps": steps, "seconds": round(seconds, 2),
-            "steps_per_s": round(steps / seconds, 3)}
+    return {
+        "model": name,
+        "batch_size": batch_size,
+        "steps": steps,
+        "seconds": round(seconds, 2),
+        "steps_per_s": round(steps / seconds, 3),
+    }
 
 
 def main() -> None:
@@ -43,8 +48,11 @@ def main() -> None:
     rows = [measure(name, args.steps, args.batch_size) for name in ("tiny-unet", "tiny-sd", "tiny-dit")]
     result = {
         "what": "optimizer steps/s of `slimdiff.train.train` (one checkpoint at the end included), digits 16²",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed (data order, nois
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch size.", min=1)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")]
 Data = Annotated[str, typer.Option("--data", help="'digits' (bundled) or an image folder (class subfolders).")]
+Accumulation = Annotated[int, typer.Option("--grad-accumulation", help="Micro-batches per optimizer step.", min=1)]
 
 
 @app.command()
@@ -39,11 +40,15 @@ def info(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo(f"{report['class']} ({report['family']}), {report['sample_size']}² × {report['in_channels']} ch, "
-               f"conditioning: {report['conditioning']}")
+    typer.echo(
+        f"{report['class']} ({report['family']}), {report['sample_size']}² × {report['in_channels']} ch, "
+        f"conditioning: {report['conditioning']}"
+    )
     typer.echo(f"params: {report['params']:,}")
-    typer.echo(f"MACs:   {report['macs'] / 1e9:.3f} G incl. attention matmuls, "
-               f"{report['macs_no_attn'] / 1e9:.3f} G without ({report['macs_counts']})")
+    typer.echo(
+        f"MACs:   {report['macs'] / 1e9:.3f} G incl. attention matmuls, "
+        f"{report['macs_no_attn'] / 1e9:.3f} G without ({report['macs_counts']})"
+    )
     typer.echo(f"blocks ({len(report['blocks'])}): " + ", ".join(b["name"] for b in report["blocks"]))
     removable = sum(layer["removable"] for layer in report["layers"])
     typer.echo(f"layers: {len(report['layers'])} residual layers, {removable} removable")
@@ -70,8 +75,16 @@ def sample(
     prompt_list = load_prompts(prompts) if prompts else None
     start = time.perf_counter()
     sample_model(
-        model_dir, out, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
-        guidance_scale=guidance, labels=label_list, prompts=prompt_list,
+        model_dir,
+        out,
+        n=n,
+        steps=steps,
+        scheduler=scheduler,
+        seed=seed,
+        batch_size=batch_size,
+        guidance_scale=guidance,
+        labels=label_list,
+        prompts=prompt_list,
     )
     typer.echo(f"wrote {out} ({n} samples, {scheduler} {steps} steps, {time.perf_counter() - start:.1f} s)")
 
@@ -94,6 +107,7 @@ def train(
     warmup: Annotated[int, typer.Option("--warmup", help="Linear warm-up steps.")] = 100,
     ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA decay of the saved weights.")] = 0.995,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
+    grad_accumulation: Accumulation = 1,
     seed: Seed = 0,
     resume: Resume = False,
 ) -> None:
@@ -105,8 +119,14 @@ def train(
 
     torch.manual_seed(seed)
     config = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(warmup, steps), ema_decay=ema_decay,
-        checkpoint_every=checkpoint_every, seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=min(warmup, steps),
+        ema_decay=ema_decay,
+        checkpoint_every=checkpoint_every,
+        grad_accumulation=grad_accumulation,
+        seed=seed,
     )
     result = train_model(new_model(model), data, out, config, source=f"scratch:{model}", resume=resume)
     typer.echo(f"trained {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
@@ -124,6 +144,7 @@ def finetune(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
     teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher model for distillation.")] = None,
     kd: Annotated[str, typer.Option("--kd", help="Feature-KD: plain (BK-SDM) or normalized (LAPTOP).")] = "normalized",
+    grad_accumulation: Accumulation = 1,
     seed: Seed = 0,
     resume: Resume = False,
 ) -> None:
@@ -133,7 +154,13 @@ def finetune(
     from slimdiff.train import TrainConfig
 
     config = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        ema_decay=ema_decay,
+        checkpoint_every=checkpoint_every,
+        grad_accumulation=grad_accumulation,
+        seed=seed,
     )
     kd_config = KDConfig(mode=kd) if teacher is not None else None
     result = finetune_model(model_dir, data, out, config, teacher_dir=teacher, kd=kd_config, resume=resume)

@@ -61,7 +61,11 @@ def run_demo(out: str | Path, echo: Callable[[str], None] = print) -> None:
     info = model_info(teacher_dir)
     echo("[3/3] cost of the teacher")
     echo(f"      params: {info['params']:,}")
-    echo(f"      MACs per denoiser call (batch 1, {info['sample_size']}²): {info['macs'] / 1e6:.1f} M incl. attention, "
-         f"{info['macs_no_attn'] / 1e6:.1f} M without")
-    echo(f"      one {SAMPLE_STEPS}-step sampling run: {info['macs'] * SAMPLE_STEPS / 1e9:.2f} G MACs per image; "
-         f"{SAMPLE_COUNT} images took {seconds:.1f} s on this machine ({torch.get_num_threads()} threads)")
+    echo(
+        f"      MACs per denoiser call (batch 1, {info['sample_size']}²): {info['macs'] / 1e6:.1f} M incl. attention, "
+        f"{info['macs_no_attn'] / 1e6:.1f} M without"
+    )
+    echo(
+        f"      one {SAMPLE_STEPS}-step sampling run: {info['macs'] * SAMPLE_STEPS / 1e9:.2f} G MACs per image; "
+        f"{SAMPLE_COUNT} images took {seconds:.1f} s on this machine ({torch.get_num_threads()} threads)"
+    )

@@ -40,7 +40,9 @@ def feature_kd_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Ten
     dominated by the few stages with the largest magnitudes (LAPTOP-Diff, METHODS.md §3).
     """
     if len(student) != len(teacher) or not student:
-        raise SlimdiffError(f"feature KD needs matched, non-empty feature lists (got {len(student)} and {len(teacher)})")
+        raise SlimdiffError(
+            f"feature KD needs matched, non-empty feature lists (got {len(student)} and {len(teacher)})"
+        )
     total = student[0].new_zeros(())
     for s, t in zip(student, teacher):
         term = F.mse_loss(s.float(), t.float())

@@ -234,7 +234,7 @@ def read_spec(model_dir: str | Path) -> dict[str, Any] | None:
         return None
     spec = read_json(path, "slimdiff spec")
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise SlimdiffError(f"{path} is not a slimdiff spec (missing \"format\": \"{FORMAT}\")")
+        raise SlimdiffError(f'{path} is not a slimdiff spec (missing "format": "{FORMAT}")')
     if spec.get("format_version", 0) > FORMAT_VERSION:
         raise SlimdiffError(
             f"{path} was written by a newer slimdiff (format {spec['format_version']}); upgrade slimdiff"
@@ -306,7 +306,9 @@ def _verify_checksums(model_dir: Path, spec: dict[str, Any]) -> None:
         if not path.is_file():
             raise SlimdiffError(f"{path} is missing (listed in {SPEC_NAME})")
         if _sha256(path) != digest:
-            raise SlimdiffError(f"{path} does not match its checksum in {SPEC_NAME}: the file is corrupt or was changed")
+            raise SlimdiffError(
+                f"{path} does not match its checksum in {SPEC_NAME}: the file is corrupt or was changed"
+            )
 
 
 def _resize_parameters(model: nn.Module, shapes: dict[str, tuple[torch.Size, Any]], where: Path) -> None:
@@ -315,7 +317,8 @@ def _resize_parameters(model: nn.Module, shapes: dict[str, tuple[torch.Size, Any
     missing, extra = sorted(expected - set(shapes)), sorted(set(shapes) - expected)
     if missing or extra:
         detail = "; ".join(
-            part for part in (f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "")
+            part
+            for part in (f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "")
             if part
         )
         raise SlimdiffError(f"weights in {where} do not match the model's structure: {detail}")
@@ -369,7 +372,8 @@ def load(
     spec = read_spec(model_dir)
     if spec is not None and spec.get("class") != config.get("_class_name"):
         raise SlimdiffError(
-            f"{model_dir}: {SPEC_NAME} says class {spec.get('class')} but {CONFIG_NAME} says {config.get('_class_name')}"
+            f"{model_dir}: {SPEC_NAME} says class {spec.get('class')} "
+            f"but {CONFIG_NAME} says {config.get('_class_name')}"
         )
     files = _weight_files(model_dir, spec)
     shapes: dict[str, tuple[torch.Size, Any]] = {}

@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from slimdiff.data import class_prompts, load_data, load_prompts
+from slimdiff.data import class_prompts, load_data
 from slimdiff.diffusion import DEFAULT_SCHEDULE, sample
 from slimdiff.distill import KDConfig
 from slimdiff.errors import SlimdiffError
@@ -31,11 +31,11 @@ from slimdiff.export import (
 )
 from slimdiff.io import read_json
 from slimdiff.metrics.cost import count_macs, count_params
-from slimdiff.recipe import FinetuneStep, Recipe, SampleStep, TrainStep
 from slimdiff.models import TINY_CONFIGS, Adapter, adapter_for, build, build_tiny
+from slimdiff.recipe import FinetuneStep, Recipe, SampleStep, TrainStep
 from slimdiff.report import save_grid
 from slimdiff.text import TEXT_ENCODER_DIR, TOKENIZER_DIR, TextEncoder, make_tiny_clip_text
-from slimdiff.train import Conditioning, TrainConfig, TrainResult, default_conditioning, train, text_conditioning
+from slimdiff.train import Conditioning, TrainConfig, TrainResult, default_conditioning, text_conditioning, train
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,16 +71,10 @@ def model_info(model_dir: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # conditioning: what a model directory is conditioned on
 # ----------------------------------------------------------------------------------------------------------------
-def _pipeline_root(model_dir: Path) -> Path:
-    """The folder that may hold a text encoder / VAE: the model dir, or the pipeline around a `unet/` subfolder."""
-    resolved = resolve_model_dir(model_dir)
-    return resolved if resolved == Path(model_dir) else Path(model_dir)
-
-
 def load_text_encoder(model_dir: str | Path) -> TextEncoder:
-    """The text encoder saved with a text-conditioned model (in the model dir or its pipeline root)."""
+    """The text encoder saved with a text-conditioned model: in the model dir, or beside it in a pipeline folder."""
     resolved = resolve_model_dir(model_dir)
-    for root in dict.fromkeys([resolved, _pipeline_root(Path(model_dir)), resolved.parent]):
+    for root in (resolved, resolved.parent):
         if (root / TEXT_ENCODER_DIR).is_dir():
             return TextEncoder.from_dir(root)
     raise SlimdiffError(
@@ -90,6 +84,7 @@ def load_text_encoder(model_dir: str | Path) -> TextEncoder:
 
 
 def _load_vae(model_dir: str | Path) -> AutoencoderKL | None:
+    """The VAE of a latent model given as a pipeline folder (None for pixel-space models)."""
     resolved = resolve_model_dir(model_dir)
     vae_dir = resolved.parent / "vae" if resolved != Path(model_dir) else None
     if vae_dir is None or not (vae_dir / "config.json").is_file():
@@ -252,8 +247,16 @@ def train_model(
     schedule = (load_scheduler_config(source_path) if source_path else None) or DEFAULT_SCHEDULE
     teacher = load(teacher_dir) if teacher_dir is not None else None
     result = train(
-        model, dataset, out_dir, config,
-        conditioning=conditioning, schedule=schedule, teacher=teacher, kd=kd, resume=resume, progress=progress,
+        model,
+        dataset,
+        out_dir,
+        config,
+        conditioning=conditioning,
+        schedule=schedule,
+        teacher=teacher,
+        kd=kd,
+        resume=resume,
+        progress=progress,
     )
     provenance = read_provenance(source_path) if source_path else Provenance(source=source)
     provenance.history.append(
@@ -281,7 +284,6 @@ def finetune_model(
     return train_model(model, data, out_dir, config, source=str(model_dir), source_dir=model_dir, **kwargs)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # recipes
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,13 +303,17 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
             summaries.append({"step": kind, "out": current, "final_loss": result.final_loss})
         elif isinstance(step, FinetuneStep):
             options = step.finetune
-            kd = (
-                KDConfig(options.kd, options.kd_output_weight, options.kd_feature_weight) if options.teacher else None
-            )
+            kd = KDConfig(options.kd, options.kd_output_weight, options.kd_feature_weight) if options.teacher else None
             train_config = TrainConfig(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TrainConfig)})
             result = finetune_model(
-                _model_dir(current), recipe.data, step_dir, train_config,
-                teacher_dir=options.teacher, kd=kd, resume=True, progress=progress,
+                _model_dir(current),
+                recipe.data,
+                step_dir,
+                train_config,
+                teacher_dir=options.teacher,
+                kd=kd,
+                resume=True,
+                progress=progress,
             )
             current = str(step_dir)
             summaries.append({"step": kind, "out": current, "final_loss": result.final_loss})
@@ -315,8 +321,14 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
             grid = step_dir / "samples.png"
             options = step.sample
             sample_model(
-                _model_dir(current), grid, n=options.n, steps=options.steps, scheduler=options.scheduler,
-                seed=options.seed, batch_size=options.batch_size, guidance_scale=options.guidance_scale,
+                _model_dir(current),
+                grid,
+                n=options.n,
+                steps=options.steps,
+                scheduler=options.scheduler,
+                seed=options.seed,
+                batch_size=options.batch_size,
+                guidance_scale=options.guidance_scale,
                 progress=progress,
             )
             summaries.append({"step": kind, "out": str(grid)})

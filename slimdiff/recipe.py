@@ -138,7 +138,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _step(value: Any, where: str) -> Step:
     if not isinstance(value, dict) or len(value) != 1:
         raise SlimdiffError(f"{where}: a step is one mapping like `train: {{...}}`; kinds: {', '.join(STEP_KINDS)}")
-    (kind, options), = value.items()
+    ((kind, options),) = value.items()
     if kind not in STEP_KINDS:
         raise SlimdiffError(f"{where}: unknown step '{kind}'; valid: {', '.join(STEP_KINDS)}")
     return from_dict(STEP_KINDS[kind], {kind: options if options is not None else {}}, where)

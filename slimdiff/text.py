@@ -122,9 +122,7 @@ def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def make_tiny_clip_text(
-    path: str | Path, *, hidden_size: int = 32, seed: int = 0, max_length: int = 77
-) -> TextEncoder:
+def make_tiny_clip_text(path: str | Path, *, hidden_size: int = 32, seed: int = 0, max_length: int = 77) -> TextEncoder:
     """Build a tiny random CLIP text encoder and tokenizer (no download), save it to `path`, and return it.
 
     The same `seed` gives identical weights; the global RNG state is left untouched.

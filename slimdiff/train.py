@@ -11,12 +11,12 @@ and, on CPU, ends with bit-identical weights to an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,14 +122,14 @@ def _stream_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
+@lru_cache(maxsize=4)
+def _epoch_order(n_items: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(_stream_seed(seed, epoch)))
+
+
 def batch_indices(n_items: int, batch: int, seed: int, first: int) -> list[int]:
     """Items `first … first+batch-1` of the endless stream of per-epoch shuffles of `range(n_items)`."""
-    out = []
-    for k in range(first, first + batch):
-        epoch, pos = divmod(k, n_items)
-        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(_stream_seed(seed, epoch)))
-        out.append(int(perm[pos]))
-    return out
+    return [int(_epoch_order(n_items, seed, k // n_items)[k % n_items]) for k in range(first, first + batch)]
 
 
 def _preflight(out_dir: Path, model: nn.Module, config: TrainConfig) -> None:
@@ -249,9 +249,7 @@ def train(
     mixed = config.mixed_precision
     cuda = torch.cuda.is_available()
     # cpu=True on CPU-only machines lets `accelerate launch`/torchrun start gloo processes (MULTI_CPU).
-    accelerator = Accelerator(
-        cpu=not cuda, mixed_precision=("bf16" if cuda else "no") if mixed == "auto" else mixed
-    )
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=("bf16" if cuda else "no") if mixed == "auto" else mixed)
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise SlimdiffError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
@@ -290,7 +288,6 @@ def train(
         conditioning.prompt_table = conditioning.prompt_table.to(device)
         if conditioning.empty_prompt is not None:
             conditioning.empty_prompt = conditioning.empty_prompt.to(device)
-    alphas = noise_scheduler.alphas_cumprod.to(device)
 
     feature_pairs: tuple[tuple[str, str], ...] = ()
     teacher_adapter = None
@@ -308,9 +305,10 @@ def train(
         total=config.steps, initial=start, desc="training", disable=not (progress and accelerator.is_main_process)
     )
     started, last_loss, window_start, window_steps = time.perf_counter(), float("nan"), time.perf_counter(), 0
-    with capture(bare, [s for s, _ in feature_pairs]) as student_features, capture(
-        teacher if teacher is not None else bare, [t for _, t in feature_pairs]
-    ) as teacher_features:
+    with (
+        capture(bare, [s for s, _ in feature_pairs]) as student_features,
+        capture(teacher if teacher is not None else bare, [t for _, t in feature_pairs]) as teacher_features,
+    ):
         for step in range(start, config.steps):
             terms_sum: dict[str, float] = {}
             # Randomness inside the model (dropout, DiT's label dropout) uses the global RNG: seed it per step.
@@ -326,8 +324,7 @@ def train(
                 t = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator).to(device)
                 drop = (torch.rand(x0.shape[0], generator=generator) < config.label_dropout).to(device)
                 cond = conditioning(labels, drop)
-                a = alphas[t].view(-1, 1, 1, 1)
-                x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                x_t = noise_scheduler.add_noise(x0, noise, t)
                 target = training_target(noise_scheduler, x0, noise, t)
                 sync = micro == config.grad_accumulation - 1
                 with accelerator.no_sync(model) if not sync else nullcontext(), accelerator.autocast():
@@ -380,8 +377,14 @@ def train(
                 _stop_if_diverged(accelerator, finite, "a parameter", done, out_dir)  # never checkpoint NaNs
                 if accelerator.is_main_process:
                     _save_checkpoint(
-                        out_dir, done, bare, ema, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                        lr_scheduler, meta, config.keep_checkpoints,
+                        out_dir,
+                        done,
+                        bare,
+                        ema,
+                        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                        lr_scheduler,
+                        meta,
+                        config.keep_checkpoints,
                     )
                 accelerator.wait_for_everyone()
     bar.close()
@@ -418,15 +421,3 @@ def default_conditioning(adapter: Adapter) -> Conditioning:
 def text_conditioning(prompt_embeddings: torch.Tensor, empty_prompt: torch.Tensor | None) -> Conditioning:
     """Per-class prompt embeddings `(num_classes, tokens, dim)`, and the empty prompt's for label dropout."""
     return Conditioning(kind="text", prompt_table=prompt_embeddings, empty_prompt=empty_prompt)
-
-
-def lr_at(config: TrainConfig, step: int) -> float:
-    """The learning rate the schedule gives at `step` (for docs and tests)."""
-    if step < config.warmup_steps:
-        return config.lr * step / max(1, config.warmup_steps)
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    if config.lr_schedule == "cosine":
-        return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    if config.lr_schedule == "linear":
-        return config.lr * (1 - progress)
-    return config.lr

@@ -25,6 +25,7 @@ result = train(student, data, out, config, teacher=teacher, kd=KDConfig(), resum
 state = PartialState()
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in result.model.parameters())).hexdigest()
 (out / f"rank{state.process_index}.json").write_text(
-    json.dumps({"world": state.num_processes, "type": str(state.distributed_type), "digest": digest,
-                "history": result.history})
+    json.dumps(
+        {"world": state.num_processes, "type": str(state.distributed_type), "digest": digest, "history": result.history}
+    )
 )

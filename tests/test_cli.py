@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import reference_config
 from PIL import Image
 
 from slimdiff.cli import main
 from slimdiff.export import save
 from slimdiff.models import build_tiny
-
-from helpers import reference_config
 
 REFERENCE_PARAMS = {
     "ddpm-cifar10-32.unet.json": 35_746_307,
@@ -57,8 +56,18 @@ def test_info_summary_says_what_macs_count(tmp_path: Path, monkeypatch, capsys) 
 def test_sample_writes_grid(name: str, tmp_path: Path, monkeypatch, capsys) -> None:
     save(build_tiny(name), tmp_path / "m", conditioning={"classes": ["0", "1"]} if name == "tiny-dit" else None)
     code, out, err = run_cli(
-        monkeypatch, capsys, "sample", tmp_path / "m", "--n", "4", "--steps", "2", "--scheduler", "dpm",
-        "--out", tmp_path / "grid.png",
+        monkeypatch,
+        capsys,
+        "sample",
+        tmp_path / "m",
+        "--n",
+        "4",
+        "--steps",
+        "2",
+        "--scheduler",
+        "dpm",
+        "--out",
+        tmp_path / "grid.png",
     )
     assert code == 0, err
     image = Image.open(tmp_path / "grid.png")
@@ -84,7 +93,9 @@ def test_error_missing_dir(tmp_path: Path, monkeypatch, capsys) -> None:
 
 def test_error_unknown_family(tmp_path: Path, monkeypatch, capsys) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
-    _one_line_error(*run_cli(monkeypatch, capsys, "info", tmp_path)[::2], "unsupported model family 'UNet3DConditionModel'")
+    _one_line_error(
+        *run_cli(monkeypatch, capsys, "info", tmp_path)[::2], "unsupported model family 'UNet3DConditionModel'"
+    )
 
 
 def test_error_corrupt_safetensors(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -110,7 +121,9 @@ def test_error_bad_data_folder(tmp_path: Path, monkeypatch, capsys) -> None:
 
 def test_error_bad_labels(tmp_path: Path, monkeypatch, capsys) -> None:
     save(build_tiny("tiny-dit"), tmp_path / "m")
-    code, _, err = run_cli(monkeypatch, capsys, "sample", tmp_path / "m", "--labels", "1,x", "--out", tmp_path / "g.png")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "sample", tmp_path / "m", "--labels", "1,x", "--out", tmp_path / "g.png"
+    )
     _one_line_error(code, err, "--labels must be comma-separated integers")
 
 

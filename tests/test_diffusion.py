@@ -35,7 +35,9 @@ def test_class_guidance_changes_samples_and_uses_null_class() -> None:
     guided = sample(adapter, n=2, steps=3, cond=labels, guidance_scale=3.0, progress=False)
     assert not torch.allclose(plain, guided)
     seen = []
-    hook = adapter.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["class_labels"].clone()), with_kwargs=True)
+    hook = adapter.model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["class_labels"].clone()), with_kwargs=True
+    )
     sample(adapter, n=2, steps=1, cond=labels, guidance_scale=3.0, progress=False)
     hook.remove()
     assert seen[0].tolist() == [1, 2, 1000, 1000]
@@ -46,8 +48,9 @@ def test_text_guidance_needs_the_empty_prompt() -> None:
     cond = torch.randn(2, 5, 32)
     with pytest.raises(SlimdiffError, match="empty prompt"):
         sample(adapter, n=2, steps=2, cond=cond, guidance_scale=2.0, progress=False)
-    out = sample(adapter, n=2, steps=2, cond=cond, guidance_scale=2.0, uncond_embedding=torch.zeros(1, 5, 32),
-                 progress=False)
+    out = sample(
+        adapter, n=2, steps=2, cond=cond, guidance_scale=2.0, uncond_embedding=torch.zeros(1, 5, 32), progress=False
+    )
     assert out.shape == (2, 1, 16, 16)
 
 

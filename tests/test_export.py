@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiTPipeline, StableDiffusionPipeline
+from helpers import FAMILIES, tiny_vae
 from safetensors.torch import save_file
 
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import Provenance, load, load_architecture, read_provenance, read_spec, save, structure_of
 from slimdiff.models import SkippedLayer, adapter_for, build_tiny
 from slimdiff.text import make_tiny_clip_text
-
-from helpers import FAMILIES, tiny_vae
 
 
 def _outputs(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
@@ -112,12 +111,23 @@ def test_sd_unet_runs_in_stable_diffusion_pipeline(tmp_path: Path) -> None:
     unet = load(tmp_path / "m")
     encoder = make_tiny_clip_text(tmp_path / "clip", hidden_size=32, max_length=16)
     pipeline = StableDiffusionPipeline(
-        vae=tiny_vae(4), text_encoder=encoder.text_model, tokenizer=encoder.tokenizer, unet=unet,
-        scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+        vae=tiny_vae(4),
+        text_encoder=encoder.text_model,
+        tokenizer=encoder.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
-    out = pipeline(["a photo of the digit 3"], num_inference_steps=2, height=16, width=16, output_type="np",
-                   generator=torch.manual_seed(0))
+    out = pipeline(
+        ["a photo of the digit 3"],
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        output_type="np",
+        generator=torch.manual_seed(0),
+    )
     assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all()
 
 
@@ -125,8 +135,9 @@ def test_dit_runs_in_dit_pipeline(tmp_path: Path) -> None:
     save(_hand_pruned("tiny-dit"), tmp_path / "m")
     transformer = load(tmp_path / "m")
     pipeline = DiTPipeline(transformer=transformer, vae=tiny_vae(4), scheduler=DDIMScheduler())
-    out = pipeline(class_labels=[1, 7], num_inference_steps=2, guidance_scale=2.0, output_type="np",
-                   generator=torch.manual_seed(0))
+    out = pipeline(
+        class_labels=[1, 7], num_inference_steps=2, guidance_scale=2.0, output_type="np", generator=torch.manual_seed(0)
+    )
     assert out.images.shape == (2, 16, 16, 3) and np.isfinite(out.images).all()
 
 

@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 import torch_pruning as tp
+from helpers import FAMILIES, reference_config
 
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import SkippedLayer, adapter_for, build, build_tiny
-
-from helpers import FAMILIES, reference_config
 
 #: ../shared/reference/README.md: exact params, MACs incl. attention (batch 1) within 1 %.
 REFERENCE_FIGURES = {
@@ -59,7 +58,13 @@ def test_unet_block_graph_follows_skip_connections() -> None:
     blocks = adapter_for(build_tiny("tiny-unet")).blocks()
     names = [b.name for b in blocks]
     assert names == [
-        "down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2",
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.1",
+        "up_blocks.2",
     ]
     by_name = {b.name: b for b in blocks}
     # layers_per_block=1: each up block has 2 resnets, consuming skips from the end of the down path.
@@ -125,8 +130,9 @@ def test_attention_fixup_after_head_dim_pruning_matches_sliced_computation() -> 
     keep = torch.cat([torch.arange(h * head_dim, h * head_dim + head_dim // 2) for h in range(heads)])
     x = torch.randn(2, 64, 8, 8)
     tokens = attn.group_norm(x).flatten(2).transpose(1, 2)
-    q, k, v = (torch.nn.functional.linear(tokens, p.weight[keep], p.bias[keep])
-               for p in (attn.to_q, attn.to_k, attn.to_v))
+    q, k, v = (
+        torch.nn.functional.linear(tokens, p.weight[keep], p.bias[keep]) for p in (attn.to_q, attn.to_k, attn.to_v)
+    )
     for name in ("to_q", "to_k", "to_v"):
         setattr(attn, name, _sliced_linear(getattr(attn, name), rows=keep))
     attn.to_out[0] = _sliced_linear(attn.to_out[0], cols=keep)
@@ -171,3 +177,21 @@ def test_unknown_family_is_refused() -> None:
         build({"_class_name": "FluxTransformer2DModel"})
     with pytest.raises(SlimdiffError, match="unknown tiny model"):
         build_tiny("tiny-flux")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_channel_groups_cover_the_prunable_layers(name: str) -> None:
+    model = build_tiny(name)
+    adapter = adapter_for(model)
+    groups = adapter.channel_groups()
+    roots = {group.root for group in groups}
+    output = {n for n, m in model.named_modules() if any(m is o for o in adapter.output_modules())}
+    assert groups and not roots & output  # the output layer is never prunable
+    assert all(group.channels > 0 and group.root in group.members for group in groups)
+    attention_groups = [group for group in groups if group.attention]
+    assert attention_groups  # q/k/v/out projections are coupled and flagged for per-head pruning
+    if name == "tiny-unet":
+        qkv = next(g for g in attention_groups if g.root.endswith("mid_block.attentions.0.to_v"))
+        assert {f"mid_block.attentions.0.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")} <= set(qkv.members)
+        skip = next(g for g in groups if g.root == "conv_in")  # the first skip tensor couples across the U-Net
+        assert "conv_out" not in skip.members and len(skip.members) > 5

@@ -53,7 +53,7 @@ def test_deterministic_per_seed(tmp_path: Path) -> None:
     state = torch.random.get_rng_state()
     a = make_tiny_clip_text(tmp_path / "a", seed=1, max_length=8)
     b = make_tiny_clip_text(tmp_path / "b", seed=1, max_length=8)
-    c = make_tiny_clip_text(tmp_path / "c", seed=2, max_length=8)
+    make_tiny_clip_text(tmp_path / "c", seed=2, max_length=8)
     assert torch.equal(torch.random.get_rng_state(), state)
     weights = [load_file(tmp_path / name / "text_encoder" / "model.safetensors") for name in "abc"]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -150,7 +150,11 @@ def test_works_in_stable_diffusion_pipeline(tiny_dir: Path, tmp_path: Path) -> N
     assert torch.equal(ours, theirs)
 
     image = pipe(
-        PROMPTS[0], height=8, width=8, num_inference_steps=2, output_type="np",
+        PROMPTS[0],
+        height=8,
+        width=8,
+        num_inference_steps=2,
+        output_type="np",
         generator=torch.Generator().manual_seed(0),
     ).images
     assert image.shape == (1, 8, 8, 3) and np.isfinite(image).all()

@@ -30,8 +30,23 @@ def digits():
 
 
 def _train_cmd(out: Path, steps: int, *extra: str) -> list[str]:
-    return [*CLI, "train", "--model", "tiny-dit", "--steps", str(steps), "--batch-size", "16",
-            "--checkpoint-every", "3", "--seed", "3", "--out", str(out), *extra]
+    return [
+        *CLI,
+        "train",
+        "--model",
+        "tiny-dit",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "3",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -54,8 +69,12 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     assert not (killed / "slimdiff.json").exists()  # it really died mid-run
     subprocess.run(_train_cmd(killed, steps, "--resume"), check=True, capture_output=True)
 
-    for name in ("diffusion_pytorch_model.safetensors", f"checkpoints/step-{steps:08d}/model.safetensors",
-                 f"checkpoints/step-{steps:08d}/optimizer.safetensors", f"checkpoints/step-{steps:08d}/ema.safetensors"):
+    for name in (
+        "diffusion_pytorch_model.safetensors",
+        f"checkpoints/step-{steps:08d}/model.safetensors",
+        f"checkpoints/step-{steps:08d}/optimizer.safetensors",
+        f"checkpoints/step-{steps:08d}/ema.safetensors",
+    ):
         a, b = _tensors(tmp_path / "straight" / name), _tensors(killed / name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
@@ -112,12 +131,20 @@ def _poisoned_run(tmp_path: Path, digits, at_step: int) -> None:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
 
-    train(model, digits, tmp_path, TrainConfig(steps=8, batch_size=8, checkpoint_every=2, log_every=1),
-          on_step=poison, progress=False)
+    train(
+        model,
+        digits,
+        tmp_path,
+        TrainConfig(steps=8, batch_size=8, checkpoint_every=2, log_every=1),
+        on_step=poison,
+        progress=False,
+    )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, digits) -> None:
-    with pytest.raises(SlimdiffError, match=r"loss became NaN/inf at step 4; .* last good checkpoint is .*step-00000002"):
+    with pytest.raises(
+        SlimdiffError, match=r"loss became NaN/inf at step 4; .* last good checkpoint is .*step-00000002"
+    ):
         _poisoned_run(tmp_path, digits, at_step=3)
     good = load_file(tmp_path / "checkpoints" / "step-00000002" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in good.values())
@@ -150,8 +177,7 @@ def test_too_little_disk_is_reported_before_training(tmp_path: Path, digits, mon
 def test_resume_with_other_settings_is_refused(tmp_path: Path, digits) -> None:
     train(build_tiny("tiny-dit"), digits, tmp_path, TrainConfig(steps=2, batch_size=8), progress=False)
     with pytest.raises(SlimdiffError, match="cannot resume .* its config"):
-        train(build_tiny("tiny-dit"), digits, tmp_path, TrainConfig(steps=4, batch_size=4), resume=True,
-              progress=False)
+        train(build_tiny("tiny-dit"), digits, tmp_path, TrainConfig(steps=4, batch_size=4), resume=True, progress=False)
 
 
 def test_data_order_covers_every_item_once_per_epoch() -> None:
@@ -165,14 +191,30 @@ def test_text_model_trains_with_its_own_text_encoder_and_samples(tmp_path: Path,
     from slimdiff.cli import main
 
     out = tmp_path / "sd"
-    monkeypatch.setattr(sys, "argv", ["slimdiff", "train", "--model", "tiny-sd", "--steps", "2", "--batch-size", "4",
-                                      "--out", str(out)])
+    monkeypatch.setattr(
+        sys, "argv", ["slimdiff", "train", "--model", "tiny-sd", "--steps", "2", "--batch-size", "4", "--out", str(out)]
+    )
     main()
     assert (out / "text_encoder").is_dir() and (out / "tokenizer").is_dir()
     spec = json.loads((out / "slimdiff.json").read_text())
     assert spec["conditioning"]["prompts"][3] == "a photo of the digit 3"
-    monkeypatch.setattr(sys, "argv", ["slimdiff", "sample", str(out), "--n", "2", "--steps", "2", "--guidance", "2",
-                                      "--out", str(tmp_path / "g.png")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "slimdiff",
+            "sample",
+            str(out),
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--guidance",
+            "2",
+            "--out",
+            str(tmp_path / "g.png"),
+        ],
+    )
     main()
     assert (tmp_path / "g.png").is_file()
 

@@ -11,7 +11,7 @@ from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from slimdiff.errors import SlimdiffError
-from slimdiff.models.base import Adapter, Block, Layer, SkippedLayer
+from slimdiff.models.base import Adapter, Block, ChannelGroup, Layer, SkippedLayer
 from slimdiff.models.dit import DiTAdapter
 from slimdiff.models.unet import SDUNetAdapter, UNetAdapter
 
@@ -19,6 +19,7 @@ __all__ = [
     "ADAPTERS",
     "Adapter",
     "Block",
+    "ChannelGroup",
     "Layer",
     "SkippedLayer",
     "TINY_CONFIGS",

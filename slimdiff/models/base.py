@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch_pruning as tp
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
@@ -39,6 +40,21 @@ class Layer:
     params: int
     removable: bool
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be pruned together (torch-pruning's dependency graph is the source of truth).
+
+    `root` is the layer whose output channels define the group; `members` every layer the group couples
+    (residual adds, skip concatenations, norms, attention projections). Groups that touch attention projections
+    must be pruned consistently per head (`attention=True`).
+    """
+
+    root: str
+    channels: int
+    members: tuple[str, ...]
+    attention: bool
 
 
 class SkippedLayer(nn.Module):
@@ -157,6 +173,32 @@ class Adapter(ABC):
         if not layer.removable:
             raise SlimdiffError(f"layer '{name}' cannot be removed: {layer.reason}")
         set_submodule(self.model, name, SkippedLayer(returns_tuple=self.layer_returns_tuple(name)))
+
+    def dependency_graph(self) -> tp.DependencyGraph:
+        """torch-pruning's dependency graph of the model, traced on the example inputs."""
+        device = next(self.model.parameters()).device
+        return tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example_inputs(1, device))
+
+    def channel_groups(self, graph: tp.DependencyGraph | None = None) -> list[ChannelGroup]:
+        """Every prunable channel group (the output layers excluded), in the graph's order."""
+        graph = graph or self.dependency_graph()
+        names = {module: name for name, module in self.model.named_modules()}
+        projections = {names[proj] for proj in self.attention_heads()}
+        groups = []
+        for group in graph.get_all_groups(
+            ignored_layers=self.output_modules(), root_module_types=[nn.Conv2d, nn.Linear]
+        ):
+            members = tuple(dict.fromkeys(names[dep.target.module] for dep, _ in group if dep.target.module in names))
+            root_dep, root_idxs = group[0]
+            groups.append(
+                ChannelGroup(
+                    root=names[root_dep.target.module],
+                    channels=len(root_idxs),
+                    members=members,
+                    attention=any(member in projections for member in members),
+                )
+            )
+        return groups
 
     @abstractmethod
     def output_modules(self) -> list[nn.Module]:

@@ -122,7 +122,5 @@ class SDUNetAdapter(_UNetAdapter):
         return {
             "sample": torch.randn(batch_size, self.in_channels, size, size, device=device),
             "timestep": torch.full((batch_size,), 10, dtype=torch.long, device=device),
-            "encoder_hidden_states": torch.randn(
-                batch_size, self.text_tokens, self.cross_attention_dim, device=device
-            ),
+            "encoder_hidden_states": torch.randn(batch_size, self.text_tokens, self.cross_attention_dim, device=device),
         }
