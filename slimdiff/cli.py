@@ -167,6 +167,50 @@ def finetune(
     typer.echo(f"fine-tuned {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
+compress_app = typer.Typer(help="Compress a model with one of the engines.", no_args_is_help=True)
+app.add_typer(compress_app, name="compress")
+
+
+@compress_app.command("channels")
+def compress_channels(
+    model_dir: Annotated[Path, typer.Argument(help="The model to prune.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for the pruned model.")],
+    importance: Annotated[
+        str, typer.Option("--importance", help="diff-pruning, taylor, magnitude or random.")
+    ] = "diff-pruning",
+    target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="Keep this fraction of MACs.")] = None,
+    target_params: Annotated[
+        Optional[float], typer.Option("--target-params", help="Keep this fraction of params.")
+    ] = None,
+    thr: Annotated[float, typer.Option("--thr", help="Diff-Pruning early stop: drop t once L_t < thr·max L.")] = 0.05,
+    stride: Annotated[int, typer.Option("--stride", help="Timestep stride of the importance sweep.", min=1)] = 10,
+    calibration: Annotated[int, typer.Option("--calibration", help="Calibration images.", min=1)] = 32,
+    attention: Annotated[str, typer.Option("--attention", help="head-dim (keep heads) or heads.")] = "head-dim",
+    data: Data = "digits",
+    seed: Seed = 0,
+) -> None:
+    """Structural channel pruning (Diff-Pruning or a baseline importance) to a MACs or params budget."""
+    from slimdiff.engines.channels import ChannelPruningConfig
+    from slimdiff.jobs import compress_channels as run_compress
+
+    config = ChannelPruningConfig(
+        importance=importance,
+        target_macs=target_macs,
+        target_params=target_params,
+        thr=thr,
+        timestep_stride=stride,
+        calibration_size=calibration,
+        attention=attention,
+        seed=seed,
+    )
+    result = run_compress(model_dir, data, out, config, log=typer.echo)
+    typer.echo(
+        f"pruned at ratio {result.ratio:.3f}: {result.achieved['macs']:.3f} of the MACs "
+        f"({result.pruned['macs'] / 1e6:.1f} M), {result.achieved['params']:.3f} of the params "
+        f"({result.pruned['params']:,}) in {result.seconds:.0f} s → {out}"
+    )
+
+
 @app.command()
 def run(recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")]) -> None:
     """Run a multi-step recipe (train → fine-tune → sample …)."""

@@ -7,6 +7,7 @@ printing and argument parsing stay in `cli.py`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from torch import nn
 from slimdiff.data import class_prompts, load_data
 from slimdiff.diffusion import DEFAULT_SCHEDULE, sample
 from slimdiff.distill import KDConfig
+from slimdiff.engines.channels import ChannelPruningConfig, ChannelPruningResult
+from slimdiff.engines.channels import compress as compress_model_channels
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import (
     Provenance,
@@ -282,6 +285,55 @@ def finetune_model(
     if Path(out_dir).resolve() == Path(model_dir).resolve():
         raise SlimdiffError("--out must differ from the model directory (the source is never overwritten)")
     return train_model(model, data, out_dir, config, source=str(model_dir), source_dir=model_dir, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compression engines
+# ----------------------------------------------------------------------------------------------------------------
+def compress_channels(
+    model_dir: str | Path,
+    data: str,
+    out_dir: str | Path,
+    config: ChannelPruningConfig,
+    *,
+    log: Callable[[str], None] = lambda message: None,
+) -> ChannelPruningResult:
+    """Diff-Pruning (or a baseline importance) of a saved model to a MACs/params budget; saves the pruned model."""
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(model_dir).resolve():
+        raise SlimdiffError("--out must differ from the model directory (the source is never overwritten)")
+    model = load(model_dir)
+    adapter = adapter_for(model)
+    dataset = _data_for(adapter, data, config.seed)
+    conditioning, recorded = _conditioning_for(adapter, dataset.classes, out_dir, Path(model_dir), config.seed)
+    schedule = load_scheduler_config(model_dir) or DEFAULT_SCHEDULE
+
+    def cond_for(labels: torch.Tensor) -> torch.Tensor | None:
+        return conditioning(labels, torch.zeros_like(labels, dtype=torch.bool))
+
+    result = compress_model_channels(adapter, config, dataset, cond_for=cond_for, schedule=schedule, log=log)
+    provenance = read_provenance(model_dir)
+    provenance.engine = "channels"
+    provenance.budget = {config.unit: config.target}
+    provenance.metrics.update({"macs_fraction": result.achieved["macs"], "params_fraction": result.achieved["params"]})
+    provenance.history.append(
+        {
+            "job": "compress channels",
+            "source": str(model_dir),
+            "importance": config.importance,
+            "thr": config.thr,
+            "timesteps_scored": len(result.scored_timesteps),
+            "attention": config.attention,
+            "ratio": result.ratio,
+            "target": {config.unit: config.target},
+            "achieved": result.achieved,
+            "macs": result.pruned["macs"],
+            "params": result.pruned["params"],
+            "seconds": round(result.seconds, 1),
+        }
+    )
+    save(result.model, out_dir, provenance=provenance, scheduler_config=dict(schedule), conditioning=recorded)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -185,9 +185,8 @@ class Adapter(ABC):
         names = {module: name for name, module in self.model.named_modules()}
         projections = {names[proj] for proj in self.attention_heads()}
         groups = []
-        for group in graph.get_all_groups(
-            ignored_layers=self.output_modules(), root_module_types=[nn.Conv2d, nn.Linear]
-        ):
+        roots = [nn.Conv2d, nn.Linear]
+        for group in graph.get_all_groups(ignored_layers=self.pruning_ignored(), root_module_types=roots):
             members = tuple(dict.fromkeys(names[dep.target.module] for dep, _ in group if dep.target.module in names))
             root_dep, root_idxs = group[0]
             groups.append(
@@ -199,6 +198,10 @@ class Adapter(ABC):
                 )
             )
         return groups
+
+    def pruning_ignored(self) -> list[nn.Module]:
+        """Layers whose output channels channel pruning must keep (the output layer, and family specifics)."""
+        return self.output_modules()
 
     @abstractmethod
     def output_modules(self) -> list[nn.Module]:

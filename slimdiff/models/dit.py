@@ -64,3 +64,7 @@ class DiTAdapter(Adapter):
 
     def output_modules(self) -> list[nn.Module]:
         return [self.model.proj_out_2]
+
+    def pruning_ignored(self) -> list[nn.Module]:
+        # The residual stream's width is tied to the sin/cos position table (a buffer, not a layer).
+        return [*self.output_modules(), self.model.pos_embed.proj]

@@ -1,0 +1,320 @@
+"""Diff-Pruning: structural channel pruning scored by a timestep-aware Taylor expansion, to a MACs/params budget.
+
+Fang, Ma, Wang, *Structural Pruning for Diffusion Models* (NeurIPS 2023); ../shared/METHODS.md §1.
+
+1. Importance. `diff-pruning` accumulates ∂L_t/∂w over a sweep t = 0, s, 2s, … on one calibration batch with one
+   fixed noise tensor, stopping once L_t < thr · max L (the pure-noise steps carry little information); the
+   channel score is Σ|w·g| over every layer the dependency graph couples to the channel. Baselines: `taylor` (the
+   same score from one pass of the ordinary training loss, random timesteps), `magnitude` (L1 norm of the weights),
+   `random`.
+2. Pruning. torch-pruning's `MetaPruner` removes the lowest-scored channels of every group; attention keeps its
+   head count and shrinks the head dimension (or drops whole heads); GroupNorm groups stay equal-sized; the output
+   layer is never pruned. Cached sizes (heads, scale, sampler channels) are re-derived afterwards.
+3. Budget. A uniform per-layer ratio lands on a coarse grid of MACs, so the ratio is searched: first the uniform
+   ratio that brackets the target, then how many groups (least important first) take the larger of the two
+   ratios. The achieved MACs and params are reported, not assumed.
+4. Check. Every kept weight must equal its slice of the original (`verify_slices`); a ratio of 0 is the identity.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from slimdiff.data import ImageDataset
+from slimdiff.diffusion import DEFAULT_SCHEDULE, make_scheduler, training_target
+from slimdiff.errors import SlimdiffError
+from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.models import Adapter, adapter_for
+
+Importance = Literal["diff-pruning", "taylor", "magnitude", "random"]
+IMPORTANCES: tuple[str, ...] = ("diff-pruning", "taylor", "magnitude", "random")
+#: The largest uniform ratio searched (keeps ≥ 1 channel in GroupNorm groups of 4).
+MAX_RATIO = 0.7
+
+
+@dataclass
+class ChannelPruningConfig:
+    """What to prune to: exactly one of `target_macs` / `target_params`, as a fraction of the original."""
+
+    importance: Importance = "diff-pruning"
+    target_macs: float | None = None
+    target_params: float | None = None
+    thr: float = 0.05
+    timestep_stride: int = 10
+    calibration_size: int = 32
+    attention: Literal["head-dim", "heads"] = "head-dim"
+    tolerance: float = 0.02
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.importance not in IMPORTANCES:
+            raise SlimdiffError(f"unknown importance '{self.importance}'; valid: {', '.join(IMPORTANCES)}")
+        if (self.target_macs is None) == (self.target_params is None):
+            raise SlimdiffError("give exactly one budget: target_macs or target_params (a fraction of the original)")
+        target = self.target
+        if not 0.05 <= target < 1:
+            raise SlimdiffError(f"budget {target} must be a fraction of the original in [0.05, 1)")
+        if not 0 <= self.thr < 1:
+            raise SlimdiffError(f"thr {self.thr} must be in [0, 1)")
+        if self.timestep_stride < 1 or self.calibration_size < 1:
+            raise SlimdiffError("timestep_stride and calibration_size must be ≥ 1")
+        if self.attention not in ("head-dim", "heads"):
+            raise SlimdiffError(f"attention must be head-dim or heads, got '{self.attention}'")
+
+    @property
+    def unit(self) -> Literal["macs", "params"]:
+        return "macs" if self.target_macs is not None else "params"
+
+    @property
+    def target(self) -> float:
+        return self.target_macs if self.target_macs is not None else self.target_params
+
+
+@dataclass
+class ChannelPruningResult:
+    """The pruned model and what was achieved (fractions of the original)."""
+
+    model: nn.Module
+    ratio: float
+    achieved: dict[str, float]
+    original: dict[str, int]
+    pruned: dict[str, int]
+    scored_timesteps: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# importance
+# ----------------------------------------------------------------------------------------------------------------
+def _calibration(adapter: Adapter, data: ImageDataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(data), generator=generator)[: min(size, len(data))]
+    images, labels = zip(*(data[int(i)] for i in indices), strict=True)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def accumulate_gradients(
+    adapter: Adapter,
+    data: ImageDataset,
+    config: ChannelPruningConfig,
+    cond_for: Callable[[torch.Tensor], torch.Tensor | None],
+    schedule: dict | None = None,
+) -> list[int]:
+    """Fill `.grad` of every parameter for Taylor importance; returns the timesteps that contributed."""
+    model = adapter.model
+    scheduler = make_scheduler("ddpm", schedule or DEFAULT_SCHEDULE)
+    device = next(model.parameters()).device
+    x0, labels = _calibration(adapter, data, config.calibration_size, config.seed)
+    x0, cond = x0.to(device), cond_for(labels)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    used: list[int] = []
+    if config.importance == "taylor":
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
+        loss = F.mse_loss(adapter(scheduler.add_noise(x0, noise, t), t, cond), training_target(scheduler, x0, noise, t))
+        loss.backward()
+        return sorted(set(t.tolist()))
+    peak = 0.0
+    for step in range(0, scheduler.config.num_train_timesteps, config.timestep_stride):
+        t = torch.full((x0.shape[0],), step, dtype=torch.long, device=device)
+        target = training_target(scheduler, x0, noise, t)
+        loss = F.mse_loss(adapter(scheduler.add_noise(x0, noise, t), t, cond), target)
+        peak = max(peak, loss.item())
+        if used and loss.item() < config.thr * peak:
+            break
+        loss.backward()  # gradients accumulate over timesteps: Σ_t ∂L_t/∂w
+        used.append(step)
+    return used
+
+
+def _importance(name: str) -> tp.importance.Importance:
+    if name in ("diff-pruning", "taylor"):
+        return tp.importance.GroupTaylorImportance()
+    if name == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    return tp.importance.RandomImportance()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pruning one copy
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Pruned:
+    model: nn.Module
+    kept: dict[tuple[str, str], list[int]]  # (module name, "out"|"in") → original indices still present
+    macs: int
+    params: int
+
+
+def _copy_with_grads(model: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(model)
+    for original, copied in zip(model.parameters(), clone.parameters(), strict=True):
+        copied.grad = None if original.grad is None else original.grad.clone()
+    return clone
+
+
+def prune_copy(
+    model: nn.Module,
+    ratio: float,
+    importance: Importance,
+    *,
+    attention: Literal["head-dim", "heads"] = "head-dim",
+    boosted: dict[str, float] | None = None,
+    seed: int = 0,
+) -> _Pruned:
+    """Prune a copy of `model` (whose `.grad` holds Taylor gradients when needed) at a uniform `ratio`.
+
+    `boosted` maps group-root layer names to a different ratio (used by the budget search).
+    """
+    clone = _copy_with_grads(model)
+    adapter = adapter_for(clone)
+    modules = dict(clone.named_modules())
+    names = {module: name for name, module in modules.items()}
+    heads = adapter.attention_heads()
+    kept: dict[tuple[str, str], list[int]] = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # RandomImportance draws from the global RNG
+        pruner = tp.pruner.MetaPruner(
+            clone,
+            adapter.example_inputs(1, next(clone.parameters()).device),
+            importance=_importance(importance),
+            pruning_ratio=ratio,
+            pruning_ratio_dict={modules[name]: r for name, r in (boosted or {}).items()},
+            ignored_layers=adapter.pruning_ignored(),
+            num_heads=heads,
+            prune_head_dims=attention == "head-dim",
+            prune_num_heads=attention == "heads",
+            head_pruning_ratio=ratio if attention == "heads" else 0.0,
+        )
+        for group in pruner.step(interactive=True):
+            for dep, idxs in group:
+                layer = dep.target.module
+                if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer in names:
+                    out = pruner.DG.is_out_channel_pruning_fn(dep.handler)
+                    alive = kept.setdefault(
+                        (names[layer], "out" if out else "in"), list(range(layer.weight.shape[0 if out else 1]))
+                    )
+                    gone = {alive[i] for i in idxs}  # indices are relative to the layer's current width
+                    alive[:] = [i for i in alive if i not in gone]
+            group.prune()
+    new_heads = {
+        attn: pruner.num_heads[attn.to_q] for attn in _attention_modules(clone) if attn.to_q in pruner.num_heads
+    }
+    adapter.fix_after_surgery(new_heads if attention == "heads" else None)
+    return _Pruned(clone, kept, count_macs(clone).total, count_params(clone))
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def verify_slices(original: nn.Module, pruned: _Pruned) -> None:
+    """Every Conv/Linear weight of the pruned model must equal the original's weight at the kept indices."""
+    reference = dict(original.named_modules())
+    for name, layer in pruned.model.named_modules():
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        source = reference[name]
+        keep = [
+            pruned.kept.get((name, side), list(range(source.weight.shape[dim])))
+            for dim, side in enumerate(("out", "in"))
+        ]
+        expected = source.weight.detach()[keep[0]][:, keep[1]]
+        if expected.shape != layer.weight.shape or not torch.equal(expected, layer.weight.detach()):
+            raise SlimdiffError(f"channel surgery went wrong: '{name}' is not a slice of the original weight")
+        if layer.bias is not None and not torch.equal(source.bias.detach()[keep[0]], layer.bias.detach()):
+            raise SlimdiffError(f"channel surgery went wrong: '{name}.bias' is not a slice of the original")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# budget search
+# ----------------------------------------------------------------------------------------------------------------
+def compress(
+    adapter: Adapter,
+    config: ChannelPruningConfig,
+    data: ImageDataset,
+    *,
+    cond_for: Callable[[torch.Tensor], torch.Tensor | None],
+    schedule: dict | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> ChannelPruningResult:
+    """Prune a copy of `adapter.model` to the budget; the original model is left unchanged (its grads cleared)."""
+    config.validate()
+    start = time.perf_counter()
+    model = adapter.model
+    scored: list[int] = []
+    if config.importance in ("diff-pruning", "taylor"):
+        scored = accumulate_gradients(adapter, data, config, cond_for, schedule)
+        log(f"importance from {len(scored)} timesteps ({config.importance})")
+    original = {"macs": count_macs(model).total, "params": count_params(model)}
+
+    def fraction(p: _Pruned) -> float:
+        return (p.macs if config.unit == "macs" else p.params) / original[config.unit]
+
+    def run(ratio: float, boosted: dict[str, float] | None = None) -> _Pruned:
+        return prune_copy(
+            model, ratio, config.importance, attention=config.attention, boosted=boosted, seed=config.seed
+        )
+
+    # 1. the uniform ratio: bisect for the largest ratio that keeps at least the target. Above MAX_RATIO small
+    #    GroupNorm groups would lose every channel, which torch-pruning answers by not pruning them at all.
+    lo, hi = 0.0, MAX_RATIO
+    best_lo, best_hi = None, run(hi)
+    if fraction(best_hi) > config.target:
+        raise SlimdiffError(
+            f"cannot reach {config.target:.2f} of the original {config.unit}: pruning {MAX_RATIO:.0%} of every "
+            f"prunable layer keeps {fraction(best_hi):.2f} (the layers that must stay whole dominate)"
+        )
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        candidate = run(mid)
+        log(f"ratio {mid:.3f} → {fraction(candidate):.3f} of the {config.unit}")
+        if fraction(candidate) >= config.target:
+            lo, best_lo = mid, candidate
+        else:
+            hi, best_hi = mid, candidate
+        if abs(fraction(candidate) - config.target) <= config.tolerance * config.target:
+            break
+    chosen, ratio = min(
+        [(p, r) for p, r in ((best_lo, lo), (best_hi, hi)) if p is not None],
+        key=lambda pr: abs(fraction(pr[0]) - config.target),
+    )
+    # 2. too coarse: move groups one by one from the lower to the higher ratio until the budget is met
+    if abs(fraction(chosen) - config.target) > config.tolerance * config.target and best_lo is not None:
+        roots = [g.root for g in adapter_for(model).channel_groups()]
+        left, right = 0, len(roots)
+        while right - left > 1:
+            k = (left + right) // 2
+            candidate = run(lo, {root: hi for root in roots[:k]})
+            log(f"{k} groups at ratio {hi:.3f} → {fraction(candidate):.3f}")
+            if fraction(candidate) >= config.target:
+                left = k
+            else:
+                right = k
+            if abs(fraction(candidate) - config.target) < abs(fraction(chosen) - config.target):
+                chosen, ratio = candidate, lo
+    verify_slices(model, chosen)
+    model.zero_grad(set_to_none=True)
+    achieved = {"macs": chosen.macs / original["macs"], "params": chosen.params / original["params"]}
+    return ChannelPruningResult(
+        model=chosen.model.eval(),
+        ratio=ratio,
+        achieved=achieved,
+        original=original,
+        pruned={"macs": chosen.macs, "params": chosen.params},
+        scored_timesteps=scored,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,135 @@
+"""Diff-Pruning engine: budget precision, slice-exact surgery, identity at ratio 0, export, every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimdiff.data import load_data
+from slimdiff.engines.channels import ChannelPruningConfig, accumulate_gradients, compress, prune_copy
+from slimdiff.errors import SlimdiffError
+from slimdiff.export import load, save
+from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.models import adapter_for, build_tiny
+
+from helpers import FAMILIES
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", size=16)
+
+
+def _cond_for(adapter):
+    if adapter.cond_kind == "class":
+        return lambda labels: labels
+    if adapter.cond_kind == "text":
+        return lambda labels: torch.randn(len(labels), 5, adapter.cross_attention_dim, generator=torch.manual_seed(0))
+    return lambda labels: None
+
+
+def _fast(**kwargs) -> ChannelPruningConfig:
+    return ChannelPruningConfig(calibration_size=4, timestep_stride=100, **kwargs)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prunes_every_family_to_the_macs_budget_and_round_trips(name: str, digits, tmp_path: Path) -> None:
+    model = build_tiny(name).eval()
+    adapter = adapter_for(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compress(adapter, _fast(importance="diff-pruning", target_macs=0.5), digits, cond_for=_cond_for(adapter))
+    assert result.achieved["macs"] == pytest.approx(0.5, rel=0.02)
+    assert count_macs(result.model).total == result.pruned["macs"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the source is untouched
+    inputs = adapter_for(result.model).example_inputs(2)
+    with torch.no_grad():
+        expected = result.model(**inputs).sample
+    assert torch.isfinite(expected).all()
+    save(result.model, tmp_path / "pruned")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "pruned")(**inputs).sample, expected)
+
+
+@pytest.mark.parametrize("target", [0.25, 0.7])
+def test_macs_budget_is_met_within_two_percent(target: float, digits) -> None:
+    adapter = adapter_for(build_tiny("tiny-unet"))
+    result = compress(adapter, _fast(importance="magnitude", target_macs=target), digits, cond_for=_cond_for(adapter))
+    assert result.achieved["macs"] == pytest.approx(target, rel=0.02)
+
+
+def test_params_budget_is_met_within_two_percent(digits) -> None:
+    adapter = adapter_for(build_tiny("tiny-dit"))
+    result = compress(adapter, _fast(importance="random", target_params=0.6), digits, cond_for=_cond_for(adapter))
+    assert result.achieved["params"] == pytest.approx(0.6, rel=0.02)
+    assert count_params(result.model) == result.pruned["params"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_ratio_zero_is_the_identity(name: str) -> None:
+    model = build_tiny(name).eval()
+    pruned = prune_copy(model, 0.0, "magnitude").model
+    inputs = adapter_for(model).example_inputs(2)
+    with torch.no_grad():
+        assert torch.equal(pruned(**inputs).sample, model(**inputs).sample)
+
+
+def test_kept_weights_are_slices_of_the_original() -> None:
+    model = build_tiny("tiny-sd").eval()
+    pruned = prune_copy(model, 0.4, "magnitude")
+    layer = pruned.model.down_blocks[0].resnets[0].conv1
+    keep_out = pruned.kept[("down_blocks.0.resnets.0.conv1", "out")]
+    keep_in = pruned.kept.get(("down_blocks.0.resnets.0.conv1", "in"), list(range(32)))
+    assert len(keep_out) < 32
+    assert torch.equal(layer.weight, model.down_blocks[0].resnets[0].conv1.weight[keep_out][:, keep_in])
+
+
+def test_head_pruning_keeps_head_dim_and_updates_heads() -> None:
+    model = build_tiny("tiny-dit").eval()
+    pruned = prune_copy(model, 0.5, "magnitude", attention="heads").model
+    attn = pruned.transformer_blocks[0].attn1
+    assert attn.heads == 2 and attn.inner_dim == 32 and attn.scale == pytest.approx(16**-0.5)
+    with torch.no_grad():
+        assert torch.isfinite(pruned(**adapter_for(pruned).example_inputs(1)).sample).all()
+
+
+def test_head_dim_pruning_keeps_heads_and_updates_scale() -> None:
+    pruned = prune_copy(build_tiny("tiny-dit").eval(), 0.5, "magnitude", attention="head-dim").model
+    attn = pruned.transformer_blocks[0].attn1
+    assert attn.heads == 4 and attn.inner_dim == 32 and attn.scale == pytest.approx(8**-0.5)
+
+
+def test_diff_pruning_threshold_drops_the_noisy_timesteps(digits) -> None:
+    adapter = adapter_for(build_tiny("tiny-unet"))
+    every = accumulate_gradients(adapter, digits, _fast(target_macs=0.5, thr=0.0), _cond_for(adapter))
+    early = accumulate_gradients(adapter, digits, _fast(target_macs=0.5, thr=0.9), _cond_for(adapter))
+    assert every == list(range(0, 1000, 100))
+    assert early[0] == 0 and len(early) < len(every)
+    assert all(p.grad is not None for p in adapter.model.parameters() if p.requires_grad)
+
+
+def test_importances_choose_different_channels(digits) -> None:
+    model = build_tiny("tiny-unet")
+    adapter = adapter_for(model)
+    accumulate_gradients(adapter, digits, _fast(target_macs=0.5), _cond_for(adapter))
+    kept = {
+        importance: tuple(sorted((key, tuple(v)) for key, v in prune_copy(model, 0.25, importance).kept.items()))
+        for importance in ("diff-pruning", "magnitude", "random")
+    }
+    assert len(set(kept.values())) == 3
+
+
+def test_bad_configs_are_refused() -> None:
+    with pytest.raises(SlimdiffError, match="exactly one budget"):
+        ChannelPruningConfig(target_macs=0.5, target_params=0.5).validate()
+    with pytest.raises(SlimdiffError, match="unknown importance 'l2'; valid: diff-pruning, taylor, magnitude, random"):
+        ChannelPruningConfig(importance="l2", target_macs=0.5).validate()
+    with pytest.raises(SlimdiffError, match=r"budget 1.5 must be a fraction"):
+        ChannelPruningConfig(target_macs=1.5).validate()
+
+
+def test_unreachable_budget_is_reported(digits) -> None:
+    adapter = adapter_for(build_tiny("tiny-dit"))
+    with pytest.raises(SlimdiffError, match="cannot reach 0.05 of the original macs"):
+        compress(adapter, _fast(importance="magnitude", target_macs=0.05), digits, cond_for=_cond_for(adapter))
