@@ -1,21 +1,33 @@
-"""What a denoiser costs: parameters and multiply-accumulates per call.
+"""What a denoiser costs: parameters, multiply-accumulates, wall-clock latency and peak memory.
 
 MACs are counted with `torch.utils.flop_counter` (MACs = FLOPs / 2) on the meta device: no arithmetic runs, the
 weights are never touched, and scaled-dot-product attention decomposes into batched matmuls that the counter
 sees (PyTorch's fused CPU attention kernel has no FLOP formula, so counting on real CPU tensors would miss it).
+
+Latency is wall-clock time (`time.perf_counter`) under `torch.inference_mode()`, with CUDA synchronised around
+every timed run so that queued kernels are counted. Peak memory is the increase above what was in use when the
+measurement started: allocated tensor memory on CUDA, process RSS on CPU (approximate; see `peak_memory`).
 """
 
 from __future__ import annotations
 
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimdiff.models import adapter_for
+from slimdiff.errors import SlimdiffError
+from slimdiff.models import Adapter, adapter_for
 
 #: aten ops that make up attention's QK^T and AV products (and fused kernels, should one be dispatched).
 ATTENTION_OPS = {
@@ -63,3 +75,282 @@ def count_macs(model: nn.Module, inputs: dict[str, Any] | None = None, *, batch_
     total = sum(per_op.values())
     attention = sum(flops for op, flops in per_op.items() if op in ATTENTION_OPS)
     return MacCount(total=total // 2, attention=attention // 2)
+
+
+def sampling_macs(
+    per_call: MacCount,
+    steps: int,
+    guidance: bool,
+    *,
+    skipped_fraction_per_step: Sequence[float] | None = None,
+) -> MacCount:
+    """MACs of one whole sampling run for one image: `steps` denoiser calls on `per_call` (a batch-1 count).
+
+    With classifier-free guidance every step runs the denoiser on a doubled batch (conditional + unconditional),
+    so each step costs 2× `per_call`. `skipped_fraction_per_step` (one float in [0, 1] per step) is the fraction
+    of a call's MACs that block skipping or caching saves at that step; the attention part is assumed to shrink
+    by the same fraction.
+    """
+    if steps < 1:
+        raise SlimdiffError(f"steps must be ≥ 1 (got {steps})")
+    fractions = [0.0] * steps if skipped_fraction_per_step is None else [float(f) for f in skipped_fraction_per_step]
+    if len(fractions) != steps:
+        raise SlimdiffError(f"skipped_fraction_per_step has {len(fractions)} entries; need one per step ({steps})")
+    bad = [f for f in fractions if not 0.0 <= f <= 1.0]
+    if bad:
+        raise SlimdiffError(f"skipped fractions must lie in [0, 1] (got {bad[0]})")
+    calls = 2 if guidance else 1
+    kept = sum(1.0 - f for f in fractions)
+    return MacCount(total=round(per_call.total * calls * kept), attention=round(per_call.attention * calls * kept))
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-clock time of `repeats` timed runs of one thing (`what`), after `warmup` untimed runs.
+
+    Each run processes `batch_size` images; the times are per run, in milliseconds (`per_image_ms` divides).
+    """
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    repeats: int
+    warmup: int
+    batch_size: int
+    device: str
+    what: str = "call"
+
+    @property
+    def per_image_ms(self) -> float:
+        """Median time per image."""
+        return self.median_ms / self.batch_size
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (`q` in [0, 100]) of sorted values."""
+    position = (len(sorted_values) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device(device: torch.device | str) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SlimdiffError(f"unknown device '{device}'; valid: cpu, cuda, cuda:N, …") from None
+
+
+def time_callable(
+    fn: Callable[[], Any],
+    *,
+    warmup: int,
+    repeats: int,
+    device: torch.device | str,
+    batch_size: int = 1,
+    what: str = "call",
+) -> LatencyStats:
+    """Time `fn()` `repeats` times after `warmup` untimed calls, under `torch.inference_mode()`.
+
+    On CUDA the device is synchronised before and after each timed call, so each time covers the kernels `fn`
+    queued. `batch_size` and `what` only label the result (the images one call processes, and what a call is).
+    """
+    if warmup < 0 or repeats < 1 or batch_size < 1:
+        raise SlimdiffError(f"need warmup ≥ 0, repeats ≥ 1, batch_size ≥ 1 (got {warmup}, {repeats}, {batch_size})")
+    dev = _device(device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        for _ in range(repeats):
+            _synchronize(dev)
+            start = time.perf_counter()
+            fn()
+            _synchronize(dev)
+            times.append((time.perf_counter() - start) * 1000)
+    ordered = sorted(times)
+    return LatencyStats(
+        median_ms=statistics.median(ordered),
+        p10_ms=_percentile(ordered, 10),
+        p90_ms=_percentile(ordered, 90),
+        mean_ms=statistics.fmean(ordered),
+        std_ms=statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
+        repeats=repeats,
+        warmup=warmup,
+        batch_size=batch_size,
+        device=str(dev),
+        what=what,
+    )
+
+
+def _check_on_device(model: nn.Module, device: torch.device | str) -> torch.device:
+    """The requested device, refused unless the model's weights are already there (metrics never move a model)."""
+    dev = _device(device)
+    param = next(model.parameters(), None)
+    here = param.device if param is not None else torch.device("cpu")
+    if here.type != dev.type or (dev.index is not None and here.index is not None and here.index != dev.index):
+        raise SlimdiffError(f"the model is on {here} but device='{device}'; move it first (model.to('{device}'))")
+    return dev
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode for the block, then restore each module's own flag."""
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+def _denoiser_inputs(model: nn.Module, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The adapter's example inputs on `device`, floating-point ones in the model's dtype."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    inputs = adapter_for(model).example_inputs(batch_size, device)
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def denoiser_latency(
+    model: nn.Module,
+    *,
+    batch_size: int,
+    warmup: int = 3,
+    repeats: int = 10,
+    device: torch.device | str = "cpu",
+) -> LatencyStats:
+    """Wall-clock time of one denoiser call `model(**example_inputs)` on a batch of `batch_size`, in eval mode.
+
+    The model must already be on `device`; its train/eval flags are restored afterwards.
+    """
+    dev = _check_on_device(model, device)
+    if batch_size < 1:
+        raise SlimdiffError(f"batch_size must be ≥ 1 (got {batch_size})")
+    inputs = _denoiser_inputs(model, batch_size, dev)
+    with _eval_mode(model):
+        return time_callable(
+            lambda: model(**inputs),
+            warmup=warmup,
+            repeats=repeats,
+            device=dev,
+            batch_size=batch_size,
+            what="denoiser call",
+        )
+
+
+def _default_cond(adapter: Adapter, batch_size: int) -> torch.Tensor | None:
+    """Stand-in conditions for timing (the values do not change the cost): class 0, or random prompt embeddings."""
+    key = {"class": "class_labels", "text": "encoder_hidden_states"}.get(adapter.cond_kind)
+    return None if key is None else adapter.example_inputs(batch_size, "cpu")[key]
+
+
+def sampling_latency(
+    adapter: Adapter,
+    *,
+    steps: int,
+    batch_size: int,
+    scheduler: str = "ddim",
+    warmup: int = 1,
+    repeats: int = 3,
+    device: torch.device | str = "cpu",
+    cond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> LatencyStats:
+    """Wall-clock time of one whole `diffusion.sample` run drawing `batch_size` images in one batch, in eval mode.
+
+    Covers noise creation, every scheduler step and denoiser call (no decoding). `cond` defaults to stand-in
+    conditions for conditional models; with `guidance_scale != 1` each step runs the denoiser on a doubled batch.
+    """
+    from slimdiff.diffusion import sample  # diffusion imports schedulers; keep cost.py light to import
+
+    dev = _check_on_device(adapter.model, device)
+    if cond is None:
+        cond = _default_cond(adapter, batch_size)
+    uncond = None
+    if adapter.cond_kind == "text" and guidance_scale != 1.0 and cond is not None:
+        uncond = torch.zeros_like(cond[:1])  # the empty prompt's embedding, for timing only
+
+    def run() -> None:
+        sample(
+            adapter,
+            n=batch_size,
+            steps=steps,
+            scheduler=scheduler,
+            cond=cond,
+            guidance_scale=guidance_scale,
+            uncond_embedding=uncond,
+            batch_size=batch_size,
+            progress=False,
+        )
+
+    with _eval_mode(adapter.model):
+        return time_callable(
+            run,
+            warmup=warmup,
+            repeats=repeats,
+            device=dev,
+            batch_size=batch_size,
+            what=f"sampling run ({scheduler}, {steps} steps)",
+        )
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str) -> int:
+    """Peak memory `fn()` needs beyond what was in use when it started, in bytes (run under inference mode).
+
+    On CUDA: the peak of allocated tensor memory (`torch.cuda.max_memory_allocated`, after resetting the peak
+    statistics) minus what was allocated before; exact for tensors, blind to the caching allocator's slack. On
+    CPU: the peak increase of the whole process's resident set size (RSS), sampled by a background thread every
+    ~2 ms — approximate: other threads count too, spikes shorter than the sampling interval can be missed, and
+    memory the allocator already holds from earlier frees is reused without raising RSS.
+    """
+    dev = _device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        baseline = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        with torch.inference_mode():
+            fn()
+        torch.cuda.synchronize(dev)
+        return max(0, torch.cuda.max_memory_allocated(dev) - baseline)
+    if dev.type != "cpu":
+        raise SlimdiffError(f"peak_memory supports cpu and cuda devices (got '{device}')")
+    process = psutil.Process()
+    baseline = process.memory_info().rss
+    peak = baseline
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            done.wait(0.002)
+
+    watcher = threading.Thread(target=watch, name="slimdiff-peak-rss", daemon=True)
+    watcher.start()
+    try:
+        with torch.inference_mode():
+            fn()
+    finally:
+        done.set()
+        watcher.join()
+    peak = max(peak, process.memory_info().rss)
+    return max(0, peak - baseline)
+
+
+def denoiser_memory(model: nn.Module, *, batch_size: int, device: torch.device | str = "cpu") -> int:
+    """Peak memory of one denoiser call on `batch_size` example inputs, beyond the weights and inputs (bytes).
+
+    See `peak_memory` for what is counted on each device (on CPU an approximate process-RSS measurement).
+    """
+    dev = _check_on_device(model, device)
+    inputs = _denoiser_inputs(model, batch_size, dev)
+    with _eval_mode(model):
+        return peak_memory(lambda: model(**inputs), dev)
