@@ -167,6 +167,96 @@ def finetune(
     typer.echo(f"fine-tuned {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
+Metrics = Annotated[str, typer.Option("--metrics", help="Comma-separated: fid,kid,is,pr,clip,macs,latency.")]
+Feature = Annotated[
+    str, typer.Option("--feature", help="'digits' (our digits network) or the FID Inception TorchScript file.")
+]
+
+
+def _eval_settings(
+    data: str,
+    metrics: str,
+    n: int,
+    steps: int,
+    scheduler: str,
+    seed: int,
+    batch_size: int,
+    guidance: float,
+    feature: str,
+    clip_dir: Optional[Path],
+    device: str,
+):
+    from slimdiff.jobs import EvalSettings
+
+    return EvalSettings(
+        data=data,
+        metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
+        n=n,
+        steps=steps,
+        scheduler=scheduler,
+        seed=seed,
+        batch_size=batch_size,
+        guidance_scale=guidance,
+        feature=feature,
+        clip_dir=str(clip_dir) if clip_dir else None,
+        device=device,
+    )
+
+
+@app.command("eval")
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="The model to measure.")],
+    data: Data = "digits",
+    metrics: Metrics = "fid,kid,macs,latency",
+    n: Annotated[int, typer.Option("--n", help="Samples for the quality metrics.", min=1)] = 1000,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.", min=1)] = 50,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="ddpm, ddim or dpm.")] = "ddim",
+    seed: Seed = 0,
+    batch_size: BatchSize = 64,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 1.0,
+    feature: Feature = "digits",
+    clip_dir: Annotated[
+        Optional[Path], typer.Option("--clip-dir", help="Local CLIP folder for the clip metric.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+) -> None:
+    """Measure quality (FID/KID/IS/precision-recall/CLIP), MACs and latency; print a table, write JSON."""
+    from slimdiff.io import atomic_write_json
+    from slimdiff.jobs import eval_table, evaluate_model
+
+    settings = _eval_settings(data, metrics, n, steps, scheduler, seed, batch_size, guidance, feature, clip_dir, device)
+    report = evaluate_model(model_dir, settings)
+    typer.echo(eval_table(report))
+    if json_out is not None:
+        atomic_write_json(json_out, report)
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+def compare(
+    model_dirs: Annotated[list[Path], typer.Argument(help="Models to compare (same settings for all).")],
+    out: Annotated[Path, typer.Option("--out", help="Report directory (index.html, plots, grids).")],
+    data: Data = "digits",
+    metrics: Metrics = "fid,kid,macs,latency",
+    n: Annotated[int, typer.Option("--n", min=1)] = 500,
+    steps: Annotated[int, typer.Option("--steps", min=1)] = 50,
+    scheduler: Annotated[str, typer.Option("--scheduler")] = "ddim",
+    seed: Seed = 0,
+    batch_size: BatchSize = 64,
+    guidance: Annotated[float, typer.Option("--guidance")] = 1.0,
+    feature: Feature = "digits",
+    clip_dir: Annotated[Optional[Path], typer.Option("--clip-dir")] = None,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+) -> None:
+    """Evaluate several models alike and write one HTML report: table, quality-vs-MACs and -latency plots, grids."""
+    from slimdiff.jobs import compare_models
+
+    settings = _eval_settings(data, metrics, n, steps, scheduler, seed, batch_size, guidance, feature, clip_dir, device)
+    index = compare_models(model_dirs, out, settings)
+    typer.echo(f"wrote {index}")
+
+
 compress_app = typer.Typer(help="Compress a model with one of the engines.", no_args_is_help=True)
 app.add_typer(compress_app, name="compress")
 
