@@ -144,6 +144,10 @@ def finetune(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
     teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher model for distillation.")] = None,
     kd: Annotated[str, typer.Option("--kd", help="Feature-KD: plain (BK-SDM) or normalized (LAPTOP).")] = "normalized",
+    kd_output_weight: Annotated[float, typer.Option("--kd-output-weight", help="Weight of output KD.")] = 1.0,
+    kd_feature_weight: Annotated[
+        float, typer.Option("--kd-feature-weight", help="Weight of feature KD (0 for channel-pruned students).")
+    ] = 1.0,
     grad_accumulation: Accumulation = 1,
     seed: Seed = 0,
     resume: Resume = False,
@@ -162,7 +166,7 @@ def finetune(
         grad_accumulation=grad_accumulation,
         seed=seed,
     )
-    kd_config = KDConfig(mode=kd) if teacher is not None else None
+    kd_config = KDConfig(kd, kd_output_weight, kd_feature_weight) if teacher is not None else None
     result = finetune_model(model_dir, data, out, config, teacher_dir=teacher, kd=kd_config, resume=resume)
     typer.echo(f"fine-tuned {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 

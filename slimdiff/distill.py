@@ -44,7 +44,12 @@ def feature_kd_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Ten
             f"feature KD needs matched, non-empty feature lists (got {len(student)} and {len(teacher)})"
         )
     total = student[0].new_zeros(())
-    for s, t in zip(student, teacher):
+    for index, (s, t) in enumerate(zip(student, teacher, strict=True)):
+        if s.shape != t.shape:
+            raise SlimdiffError(
+                f"feature pair {index} has student shape {tuple(s.shape)} but teacher shape {tuple(t.shape)}; "
+                "pair only same-shaped modules (channel-pruned students: set the feature-KD weight to 0)"
+            )
         term = F.mse_loss(s.float(), t.float())
         if mode == "normalized":
             term = term / t.float().pow(2).mean().clamp_min(1e-12)
@@ -58,12 +63,20 @@ def output_kd_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torc
 
 
 def default_feature_pairs(student: Adapter, teacher: Adapter) -> tuple[tuple[str, str], ...]:
-    """Pair the blocks both models share by name (down/mid/up blocks, or transformer blocks)."""
+    """Pair the blocks both models share by name whose outputs have the same shape (probed on example inputs).
+
+    Layer-pruned students keep every block's output shape; channel-pruned ones keep only some, and those are the
+    ones paired. An empty result means feature KD has nothing to match.
+    """
     teacher_names = {block.name for block in teacher.blocks()}
-    pairs = tuple((b.name, b.name) for b in student.blocks() if b.name in teacher_names)
-    if not pairs:
-        raise SlimdiffError("student and teacher share no block names; pass feature pairs explicitly")
-    return pairs
+    names = [b.name for b in student.blocks() if b.name in teacher_names]
+    shapes = []
+    for adapter in (student, teacher):
+        device = next(adapter.model.parameters()).device
+        with capture(adapter.model, names) as cap, torch.no_grad():
+            adapter.model(**adapter.example_inputs(1, device))
+            shapes.append([tuple(f.shape) for f in cap.take()])
+    return tuple((n, n) for n, s, t in zip(names, *shapes, strict=True) if s == t)
 
 
 def _first_tensor(output: object) -> torch.Tensor:

@@ -6,7 +6,9 @@ data: digits              # `digits` or an image folder
 out: runs/my-recipe
 steps:
   - train: {steps: 1500, batch_size: 64, lr: 1.0e-3}
-  - sample: {n: 64, steps: 50, scheduler: ddim}
+  - compress: {engine: channels, importance: diff-pruning, target_macs: 0.5}
+  - finetune: {steps: 225, lr: 2.0e-4, teacher: runs/my-recipe/00-train}
+  - eval: {n: 500, steps: 20, metrics: [fid, kid, macs, latency]}
 ```
 Each step writes to `out/<index>-<kind>/`; a step that makes a model hands it to the next step.
 """
@@ -22,6 +24,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from slimdiff.engines.channels import ChannelPruningConfig
 from slimdiff.errors import SlimdiffError
 from slimdiff.train import TrainConfig
 
@@ -67,8 +70,47 @@ class SampleStep:
     sample: SampleOptions
 
 
-Step = Union[TrainStep, FinetuneStep, SampleStep]
-STEP_KINDS: dict[str, type] = {"train": TrainStep, "finetune": FinetuneStep, "sample": SampleStep}
+@dataclass
+class CompressOptions(ChannelPruningConfig):
+    """Compression settings: the engine, then that engine's settings."""
+
+    engine: Literal["channels"] = "channels"
+
+
+@dataclass
+class CompressStep:
+    """Compress the current model with one engine."""
+
+    compress: CompressOptions
+
+
+@dataclass
+class EvalOptions:
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "macs", "latency"])
+    n: int = 500
+    steps: int = 50
+    scheduler: Literal["ddpm", "ddim", "dpm"] = "ddim"
+    seed: int = 0
+    batch_size: int = 64
+    guidance_scale: float = 1.0
+    feature: str = "digits"
+
+
+@dataclass
+class EvalStep:
+    """Measure the current model (and write eval.json)."""
+
+    eval: EvalOptions
+
+
+Step = Union[TrainStep, FinetuneStep, SampleStep, CompressStep, EvalStep]
+STEP_KINDS: dict[str, type] = {
+    "train": TrainStep,
+    "finetune": FinetuneStep,
+    "compress": CompressStep,
+    "sample": SampleStep,
+    "eval": EvalStep,
+}
 
 
 @dataclass
@@ -160,7 +202,7 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise SlimdiffError(f"{where}.{name}: required field is missing")
     instance = cls(**values)
-    if isinstance(instance, TrainConfig):
+    if isinstance(instance, (TrainConfig, ChannelPruningConfig)):
         try:
             instance.validate()
         except SlimdiffError as error:

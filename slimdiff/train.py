@@ -297,6 +297,11 @@ def train(
         teacher_adapter = adapter_for(teacher)
         if kd.feature_weight > 0:
             feature_pairs = kd.features or default_feature_pairs(adapter_for(bare), teacher_adapter)
+            if not feature_pairs:
+                raise SlimdiffError(
+                    "no student/teacher block outputs share a shape, so feature KD has nothing to match; set the "
+                    "feature-KD weight to 0 (output KD still works) or pass feature pairs"
+                )
     student = adapter_for(bare, forward_module=model)  # calls go through DDP so gradients synchronise
 
     log_path = out_dir / LOG_NAME

@@ -143,3 +143,32 @@ def test_recipe_trains_then_samples(tmp_path: Path, monkeypatch, capsys) -> None
     spec = json.loads((tmp_path / "out" / "01-finetune" / "slimdiff.json").read_text())
     assert [h["job"] for h in spec["provenance"]["history"]] == ["train", "finetune"]
     assert spec["conditioning"]["classes"] == [str(i) for i in range(10)]
+
+
+def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SLIMDIFF_CACHE", str(tmp_path / "cache"))
+    save(build_tiny("tiny-unet"), tmp_path / "teacher")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {tmp_path / 'teacher'}\nout: {tmp_path / 'out'}\nsteps:\n"
+        "  - compress: {engine: channels, importance: magnitude, target_macs: 0.6}\n"
+        f"  - finetune: {{steps: 2, batch_size: 8, teacher: {tmp_path / 'teacher'}, kd_feature_weight: 0}}\n"
+        "  - eval: {n: 16, steps: 2, batch_size: 8, metrics: [fid, macs]}\n"
+    )
+    code, out, err = run_cli(monkeypatch, capsys, "run", recipe)
+    assert code == 0, err
+    summaries = [json.loads(line) for line in out.splitlines()]
+    assert [s["step"] for s in summaries] == ["compress", "finetune", "eval"]
+    assert summaries[0]["achieved"]["macs"] == pytest.approx(0.6, rel=0.02)
+    history = json.loads((tmp_path / "out" / "01-finetune" / "slimdiff.json").read_text())["provenance"]["history"]
+    assert [h["job"] for h in history] == ["compress channels", "finetune"]
+    assert history[1]["kd"]["feature_weight"] == 0 and history[1]["kd"]["output_weight"] == 1
+    assert summaries[2]["metrics"]["fid"] > 0
+    assert (tmp_path / "out" / "02-eval" / "eval.json").is_file()
+
+
+def test_recipe_compress_field_is_validated(tmp_path: Path, monkeypatch, capsys) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: x\nsteps:\n  - compress: {engine: channels, importance: l2, target_macs: 0.5}\n")
+    code, _, err = run_cli(monkeypatch, capsys, "run", recipe)
+    _one_line_error(code, err, "r.yaml.steps[0].compress.importance: expected one of")

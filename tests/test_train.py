@@ -241,3 +241,19 @@ def test_distillation_lowers_the_gap_to_the_teacher(tmp_path: Path, digits) -> N
     result = train(student, digits, tmp_path, config, teacher=teacher, kd=kd, progress=False)
     assert {"task", "out_kd", "feat_kd"} <= set(result.history[0])
     assert _feature_gap(result.model, teacher, names) < 0.8 * before
+
+
+def test_channel_pruned_student_distils_from_same_shaped_blocks_only(tmp_path: Path, digits) -> None:
+    from slimdiff.distill import default_feature_pairs
+    from slimdiff.engines.channels import prune_copy
+
+    teacher = build_tiny("tiny-unet").eval()
+    student = prune_copy(teacher, 0.25, "magnitude").model
+    pairs = default_feature_pairs(adapter_for(student), adapter_for(teacher))
+    all_blocks = [b.name for b in adapter_for(teacher).blocks()]
+    assert 0 < len(pairs) < len(all_blocks)  # only the blocks whose output width survived pruning
+    result = train(student, digits, tmp_path, TrainConfig(steps=2, batch_size=8, log_every=1), teacher=teacher,
+                   kd=KDConfig(), progress=False)
+    assert "feat_kd" in result.history[-1]
+    with pytest.raises(SlimdiffError, match="student shape .* but teacher shape"):
+        feature_kd_loss([torch.zeros(1, 2)], [torch.zeros(1, 3)], "plain")
