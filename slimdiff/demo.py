@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from slimdiff.export import read_provenance
-from slimdiff.jobs import EvalSettings, evaluate_model, model_info, new_model, run_recipe, sample_model, train_model
+from slimdiff.jobs import eval_settings, evaluate_model, model_info, new_model, run_recipe, sample_model, train_model
 from slimdiff.recipe import EvalStep, load_recipe
 from slimdiff.report import markdown_table
 from slimdiff.train import TrainConfig
@@ -84,15 +84,7 @@ def run_demo(out: str | Path, echo: Callable[[str], None] = print) -> None:
     for summary in summaries:
         echo(f"      {summary['step']}: {summary['out']}")
     evaluation = next(step for step in recipe.steps if isinstance(step, EvalStep)).eval
-    settings = EvalSettings(
-        data=recipe.data,
-        n=evaluation.n,
-        steps=evaluation.steps,
-        scheduler=evaluation.scheduler,
-        seed=evaluation.seed,
-        batch_size=evaluation.batch_size,
-        metrics=tuple(evaluation.metrics),
-    )
+    settings = eval_settings(evaluation, recipe.data)
     teacher_report = evaluate_model(teacher_dir, settings, progress=False)
     pruned = summaries[-1]["metrics"]
     teacher = {k: v["value"] for k, v in teacher_report["metrics"].items()}

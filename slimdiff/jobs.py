@@ -37,7 +37,7 @@ from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sa
 from slimdiff.metrics.features import FeatureExtractor, digits_feature_extractor, inception_feature_extractor
 from slimdiff.metrics.quality import clip_score, compute_quality, reference_features
 from slimdiff.models import TINY_CONFIGS, Adapter, adapter_for, build, build_tiny
-from slimdiff.recipe import CompressStep, EvalStep, FinetuneStep, Recipe, SampleStep, TrainStep
+from slimdiff.recipe import CompressStep, EvalOptions, EvalStep, FinetuneStep, Recipe, SampleStep, TrainStep
 from slimdiff.report import markdown_table, save_grid, write_compare_report
 from slimdiff.text import TEXT_ENCODER_DIR, TOKENIZER_DIR, TextEncoder, make_tiny_clip_text
 from slimdiff.train import Conditioning, TrainConfig, TrainResult, default_conditioning, text_conditioning, train
@@ -554,11 +554,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
             summaries.append({"step": kind, "out": current, "achieved": result.achieved, "seconds": result.seconds})
         elif isinstance(step, EvalStep):
             options = step.eval
-            settings = EvalSettings(
-                data=recipe.data,
-                **{k: v for k, v in vars(options).items() if k != "metrics"},
-                metrics=tuple(options.metrics),
-            )
+            settings = eval_settings(options, recipe.data)
             report = evaluate_model(_model_dir(current), settings, grid=step_dir / "samples.png", progress=progress)
             atomic_write_json(step_dir / "eval.json", report)
             summaries.append(
@@ -584,6 +580,13 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
             )
             summaries.append({"step": kind, "out": str(grid)})
     return summaries
+
+
+def eval_settings(options: EvalOptions, data: str) -> EvalSettings:
+    """The evaluation settings a recipe's eval step asks for."""
+    return EvalSettings(
+        data=data, **{k: v for k, v in vars(options).items() if k != "metrics"}, metrics=tuple(options.metrics)
+    )
 
 
 def _model_dir(current: str) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAMILIES
 
 from slimdiff.data import load_data
 from slimdiff.engines.channels import ChannelPruningConfig, accumulate_gradients, compress, prune_copy
@@ -13,8 +14,6 @@ from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, save
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import adapter_for, build_tiny
-
-from helpers import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +58,23 @@ def test_macs_budget_is_met_within_two_percent(target: float, digits) -> None:
     assert result.achieved["macs"] == pytest.approx(target, rel=0.02)
 
 
-def test_params_budget_is_met_within_two_percent(digits) -> None:
+@pytest.mark.parametrize("target", [0.2, 0.6, 0.9])
+def test_params_budget_is_met_within_two_percent(target: float, digits) -> None:
     adapter = adapter_for(build_tiny("tiny-dit"))
-    result = compress(adapter, _fast(importance="random", target_params=0.6), digits, cond_for=_cond_for(adapter))
-    assert result.achieved["params"] == pytest.approx(0.6, rel=0.02)
+    result = compress(adapter, _fast(importance="random", target_params=target), digits, cond_for=_cond_for(adapter))
+    assert result.achieved["params"] == pytest.approx(target, rel=0.02)
     assert count_params(result.model) == result.pruned["params"]
+
+
+def test_pruned_unet_runs_in_the_ddim_pipeline(digits, tmp_path: Path) -> None:
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    adapter = adapter_for(build_tiny("tiny-unet"))
+    result = compress(adapter, _fast(importance="magnitude", target_macs=0.4), digits, cond_for=_cond_for(adapter))
+    save(result.model, tmp_path / "pruned")
+    pipeline = DDIMPipeline(load(tmp_path / "pruned"), DDIMScheduler())
+    images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 1) and (images >= 0).all() and (images <= 1).all()
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -29,14 +29,42 @@ def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyP
 
 def test_eval_reports_each_metric_with_its_settings(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "eval.json"
-    monkeypatch.setattr(sys, "argv", ["slimdiff", "eval", str(model_dir), "--n", "24", "--steps", "2", "--batch-size",
-                                      "8", "--metrics", "fid,kid,is,pr,macs,latency", "--json", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "slimdiff",
+            "eval",
+            str(model_dir),
+            "--n",
+            "24",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--metrics",
+            "fid,kid,is,pr,macs,latency",
+            "--json",
+            str(out),
+        ],
+    )
     main()
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
     metrics = report["metrics"]
-    assert {"fid", "kid_mean", "kid_std", "is_mean", "precision", "recall", "macs", "macs_no_attn", "sampling_macs",
-            "latency_ms", "sampling_latency_ms"} <= set(metrics)
+    assert {
+        "fid",
+        "kid_mean",
+        "kid_std",
+        "is_mean",
+        "precision",
+        "recall",
+        "macs",
+        "macs_no_attn",
+        "sampling_macs",
+        "latency_ms",
+        "sampling_latency_ms",
+    } <= set(metrics)
     fid = metrics["fid"]
     assert fid["extractor"] == "digits-v1" and fid["n"] == 24 and fid["steps"] == 2 and fid["scheduler"] == "ddim"
     assert fid["batch_size"] == 8 and fid["device"] == "cpu" and "digits train split" in fid["reference"]
@@ -60,8 +88,26 @@ def test_compare_writes_one_report(model_dir: Path, tmp_path: Path, monkeypatch,
     other = tmp_path / "other"
     save(build_tiny("tiny-unet", block_out_channels=[16, 32, 32]), other)
     out = tmp_path / "report"
-    monkeypatch.setattr(sys, "argv", ["slimdiff", "compare", str(model_dir), str(other), "--out", str(out), "--n", "16",
-                                      "--steps", "2", "--batch-size", "8", "--metrics", "fid,macs,latency"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "slimdiff",
+            "compare",
+            str(model_dir),
+            str(other),
+            "--out",
+            str(out),
+            "--n",
+            "16",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--metrics",
+            "fid,macs,latency",
+        ],
+    )
     main()
     page = (out / "index.html").read_text()
     assert "0:tiny" in page and "1:other" in page

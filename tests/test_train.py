@@ -252,8 +252,15 @@ def test_channel_pruned_student_distils_from_same_shaped_blocks_only(tmp_path: P
     pairs = default_feature_pairs(adapter_for(student), adapter_for(teacher))
     all_blocks = [b.name for b in adapter_for(teacher).blocks()]
     assert 0 < len(pairs) < len(all_blocks)  # only the blocks whose output width survived pruning
-    result = train(student, digits, tmp_path, TrainConfig(steps=2, batch_size=8, log_every=1), teacher=teacher,
-                   kd=KDConfig(), progress=False)
+    result = train(
+        student,
+        digits,
+        tmp_path,
+        TrainConfig(steps=2, batch_size=8, log_every=1),
+        teacher=teacher,
+        kd=KDConfig(),
+        progress=False,
+    )
     assert "feat_kd" in result.history[-1]
     with pytest.raises(SlimdiffError, match="student shape .* but teacher shape"):
         feature_kd_loss([torch.zeros(1, 2)], [torch.zeros(1, 3)], "plain")
