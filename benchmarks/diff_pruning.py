@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=225)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--rows", nargs="+", default=[*IMPORTANCES, "scratch"], help="importances, and/or scratch")
+    parser.add_argument("--kd-output-weight", type=float, default=0.0, help="> 0: distil the teacher's outputs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/diff_pruning.json"))
     args = parser.parse_args()
     settings = EvalSettings(n=args.n, steps=20, metrics=("fid", "kid", "macs", "latency"), batch_size=64)
@@ -58,7 +60,7 @@ def main() -> None:
     teacher = evaluate_model(args.teacher, settings, progress=False)
     rows = []
     for seed in args.seeds:
-        for importance in (*IMPORTANCES, "scratch"):
+        for importance in args.rows:
             start = time.perf_counter()
             work = args.work / f"{importance}-seed{seed}"
             pruned_dir = work / "pruned"
@@ -89,7 +91,7 @@ def main() -> None:
             )
             print(json.dumps(rows[-1]), flush=True)
     summary = {}
-    for importance in (*IMPORTANCES, "scratch"):
+    for importance in args.rows:
         fids = [r["fid"] for r in rows if r["importance"] == importance]
         summary[importance] = {
             "fid_mean": statistics.mean(fids),

@@ -60,7 +60,7 @@ def test_macs_budget_is_met_within_two_percent(target: float, digits) -> None:
 
 @pytest.mark.parametrize("target", [0.2, 0.6, 0.9])
 def test_params_budget_is_met_within_two_percent(target: float, digits) -> None:
-    adapter = adapter_for(build_tiny("tiny-dit"))
+    adapter = adapter_for(build_tiny("tiny-unet"))
     result = compress(adapter, _fast(importance="random", target_params=target), digits, cond_for=_cond_for(adapter))
     assert result.achieved["params"] == pytest.approx(target, rel=0.02)
     assert count_params(result.model) == result.pruned["params"]
@@ -141,6 +141,7 @@ def test_bad_configs_are_refused() -> None:
 
 
 def test_unreachable_budget_is_reported(digits) -> None:
+    # A DiT's residual stream keeps its width (tied to the position table), which bounds how far it can shrink.
     adapter = adapter_for(build_tiny("tiny-dit"))
-    with pytest.raises(SlimdiffError, match="cannot reach 0.05 of the original macs"):
-        compress(adapter, _fast(importance="magnitude", target_macs=0.05), digits, cond_for=_cond_for(adapter))
+    with pytest.raises(SlimdiffError, match="cannot reach 0.20 of the original params: .* keeps 0.29"):
+        compress(adapter, _fast(importance="magnitude", target_params=0.2), digits, cond_for=_cond_for(adapter))

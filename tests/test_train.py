@@ -248,10 +248,11 @@ def test_channel_pruned_student_distils_from_same_shaped_blocks_only(tmp_path: P
     from slimdiff.engines.channels import prune_copy
 
     teacher = build_tiny("tiny-unet").eval()
-    student = prune_copy(teacher, 0.25, "magnitude").model
+    # prune only the channels of up_blocks.0's upsampler: that block's output narrows, every other block's stays
+    student = prune_copy(teacher, 0.0, "magnitude", boosted={"up_blocks.0.upsamplers.0.conv": 0.5}).model
     pairs = default_feature_pairs(adapter_for(student), adapter_for(teacher))
     all_blocks = [b.name for b in adapter_for(teacher).blocks()]
-    assert 0 < len(pairs) < len(all_blocks)  # only the blocks whose output width survived pruning
+    assert [name for name, _ in pairs] == [name for name in all_blocks if name != "up_blocks.0"]
     result = train(
         student,
         digits,

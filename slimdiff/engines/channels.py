@@ -293,7 +293,7 @@ def compress(
         key=lambda pr: abs(fraction(pr[0]) - config.target),
     )
     # 2. too coarse: move groups one by one from the lower to the higher ratio until the budget is met
-    if abs(fraction(chosen) - config.target) > config.tolerance * config.target and best_lo is not None:
+    if abs(fraction(chosen) - config.target) > config.tolerance * config.target:
         roots = [g.root for g in adapter_for(model).channel_groups()]
         left, right = 0, len(roots)
         while right - left > 1:
