@@ -9,27 +9,24 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from slimdiff.data import load_data
+from slimdiff.jobs import train_model
 from slimdiff.models import build_tiny
-from slimdiff.train import TrainConfig, train
+from slimdiff.train import TrainConfig
 
 
 def measure(name: str, steps: int, batch_size: int) -> dict[str, float | int | str]:
     """Time `steps` steps after 3 warm-up steps (fresh model, digits 16², no checkpoint in the timed window)."""
-    data = load_data("digits", size=16)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
         warm = TrainConfig(steps=3, batch_size=batch_size, checkpoint_every=10_000)
-        train(build_tiny(name), data, Path(out) / "warm", warm, progress=False)
+        train_model(build_tiny(name), "digits", Path(out) / "warm", warm, source=name, progress=False)
         config = TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=10_000)
-        start = time.perf_counter()
-        train(build_tiny(name), data, Path(out) / "timed", config, progress=False)
-        seconds = time.perf_counter() - start
+        result = train_model(build_tiny(name), "digits", Path(out) / "timed", config, source=name, progress=False)
+        seconds = result.seconds
     return {
         "model": name,
         "batch_size": batch_size,
@@ -47,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [measure(name, args.steps, args.batch_size) for name in ("tiny-unet", "tiny-sd", "tiny-dit")]
     result = {
-        "what": "optimizer steps/s of `slimdiff.train.train` (one checkpoint at the end included), digits 16²",
+        "what": "optimizer steps/s of `slimdiff train` (one checkpoint at the end included), digits 16²",
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
