@@ -11,8 +11,8 @@ Fang, Ma, Wang, *Structural Pruning for Diffusion Models* (NeurIPS 2023); ../sha
    head count and shrinks the head dimension (or drops whole heads); GroupNorm groups stay equal-sized; the output
    layer is never pruned. Cached sizes (heads, scale, sampler channels) are re-derived afterwards.
 3. Budget. A uniform per-layer ratio lands on a coarse grid of MACs, so the ratio is searched: first the uniform
-   ratio that brackets the target, then how many groups (least important first) take the larger of the two
-   ratios. The achieved MACs and params are reported, not assumed.
+   ratio that brackets the target, then how many groups (in the dependency graph's order) take the larger of
+   the two ratios. The achieved MACs and params are reported, not assumed.
 4. Check. Every kept weight must equal its slice of the original (`verify_slices`); a ratio of 0 is the identity.
 """
 
@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from slimdiff.data import ImageDataset
@@ -215,9 +216,7 @@ def prune_copy(
     return _Pruned(clone, kept, count_macs(clone).total, count_params(clone))
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    from diffusers.models.attention_processor import Attention
-
+def _attention_modules(model: nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
