@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from slimdiff.errors import SlimdiffError
 from slimdiff.models import Adapter, adapter_for
+from slimdiff.models.base import count_params as count_params  # re-exported: cost lives here
 
 #: aten ops that make up attention's QK^T and AV products (and fused kernels, should one be dispatched).
 ATTENTION_OPS = {
@@ -50,11 +51,6 @@ class MacCount:
     def without_attention(self) -> int:
         """Conv + linear MACs only — the convention most papers report."""
         return self.total - self.attention
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (shared tensors counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def _to_meta(value: Any) -> Any:

@@ -89,7 +89,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def count_params(module: nn.Module) -> int:
-    """Number of parameters (works on the meta device)."""
+    """Number of parameters (shared tensors counted once; works on the meta device)."""
     return sum(p.numel() for p in module.parameters())
 
 
