@@ -15,7 +15,6 @@ in any file is executed; every mismatch is refused with an error that names it.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slimdiff.errors import SlimdiffError
-from slimdiff.io import atomic_path, atomic_write_json, read_json
+from slimdiff.io import atomic_path, atomic_write_json, read_json, sha256_file
 from slimdiff.models import SkippedLayer, build, config_of, model_class
 from slimdiff.models.base import get_submodule, set_submodule
 
@@ -135,12 +134,6 @@ def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) -> N
 # ----------------------------------------------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _changed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -189,7 +182,7 @@ def save(
             continue
         with atomic_path(out_dir / name) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt"})
-        files[name] = _sha256(out_dir / name)
+        files[name] = sha256_file(out_dir / name)
     if scheduler_config is not None:
         atomic_write_json(out_dir / SCHEDULER_NAME, scheduler_config)
     spec = {
@@ -305,7 +298,7 @@ def _verify_checksums(model_dir: Path, spec: dict[str, Any]) -> None:
         path = model_dir / name
         if not path.is_file():
             raise SlimdiffError(f"{path} is missing (listed in {SPEC_NAME})")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise SlimdiffError(
                 f"{path} does not match its checksum in {SPEC_NAME}: the file is corrupt or was changed"
             )

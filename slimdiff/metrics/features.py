@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from slimdiff.errors import SlimdiffError
-from slimdiff.io import atomic_dir, atomic_write_json, read_json
+from slimdiff.io import atomic_dir, atomic_write_json, read_json, sha256_file
 
 DIGITS_VERSION = "digits-v1"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -186,7 +186,7 @@ def _load_digits(folder: Path) -> DigitsNet | None:
         weights = folder / "weights.safetensors"
         if not isinstance(info, dict) or info.get("version") != DIGITS_VERSION or info.get("train") != _DIGITS_TRAIN:
             return None
-        if info.get("weights_sha256") != _sha256(weights):
+        if info.get("weights_sha256") != sha256_file(weights):
             return None
         net = DigitsNet(info)
         net.load_state_dict(load_file(weights), strict=True)
@@ -250,14 +250,6 @@ def _jitter(x: torch.Tensor) -> torch.Tensor:
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x + 1, grid, align_corners=False) - 1
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- FID Inception ----------------------------------------------------------------------------------------------
@@ -329,5 +321,5 @@ def inception_feature_extractor(path: str | Path) -> InceptionNet:
             f"{str(path)!r} is not a TorchScript file ({detail}); supply {INCEPTION_FILE} "
             "(pickled .pth weights such as pytorch-fid's are not accepted)"
         ) from None
-    info = {"path": str(path), "weights_sha256": _sha256(path)}
+    info = {"path": str(path), "weights_sha256": sha256_file(path)}
     return InceptionNet(net, path.stem, info).requires_grad_(False).eval()
