@@ -9,7 +9,8 @@ Fang, Ma, Wang, *Structural Pruning for Diffusion Models* (NeurIPS 2023); ../sha
    `random`.
 2. Pruning. torch-pruning's `MetaPruner` removes the lowest-scored channels of every group; attention keeps its
    head count and shrinks the head dimension (or drops whole heads); GroupNorm groups stay equal-sized; the output
-   layer is never pruned. Cached sizes (heads, scale, sampler channels) are re-derived afterwards.
+   layer is never pruned. Cached sizes (heads, scale, sampler channels) are re-derived afterwards, and buffers
+   that follow a layer's channels (a DiT's position table) are sliced with it.
 3. Budget. A uniform per-layer ratio lands on a coarse grid of MACs, so the ratio is searched: first the uniform
    ratio that brackets the target, then how many groups (in the dependency graph's order) take the larger of
    the two ratios. The achieved MACs and params are reported, not assumed.
@@ -35,6 +36,7 @@ from slimdiff.diffusion import DEFAULT_SCHEDULE, make_scheduler, training_target
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import Adapter, adapter_for
+from slimdiff.models.base import get_submodule
 
 Importance = Literal["diff-pruning", "taylor", "magnitude", "random"]
 IMPORTANCES: tuple[str, ...] = ("diff-pruning", "taylor", "magnitude", "random")
@@ -197,6 +199,7 @@ def prune_copy(
             prune_head_dims=attention == "head-dim",
             prune_num_heads=attention == "heads",
             head_pruning_ratio=ratio if attention == "heads" else 0.0,
+            out_channel_groups=dict(adapter.chunked_outputs()),  # a copy: MetaPruner adds the heads to it
         )
         for group in pruner.step(interactive=True):
             for dep, idxs in group:
@@ -209,6 +212,12 @@ def prune_copy(
                     gone = {alive[i] for i in idxs}  # indices are relative to the layer's current width
                     alive[:] = [i for i in alive if i not in gone]
             group.prune()
+    for buffer_name, layer_name in adapter.channel_buffers().items():
+        owner_name, _, attr = buffer_name.rpartition(".")
+        owner = get_submodule(clone, owner_name)
+        keep = kept.get((layer_name, "out"))
+        if keep is not None:
+            setattr(owner, attr, getattr(owner, attr)[..., keep].clone())
     new_heads = {
         attn: pruner.num_heads[attn.to_q] for attn in _attention_modules(clone) if attn.to_q in pruner.num_heads
     }
@@ -221,7 +230,8 @@ def _attention_modules(model: nn.Module) -> list[Attention]:
 
 
 def verify_slices(original: nn.Module, pruned: _Pruned) -> None:
-    """Every Conv/Linear weight of the pruned model must equal the original's weight at the kept indices."""
+    """Every Conv/Linear weight (and channel buffer) of the pruned model must equal the original's at the kept
+    indices."""
     reference = dict(original.named_modules())
     for name, layer in pruned.model.named_modules():
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -236,6 +246,13 @@ def verify_slices(original: nn.Module, pruned: _Pruned) -> None:
             raise SlimdiffError(f"channel surgery went wrong: '{name}' is not a slice of the original weight")
         if layer.bias is not None and not torch.equal(source.bias.detach()[keep[0]], layer.bias.detach()):
             raise SlimdiffError(f"channel surgery went wrong: '{name}.bias' is not a slice of the original")
+    original_buffers = dict(original.named_buffers())
+    pruned_buffers = dict(pruned.model.named_buffers())
+    for buffer_name, layer_name in adapter_for(original).channel_buffers().items():
+        source = original_buffers[buffer_name]
+        expected = source[..., pruned.kept.get((layer_name, "out"), list(range(source.shape[-1])))]
+        if not torch.equal(expected, pruned_buffers[buffer_name]):
+            raise SlimdiffError(f"channel surgery went wrong: buffer '{buffer_name}' does not follow '{layer_name}'")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -203,6 +203,21 @@ class Adapter(ABC):
         """Layers whose output channels channel pruning must keep (the output layer, and family specifics)."""
         return self.output_modules()
 
+    def chunked_outputs(self) -> dict[nn.Module, int]:
+        """Group-root layers whose output is split into equal chunks that each join the same channels.
+
+        torch-pruning must rank such a root chunk by chunk (its `out_channel_groups`), or it would drop different
+        channels from each chunk. Only roots matter: the chunks of other members follow the root's indices.
+        """
+        return {}
+
+    def channel_buffers(self) -> dict[str, str]:
+        """Buffers whose last dimension follows a layer's output channels: buffer name → layer name.
+
+        Channel pruning slices them with the layer (torch-pruning only resizes parameters).
+        """
+        return {}
+
     @abstractmethod
     def output_modules(self) -> list[nn.Module]:
         """Modules whose output channels must never be pruned (they produce the prediction)."""

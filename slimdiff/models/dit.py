@@ -65,6 +65,10 @@ class DiTAdapter(Adapter):
     def output_modules(self) -> list[nn.Module]:
         return [self.model.proj_out_2]
 
-    def pruning_ignored(self) -> list[nn.Module]:
-        # The residual stream's width is tied to the sin/cos position table (a buffer, not a layer).
-        return [*self.output_modules(), self.model.pos_embed.proj]
+    def chunked_outputs(self) -> dict[nn.Module, int]:
+        # torch-pruning roots the residual-stream group at proj_out_1, whose output is (shift, scale) for norm_out.
+        return {self.model.proj_out_1: 2}
+
+    def channel_buffers(self) -> dict[str, str]:
+        # The sin/cos position table is added to the patch embedding: it has the residual stream's width.
+        return {"pos_embed.pos_embed": "pos_embed.proj"}

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
@@ -69,6 +71,10 @@ def fix_after_surgery(model: nn.Module, heads: Mapping[nn.Module, int] | None = 
         elif isinstance(module, (Upsample2D, Downsample2D)) and getattr(module, "conv", None) is not None:
             conv = module.conv
             module.channels, module.out_channels = conv.in_channels, conv.out_channels
+        elif isinstance(module, BasicTransformerBlock):
+            module.dim = module.attn1.to_q.in_features
+        elif isinstance(module, DiTTransformer2DModel):
+            module.inner_dim = module.pos_embed.proj.out_channels
         elif isinstance(module, Transformer2DModel):
             proj_in = module.proj_in
             module.in_channels = proj_in.in_channels if isinstance(proj_in, nn.Conv2d) else proj_in.in_features
