@@ -531,13 +531,14 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
         elif isinstance(step, FinetuneStep):
             options = step.finetune
             kd = KDConfig(options.kd, options.kd_output_weight, options.kd_feature_weight) if options.teacher else None
+            teacher = _model_dir(recipe.model) if options.teacher == "model" else options.teacher
             train_config = TrainConfig(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TrainConfig)})
             result = finetune_model(
                 _model_dir(current),
                 recipe.data,
                 step_dir,
                 train_config,
-                teacher_dir=options.teacher,
+                teacher_dir=teacher,
                 kd=kd,
                 resume=True,
                 progress=progress,

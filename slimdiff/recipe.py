@@ -38,7 +38,10 @@ class TrainStep:
 
 @dataclass
 class FinetuneOptions(TrainConfig):
-    """Fine-tune settings: the training settings, plus an optional teacher for distillation."""
+    """Fine-tune settings: the training settings, plus an optional teacher for distillation.
+
+    `teacher` is a model directory, or `model` for the recipe's own input model (the uncompressed original).
+    """
 
     teacher: str | None = None
     kd: Literal["plain", "normalized"] = "normalized"

@@ -152,7 +152,7 @@ def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monke
     recipe.write_text(
         f"model: {tmp_path / 'teacher'}\nout: {tmp_path / 'out'}\nsteps:\n"
         "  - compress: {engine: channels, importance: magnitude, target_macs: 0.6}\n"
-        f"  - finetune: {{steps: 2, batch_size: 8, teacher: {tmp_path / 'teacher'}, kd_feature_weight: 0}}\n"
+        "  - finetune: {steps: 2, batch_size: 8, teacher: model, kd_feature_weight: 0}\n"  # model: the recipe's input
         "  - eval: {n: 16, steps: 2, batch_size: 8, metrics: [fid, macs]}\n"
     )
     code, out, err = run_cli(monkeypatch, capsys, "run", recipe)
@@ -163,6 +163,7 @@ def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monke
     history = json.loads((tmp_path / "out" / "01-finetune" / "slimdiff.json").read_text())["provenance"]["history"]
     assert [h["job"] for h in history] == ["compress channels", "finetune"]
     assert history[1]["kd"]["feature_weight"] == 0 and history[1]["kd"]["output_weight"] == 1
+    assert history[1]["teacher"] == str(tmp_path / "teacher")
     assert summaries[2]["metrics"]["fid"] > 0
     assert (tmp_path / "out" / "02-eval" / "eval.json").is_file()
 
