@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import FAMILIES
+from helpers import FAMILIES, tiny_vae
 
 from slimdiff.data import load_data
 from slimdiff.engines.channels import ChannelPruningConfig, accumulate_gradients, compress, prune_copy
@@ -77,6 +78,18 @@ def test_pruned_unet_runs_in_the_ddim_pipeline(digits, tmp_path: Path) -> None:
     pipeline = DDIMPipeline(load(tmp_path / "pruned"), DDIMScheduler())
     images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
     assert images.shape == (2, 16, 16, 1) and (images >= 0).all() and (images <= 1).all()
+
+
+def test_residual_pruned_dit_runs_in_the_dit_pipeline(tmp_path: Path) -> None:
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    model = build_tiny("tiny-dit", in_channels=4, out_channels=4).eval()
+    pruned = prune_copy(model, 0.5, "magnitude").model
+    assert pruned.pos_embed.proj.out_channels == model.pos_embed.proj.out_channels // 2
+    save(pruned, tmp_path / "pruned")
+    pipeline = DiTPipeline(transformer=load(tmp_path / "pruned"), vae=tiny_vae(4), scheduler=DDIMScheduler())
+    out = pipeline(class_labels=[1, 7], num_inference_steps=2, guidance_scale=2.0, output_type="np")
+    assert out.images.shape == (2, 16, 16, 3) and np.isfinite(out.images).all()
 
 
 @pytest.mark.parametrize("name", FAMILIES)
