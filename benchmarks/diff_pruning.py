@@ -1,16 +1,20 @@
 """Diff-Pruning vs baselines on the digits teacher, at ~50 % MACs and the same fine-tune budget for every row.
 
-    python benchmarks/diff_pruning.py --teacher runs/demo/teacher --seeds 0 1 --out benchmarks/results/diff_pruning.json
+    python benchmarks/diff_pruning.py --seeds 0 1 2 --kd-output-weight 10 --work runs/bench-diff-pruning-kd \
+        --out benchmarks/results/diff_pruning_kd.json
 
 Rows: diff-pruning (thr 0.05), taylor, magnitude, random, and the same small architecture trained from scratch.
-Every row is fine-tuned (or trained) for `--finetune-steps` steps (default 225 = 15 % of the teacher's 1500) and
-evaluated with FID/KID (digits-v1 features, `--n` samples, 20 DDIM steps) and measured CPU latency (batch 64).
+Every row is evaluated right after pruning (FID), then fine-tuned (or trained) for `--finetune-steps` steps
+(default 225 = 15 % of the teacher's 1500) — with the plain denoising loss, or with `--kd-output-weight w` also
+regressing the teacher's prediction (w · MSE(ε_student, ε_teacher)) — and evaluated with FID/KID (digits-v1
+features, `--n` samples, 20 DDIM steps) and measured CPU latency (batch 64).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -18,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from slimdiff.distill import KDConfig
 from slimdiff.engines.channels import ChannelPruningConfig
-from slimdiff.export import load, save
+from slimdiff.export import load, read_provenance, save
 from slimdiff.jobs import EvalSettings, compress_channels, evaluate_model, finetune_model
 from slimdiff.train import TrainConfig
 
@@ -45,18 +50,26 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rows", nargs="+", default=[*IMPORTANCES, "scratch"], help="importances, and/or scratch")
-    parser.add_argument("--kd-output-weight", type=float, default=0.0, help="> 0: distil the teacher's outputs")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--kd-output-weight", type=float, default=0.0, help="> 0: also regress the teacher's outputs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/diff_pruning.json"))
     args = parser.parse_args()
     settings = EvalSettings(n=args.n, steps=20, metrics=("fid", "kid", "macs", "latency"), batch_size=64)
     finetune = TrainConfig(
         steps=args.finetune_steps,
         batch_size=64,
-        lr=5e-4,
+        lr=args.lr,
         warmup_steps=20,
         ema_decay=0.995,
         checkpoint_every=args.finetune_steps,
     )
+    fid_only = dataclasses.replace(settings, metrics=("fid",))
+    distillation = (
+        {"teacher_dir": args.teacher, "kd": KDConfig(output_weight=args.kd_output_weight, feature_weight=0.0)}
+        if args.kd_output_weight > 0
+        else {}
+    )
+    teacher_steps = read_provenance(args.teacher).history[-1]["steps"]
     teacher = evaluate_model(args.teacher, settings, progress=False)
     rows = []
     for seed in args.seeds:
@@ -71,8 +84,16 @@ def main() -> None:
             else:
                 config = ChannelPruningConfig(importance=importance, target_macs=args.target_macs, seed=seed)
                 pruned = compress_channels(args.teacher, "digits", pruned_dir, config)
+            before = None if pruned is None else evaluate_model(pruned_dir, fid_only, progress=False)
             tuned = work / "finetuned"
-            finetune_model(pruned_dir, "digits", tuned, TrainConfig(**{**vars(finetune), "seed": seed}), progress=False)
+            finetune_model(
+                pruned_dir,
+                "digits",
+                tuned,
+                TrainConfig(**{**vars(finetune), "seed": seed}),
+                progress=False,
+                **distillation,
+            )
             report = evaluate_model(tuned, settings, progress=False)
             metrics = {k: v["value"] for k, v in report["metrics"].items()}
             rows.append(
@@ -81,6 +102,7 @@ def main() -> None:
                     "seed": seed,
                     "macs_fraction": metrics["macs"] / teacher["metrics"]["macs"]["value"],
                     "params_fraction": report["params"] / teacher["params"],
+                    "fid_before_finetune": before["metrics"]["fid"]["value"] if before else None,
                     "fid": metrics["fid"],
                     "kid_mean": metrics["kid_mean"],
                     "latency_ms": metrics["latency_ms"],
@@ -100,8 +122,9 @@ def main() -> None:
         }
     result = {
         "what": f"digits teacher pruned to {args.target_macs:.0%} MACs, fine-tuned {args.finetune_steps} steps "
-        f"(15 % of 1500), FID/KID over {args.n} samples (20 DDIM steps, digits-v1 features), "
-        "latency of one denoiser call at batch 64 on CPU",
+        f"({args.finetune_steps / teacher_steps:.0%} of the teacher's {teacher_steps}), lr {args.lr}, "
+        f"output KD weight {args.kd_output_weight}, FID/KID over {args.n} samples (20 DDIM steps, digits-v1 "
+        "features), latency of one denoiser call at batch 64 on CPU",
         "teacher": {k: v["value"] for k, v in teacher["metrics"].items()} | {"params": teacher["params"]},
         "rows": rows,
         "summary": summary,

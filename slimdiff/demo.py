@@ -14,7 +14,7 @@ import torch
 
 from slimdiff.export import read_provenance
 from slimdiff.jobs import eval_settings, evaluate_model, model_info, new_model, run_recipe, sample_model, train_model
-from slimdiff.recipe import EvalStep, load_recipe
+from slimdiff.recipe import CompressStep, EvalStep, FinetuneStep, Recipe, load_recipe
 from slimdiff.report import markdown_table
 from slimdiff.train import TrainConfig
 
@@ -50,6 +50,17 @@ def ensure_teacher(out: Path, echo: Callable[[str], None] = print) -> Path:
     )
     echo(f"      trained in {result.seconds:.0f} s, final loss {result.final_loss:.4f}")
     return teacher_dir
+
+
+def recipe_label(recipe: Recipe) -> str:
+    """A one-line name for what a compress → fine-tune recipe made, e.g. for a comparison table."""
+    compress = next(step.compress for step in recipe.steps if isinstance(step, CompressStep))
+    finetune = next(step.finetune for step in recipe.steps if isinstance(step, FinetuneStep))
+    distilled = " with output KD" if finetune.teacher and finetune.kd_output_weight > 0 else ""
+    return (
+        f"{compress.importance} {compress.target:.0%} {'MACs' if compress.unit == 'macs' else 'params'} + "
+        f"{finetune.steps}-step fine-tune{distilled}"
+    )
 
 
 def run_demo(out: str | Path, echo: Callable[[str], None] = print) -> None:
@@ -88,7 +99,7 @@ def run_demo(out: str | Path, echo: Callable[[str], None] = print) -> None:
     teacher_report = evaluate_model(teacher_dir, settings, progress=False)
     pruned = summaries[-1]["metrics"]
     teacher = {k: v["value"] for k, v in teacher_report["metrics"].items()}
-    rows = [{"model": "teacher", **teacher}, {"model": "diff-pruning 50% MACs + 225-step fine-tune", **pruned}]
+    rows = [{"model": "teacher", **teacher}, {"model": recipe_label(recipe), **pruned}]
     echo(markdown_table([{k: row.get(k) for k in ("model", "fid", "kid_mean", "macs", "latency_ms")} for row in rows]))
     echo(
         f"      MACs ratio {teacher['macs'] / pruned['macs']:.2f}×, measured speed-up "

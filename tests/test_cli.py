@@ -12,8 +12,10 @@ from helpers import reference_config
 from PIL import Image
 
 from slimdiff.cli import main
+from slimdiff.demo import RECIPE, recipe_label
 from slimdiff.export import save
 from slimdiff.models import build_tiny
+from slimdiff.recipe import load_recipe
 
 REFERENCE_PARAMS = {
     "ddpm-cifar10-32.unet.json": 35_746_307,
@@ -173,3 +175,9 @@ def test_recipe_compress_field_is_validated(tmp_path: Path, monkeypatch, capsys)
     recipe.write_text("model: x\nsteps:\n  - compress: {engine: channels, importance: l2, target_macs: 0.5}\n")
     code, _, err = run_cli(monkeypatch, capsys, "run", recipe)
     _one_line_error(code, err, "r.yaml.steps[0].compress.importance: expected one of")
+
+
+def test_shipped_recipe_prunes_distils_and_evaluates() -> None:
+    recipe = load_recipe(RECIPE)
+    assert [type(step).__name__ for step in recipe.steps] == ["CompressStep", "FinetuneStep", "EvalStep"]
+    assert recipe_label(recipe) == "diff-pruning 50% MACs + 225-step fine-tune with output KD"
