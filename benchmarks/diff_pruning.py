@@ -25,6 +25,7 @@ import torch
 from slimdiff.distill import KDConfig
 from slimdiff.engines.channels import ChannelPruningConfig
 from slimdiff.export import load, read_provenance, save
+from slimdiff.io import atomic_write_json
 from slimdiff.jobs import EvalSettings, compress_channels, evaluate_model, finetune_model
 from slimdiff.train import TrainConfig
 
@@ -39,6 +40,22 @@ def reinitialised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         if hasattr(module, "reset_parameters") and module is not scratch:
             module.reset_parameters()
     return scratch
+
+
+def summarise(rows: list[dict], teacher_fid: float) -> dict[str, dict]:
+    """Mean and spread of the FID per row kind, before and after fine-tuning."""
+    summary = {}
+    for importance in dict.fromkeys(r["importance"] for r in rows):
+        fids = [r["fid"] for r in rows if r["importance"] == importance]
+        before = [r["fid_before_finetune"] for r in rows if r["importance"] == importance and r["fid_before_finetune"]]
+        summary[importance] = {
+            "seeds": len(fids),
+            "fid_mean": statistics.mean(fids),
+            "fid_std": statistics.stdev(fids) if len(fids) > 1 else None,
+            "fid_vs_teacher": statistics.mean(fids) / teacher_fid,
+            "fid_before_finetune_mean": statistics.mean(before) if before else None,
+        }
+    return summary
 
 
 def main() -> None:
@@ -71,6 +88,13 @@ def main() -> None:
     )
     teacher_steps = read_provenance(args.teacher).history[-1]["steps"]
     teacher = evaluate_model(args.teacher, settings, progress=False)
+    result = {
+        "what": f"digits teacher pruned to {args.target_macs:.0%} MACs, fine-tuned {args.finetune_steps} steps "
+        f"({args.finetune_steps / teacher_steps:.0%} of the teacher's {teacher_steps}), lr {args.lr}, "
+        f"output KD weight {args.kd_output_weight}, FID/KID over {args.n} samples (20 DDIM steps, digits-v1 "
+        "features), latency of one denoiser call at batch 64 on CPU",
+        "teacher": {k: v["value"] for k, v in teacher["metrics"].items()} | {"params": teacher["params"]},
+    }
     rows = []
     for seed in args.seeds:
         for importance in args.rows:
@@ -112,26 +136,9 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    summary = {}
-    for importance in args.rows:
-        fids = [r["fid"] for r in rows if r["importance"] == importance]
-        summary[importance] = {
-            "fid_mean": statistics.mean(fids),
-            "fid_std": statistics.stdev(fids) if len(fids) > 1 else None,
-            "fid_vs_teacher": statistics.mean(fids) / teacher["metrics"]["fid"]["value"],
-        }
-    result = {
-        "what": f"digits teacher pruned to {args.target_macs:.0%} MACs, fine-tuned {args.finetune_steps} steps "
-        f"({args.finetune_steps / teacher_steps:.0%} of the teacher's {teacher_steps}), lr {args.lr}, "
-        f"output KD weight {args.kd_output_weight}, FID/KID over {args.n} samples (20 DDIM steps, digits-v1 "
-        "features), latency of one denoiser call at batch 64 on CPU",
-        "teacher": {k: v["value"] for k, v in teacher["metrics"].items()} | {"params": teacher["params"]},
-        "rows": rows,
-        "summary": summary,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+            result["rows"], result["summary"] = rows, summarise(rows, teacher["metrics"]["fid"]["value"])
+            atomic_write_json(args.out, result)  # after every row: a stopped run keeps what it measured
+    print(json.dumps(result["summary"], indent=2))
 
 
 if __name__ == "__main__":
