@@ -519,6 +519,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
     out = Path(recipe.out)
     current: str = recipe.model
     summaries: list[dict[str, Any]] = []
+    for step in recipe.steps:  # refuse a bad teacher before any step has run
+        if isinstance(step, FinetuneStep):
+            _recipe_teacher(recipe, step.finetune.teacher)
     for index, step in enumerate(recipe.steps):
         kind = next(f.name for f in dataclasses.fields(step))
         step_dir = out / f"{index:02d}-{kind}"
@@ -531,7 +534,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
         elif isinstance(step, FinetuneStep):
             options = step.finetune
             kd = KDConfig(options.kd, options.kd_output_weight, options.kd_feature_weight) if options.teacher else None
-            teacher = _model_dir(recipe.model) if options.teacher == "model" else options.teacher
+            teacher = _recipe_teacher(recipe, options.teacher)
             train_config = TrainConfig(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TrainConfig)})
             result = finetune_model(
                 _model_dir(current),
@@ -588,6 +591,18 @@ def eval_settings(options: EvalOptions, data: str) -> EvalSettings:
     return EvalSettings(
         data=data, **{k: v for k, v in vars(options).items() if k != "metrics"}, metrics=tuple(options.metrics)
     )
+
+
+def _recipe_teacher(recipe: Recipe, teacher: str | None) -> str | None:
+    """A fine-tune's teacher: a model directory, or `model` for the recipe's own (trained) input model."""
+    if teacher != "model":
+        return teacher
+    if recipe.model in TINY_CONFIGS or Path(recipe.model).is_file():
+        raise SlimdiffError(
+            f"finetune.teacher: 'model' names the recipe's input model, but '{recipe.model}' is a config, not a "
+            "trained model; give the teacher's directory instead"
+        )
+    return recipe.model
 
 
 def _model_dir(current: str) -> str:

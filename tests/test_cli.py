@@ -170,6 +170,17 @@ def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monke
     assert (tmp_path / "out" / "02-eval" / "eval.json").is_file()
 
 
+def test_recipe_teacher_model_needs_a_trained_input(tmp_path: Path, monkeypatch, capsys) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: tiny-unet\nout: {tmp_path / 'out'}\nsteps:\n"
+        "  - train: {steps: 1, batch_size: 4}\n"
+        "  - finetune: {steps: 1, batch_size: 4, teacher: model}\n"
+    )
+    code, _, err = run_cli(monkeypatch, capsys, "run", recipe)
+    _one_line_error(code, err, "finetune.teacher: 'model' names the recipe's input model, but 'tiny-unet' is a config")
+
+
 def test_recipe_compress_field_is_validated(tmp_path: Path, monkeypatch, capsys) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: x\nsteps:\n  - compress: {engine: channels, importance: l2, target_macs: 0.5}\n")
