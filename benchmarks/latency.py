@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from slimdiff.export import load
+from slimdiff.io import atomic_write_json
 from slimdiff.metrics.cost import count_macs
 from slimdiff.models import adapter_for
 
@@ -69,10 +70,7 @@ def main() -> None:
                     }
                 )
                 print(json.dumps(results[-1]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"what": "one denoiser call, interleaved rounds, CPU", "rows": results}, indent=2) + "\n"
-    )
+    atomic_write_json(args.out, {"what": "one denoiser call, interleaved rounds, CPU", "rows": results})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 from slimdiff.data import load_data
 from slimdiff.engines.channels import ChannelPruningConfig, compress, prune_copy, verify_slices
-from slimdiff.io import read_json
+from slimdiff.io import atomic_write_json, read_json
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import adapter_for, build
 
@@ -80,10 +80,7 @@ def main() -> None:
     for name in args.models:
         rows.append(cifar_row(args.reference) if name == "ddpm-cifar10-32" else uniform_row(name, args.reference))
         print(json.dumps(rows[-1]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"what": "random-weight reference architectures, pruning step only", "rows": rows}, indent=2) + "\n"
-    )
+    atomic_write_json(args.out, {"what": "random-weight reference architectures, pruning step only", "rows": rows})
 
 
 if __name__ == "__main__":
