@@ -26,7 +26,9 @@ from slimdiff.distill import KDConfig
 from slimdiff.engines.channels import ChannelPruningConfig
 from slimdiff.export import load, read_provenance, save
 from slimdiff.io import atomic_write_json
-from slimdiff.jobs import EvalSettings, compress_channels, evaluate_model, finetune_model
+from slimdiff.jobs.compression import compress_model
+from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
+from slimdiff.jobs.training import finetune_model
 from slimdiff.train import TrainConfig
 
 IMPORTANCES = ("diff-pruning", "taylor", "magnitude", "random")
@@ -107,7 +109,7 @@ def main() -> None:
                 pruned = None
             else:
                 config = ChannelPruningConfig(importance=importance, target_macs=args.target_macs, seed=seed)
-                pruned = compress_channels(args.teacher, "digits", pruned_dir, config)
+                pruned = compress_model("channels", args.teacher, "digits", pruned_dir, config)
             before = None if pruned is None else evaluate_model(pruned_dir, fid_only, progress=False)
             tuned = work / "finetuned"
             finetune_model(

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from slimdiff.data import load_data
+from slimdiff.diffusion import DEFAULT_SCHEDULE
+from slimdiff.engines import Calibration
 from slimdiff.engines.channels import ChannelPruningConfig, compress, prune_copy, verify_slices
 from slimdiff.io import atomic_write_json, read_json
 from slimdiff.metrics.cost import count_macs, count_params
@@ -35,7 +37,7 @@ def cifar_row(reference: Path) -> dict:
     data = load_data("digits", size=32, channels=3)
     start = time.perf_counter()
     config = ChannelPruningConfig(importance="magnitude", target_macs=0.5)
-    result = compress(adapter_for(cifar), config, data, cond_for=lambda labels: None)
+    result = compress(adapter_for(cifar), config, Calibration(data, lambda labels: None, DEFAULT_SCHEDULE))
     return {
         "model": "ddpm-cifar10-32",
         "importance": "magnitude",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from slimdiff.jobs import train_model
+from slimdiff.jobs.training import train_model
 from slimdiff.models import build_tiny
 from slimdiff.train import TrainConfig
 

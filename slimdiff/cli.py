@@ -1,4 +1,8 @@
-"""`slimdiff` — the command line. Thin: parse, call `slimdiff.jobs`, print."""
+"""`slimdiff` — the command line (click). Thin: parse, call `slimdiff.jobs`, print.
+
+`slimdiff compress ENGINE` has one subcommand per registered engine, built from the engine's `Config` dataclass
+(`slimdiff.cli_config`): a new engine gets its command without touching this file.
+"""
 
 from __future__ import annotations
 
@@ -6,70 +10,83 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Any
 
 import click
-import typer
 
 from slimdiff.errors import SlimdiffError
 
-app = typer.Typer(
-    help="Make trained diffusion models (diffusers U-Nets and DiTs) smaller and faster.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+PathArg = click.Path(path_type=Path)
+steps_option = click.option("--steps", type=click.IntRange(min=1), help="Number of optimizer steps.")
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+batch_option = click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Global batch size."
+)
+resume_option = click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+data_option = click.option(
+    "--data", default="digits", show_default=True, help="'digits' (bundled) or an image folder (class subfolders)."
+)
+accumulation_option = click.option(
+    "--grad-accumulation", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step."
 )
 
-Steps = Annotated[int, typer.Option("--steps", help="Number of optimizer steps.", min=1)]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed (data order, noise, init).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch size.", min=1)]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")]
-Data = Annotated[str, typer.Option("--data", help="'digits' (bundled) or an image folder (class subfolders).")]
-Accumulation = Annotated[int, typer.Option("--grad-accumulation", help="Micro-batches per optimizer step.", min=1)]
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def app() -> None:
+    """Make trained diffusion models (diffusers U-Nets and DiTs) smaller and faster."""
 
 
 @app.command()
-def info(
-    model_dir: Annotated[Path, typer.Argument(help="A diffusers model or pipeline directory (weights optional).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")] = False,
-) -> None:
+@click.argument("model_dir", type=PathArg)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
+def info(model_dir: Path, as_json: bool) -> None:
     """Family, params, MACs, blocks and layers of a model — without loading its weights."""
-    from slimdiff.jobs import model_info
+    from slimdiff.jobs.info import model_info
 
     report = model_info(model_dir)
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report, indent=2))
         return
-    typer.echo(
+    click.echo(
         f"{report['class']} ({report['family']}), {report['sample_size']}² × {report['in_channels']} ch, "
         f"conditioning: {report['conditioning']}"
     )
-    typer.echo(f"params: {report['params']:,}")
-    typer.echo(
+    click.echo(f"params: {report['params']:,}")
+    click.echo(
         f"MACs:   {report['macs'] / 1e9:.3f} G incl. attention matmuls, "
         f"{report['macs_no_attn'] / 1e9:.3f} G without ({report['macs_counts']})"
     )
-    typer.echo(f"blocks ({len(report['blocks'])}): " + ", ".join(b["name"] for b in report["blocks"]))
+    click.echo(f"blocks ({len(report['blocks'])}): " + ", ".join(b["name"] for b in report["blocks"]))
     removable = sum(layer["removable"] for layer in report["layers"])
-    typer.echo(f"layers: {len(report['layers'])} residual layers, {removable} removable")
+    click.echo(f"layers: {len(report['layers'])} residual layers, {removable} removable")
 
 
 @app.command()
+@click.argument("model_dir", type=PathArg)
+@click.option("--out", type=PathArg, required=True, help="PNG grid to write.")
+@click.option("--n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of samples.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Sampling steps.")
+@click.option("--scheduler", default="ddim", show_default=True, help="ddpm, ddim or dpm.")
+@seed_option
+@batch_option
+@click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance (1 = off).")
+@click.option("--labels", help="Class labels, comma-separated.")
+@click.option("--prompts", type=PathArg, help="Prompts file, one per line.")
 def sample(
-    model_dir: Annotated[Path, typer.Argument(help="Model or pipeline directory.")],
-    out: Annotated[Path, typer.Option("--out", help="PNG grid to write.")],
-    n: Annotated[int, typer.Option("--n", help="Number of samples.", min=1)] = 64,
-    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.", min=1)] = 50,
-    scheduler: Annotated[str, typer.Option("--scheduler", help="ddpm, ddim or dpm.")] = "ddim",
-    seed: Seed = 0,
-    batch_size: BatchSize = 64,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1 = off).")] = 1.0,
-    labels: Annotated[Optional[str], typer.Option("--labels", help="Class labels, comma-separated.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file, one per line.")] = None,
+    model_dir: Path,
+    out: Path,
+    n: int,
+    steps: int,
+    scheduler: str,
+    seed: int,
+    batch_size: int,
+    guidance: float,
+    labels: str | None,
+    prompts: Path | None,
 ) -> None:
     """Sample a seeded, batched grid of images."""
     from slimdiff.data import load_prompts
-    from slimdiff.jobs import sample_model
+    from slimdiff.jobs.sampling import sample_model
 
     label_list = _parse_labels(labels) if labels else None
     prompt_list = load_prompts(prompts) if prompts else None
@@ -86,7 +103,7 @@ def sample(
         labels=label_list,
         prompts=prompt_list,
     )
-    typer.echo(f"wrote {out} ({n} samples, {scheduler} {steps} steps, {time.perf_counter() - start:.1f} s)")
+    click.echo(f"wrote {out} ({n} samples, {scheduler} {steps} steps, {time.perf_counter() - start:.1f} s)")
 
 
 def _parse_labels(text: str) -> list[int]:
@@ -97,24 +114,36 @@ def _parse_labels(text: str) -> list[int]:
 
 
 @app.command()
+@click.option("--out", type=PathArg, required=True, help="Output directory (model, checkpoints, log.jsonl).")
+@click.option("--model", default="tiny-unet", show_default=True, help="tiny-unet, tiny-sd, tiny-dit or a config.json.")
+@data_option
+@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True, help="Optimizer steps.")
+@batch_option
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True, help="Linear warm-up steps.")
+@click.option("--ema-decay", type=float, default=0.995, show_default=True, help="EMA decay of the saved weights.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True)
+@accumulation_option
+@seed_option
+@resume_option
 def train(
-    out: Annotated[Path, typer.Option("--out", help="Output directory (model, checkpoints, log.jsonl).")],
-    model: Annotated[str, typer.Option("--model", help="tiny-unet, tiny-sd, tiny-dit or a config.json.")] = "tiny-unet",
-    data: Data = "digits",
-    steps: Steps = 1500,
-    batch_size: BatchSize = 64,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-3,
-    warmup: Annotated[int, typer.Option("--warmup", help="Linear warm-up steps.")] = 100,
-    ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA decay of the saved weights.")] = 0.995,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
-    grad_accumulation: Accumulation = 1,
-    seed: Seed = 0,
-    resume: Resume = False,
+    out: Path,
+    model: str,
+    data: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    ema_decay: float,
+    checkpoint_every: int,
+    grad_accumulation: int,
+    seed: int,
+    resume: bool,
 ) -> None:
     """Train a model from scratch (e.g. a teacher on digits); the final EMA weights land in --out."""
     import torch
 
-    from slimdiff.jobs import new_model, train_model
+    from slimdiff.jobs.training import new_model, train_model
     from slimdiff.train import TrainConfig
 
     torch.manual_seed(seed)
@@ -129,32 +158,53 @@ def train(
         seed=seed,
     )
     result = train_model(new_model(model), data, out, config, source=f"scratch:{model}", resume=resume)
-    typer.echo(f"trained {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
+    click.echo(f"trained {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
 @app.command()
+@click.argument("model_dir", type=PathArg)
+@click.option("--out", type=PathArg, required=True, help="Output directory.")
+@data_option
+@click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True, help="Optimizer steps.")
+@batch_option
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--ema-decay", type=float, default=0.995, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--teacher", type=PathArg, help="Teacher model for distillation.")
+@click.option(
+    "--kd", default="normalized", show_default=True, help="Feature KD: plain (BK-SDM) or normalized (LAPTOP)."
+)
+@click.option("--kd-output-weight", type=float, default=1.0, show_default=True, help="Weight of output KD.")
+@click.option(
+    "--kd-feature-weight",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Weight of feature KD (0 for channel-pruned students).",
+)
+@accumulation_option
+@seed_option
+@resume_option
 def finetune(
-    model_dir: Annotated[Path, typer.Argument(help="The model to continue training.")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
-    data: Data = "digits",
-    steps: Steps = 500,
-    batch_size: BatchSize = 64,
-    lr: Annotated[float, typer.Option("--lr")] = 2e-4,
-    ema_decay: Annotated[float, typer.Option("--ema-decay")] = 0.995,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
-    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher model for distillation.")] = None,
-    kd: Annotated[str, typer.Option("--kd", help="Feature-KD: plain (BK-SDM) or normalized (LAPTOP).")] = "normalized",
-    kd_output_weight: Annotated[float, typer.Option("--kd-output-weight", help="Weight of output KD.")] = 1.0,
-    kd_feature_weight: Annotated[
-        float, typer.Option("--kd-feature-weight", help="Weight of feature KD (0 for channel-pruned students).")
-    ] = 1.0,
-    grad_accumulation: Accumulation = 1,
-    seed: Seed = 0,
-    resume: Resume = False,
+    model_dir: Path,
+    out: Path,
+    data: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    ema_decay: float,
+    checkpoint_every: int,
+    teacher: Path | None,
+    kd: str,
+    kd_output_weight: float,
+    kd_feature_weight: float,
+    grad_accumulation: int,
+    seed: int,
+    resume: bool,
 ) -> None:
     """Fine-tune a (compressed) model, optionally distilling from a teacher."""
     from slimdiff.distill import KDConfig
-    from slimdiff.jobs import finetune_model
+    from slimdiff.jobs.training import finetune_model
     from slimdiff.train import TrainConfig
 
     config = TrainConfig(
@@ -168,175 +218,156 @@ def finetune(
     )
     kd_config = KDConfig(kd, kd_output_weight, kd_feature_weight) if teacher is not None else None
     result = finetune_model(model_dir, data, out, config, teacher_dir=teacher, kd=kd_config, resume=resume)
-    typer.echo(f"fine-tuned {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
+    click.echo(f"fine-tuned {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
-Metrics = Annotated[str, typer.Option("--metrics", help="Comma-separated: fid,kid,is,pr,clip,macs,latency.")]
-Feature = Annotated[
-    str, typer.Option("--feature", help="'digits' (our digits network) or the FID Inception TorchScript file.")
-]
+def eval_options(default_n: int) -> Any:
+    """The options `eval` and `compare` share (one evaluation's settings)."""
+
+    def decorate(command: Any) -> Any:
+        options = [
+            data_option,
+            click.option(
+                "--metrics",
+                default="fid,kid,macs,latency",
+                show_default=True,
+                help="Comma-separated: fid,kid,is,pr,clip,macs,latency.",
+            ),
+            click.option("--n", type=click.IntRange(min=1), default=default_n, show_default=True, help="Samples."),
+            click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Sampling steps."),
+            click.option("--scheduler", default="ddim", show_default=True, help="ddpm, ddim or dpm."),
+            seed_option,
+            batch_option,
+            click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance."),
+            click.option(
+                "--feature",
+                default="digits",
+                show_default=True,
+                help="'digits' (our digits network) or the FID Inception TorchScript file.",
+            ),
+            click.option("--clip-dir", type=PathArg, help="Local CLIP folder for the clip metric."),
+            click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
-def _eval_settings(
-    data: str,
-    metrics: str,
-    n: int,
-    steps: int,
-    scheduler: str,
-    seed: int,
-    batch_size: int,
-    guidance: float,
-    feature: str,
-    clip_dir: Optional[Path],
-    device: str,
-):
-    from slimdiff.jobs import EvalSettings
+def _eval_settings(options: dict[str, Any]) -> Any:
+    from slimdiff.jobs.evaluation import EvalSettings
 
     return EvalSettings(
-        data=data,
-        metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
-        n=n,
-        steps=steps,
-        scheduler=scheduler,
-        seed=seed,
-        batch_size=batch_size,
-        guidance_scale=guidance,
-        feature=feature,
-        clip_dir=str(clip_dir) if clip_dir else None,
-        device=device,
+        data=options["data"],
+        metrics=tuple(m.strip() for m in options["metrics"].split(",") if m.strip()),
+        n=options["n"],
+        steps=options["steps"],
+        scheduler=options["scheduler"],
+        seed=options["seed"],
+        batch_size=options["batch_size"],
+        guidance_scale=options["guidance"],
+        feature=options["feature"],
+        clip_dir=str(options["clip_dir"]) if options["clip_dir"] else None,
+        device=options["device"],
     )
 
 
 @app.command("eval")
-def evaluate(
-    model_dir: Annotated[Path, typer.Argument(help="The model to measure.")],
-    data: Data = "digits",
-    metrics: Metrics = "fid,kid,macs,latency",
-    n: Annotated[int, typer.Option("--n", help="Samples for the quality metrics.", min=1)] = 1000,
-    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.", min=1)] = 50,
-    scheduler: Annotated[str, typer.Option("--scheduler", help="ddpm, ddim or dpm.")] = "ddim",
-    seed: Seed = 0,
-    batch_size: BatchSize = 64,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 1.0,
-    feature: Feature = "digits",
-    clip_dir: Annotated[
-        Optional[Path], typer.Option("--clip-dir", help="Local CLIP folder for the clip metric.")
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
-) -> None:
+@click.argument("model_dir", type=PathArg)
+@eval_options(default_n=1000)
+@click.option("--json", "json_out", type=PathArg, help="Write the results as JSON here.")
+def evaluate(model_dir: Path, json_out: Path | None, **options: Any) -> None:
     """Measure quality (FID/KID/IS/precision-recall/CLIP), MACs and latency; print a table, write JSON."""
     from slimdiff.io import atomic_write_json
-    from slimdiff.jobs import eval_table, evaluate_model
+    from slimdiff.jobs.evaluation import eval_table, evaluate_model
 
-    settings = _eval_settings(data, metrics, n, steps, scheduler, seed, batch_size, guidance, feature, clip_dir, device)
-    report = evaluate_model(model_dir, settings)
-    typer.echo(eval_table(report))
+    report = evaluate_model(model_dir, _eval_settings(options))
+    click.echo(eval_table(report))
     if json_out is not None:
         atomic_write_json(json_out, report)
-        typer.echo(f"wrote {json_out}")
+        click.echo(f"wrote {json_out}")
 
 
 @app.command()
-def compare(
-    model_dirs: Annotated[list[Path], typer.Argument(help="Models to compare (same settings for all).")],
-    out: Annotated[Path, typer.Option("--out", help="Report directory (index.html, plots, grids).")],
-    data: Data = "digits",
-    metrics: Metrics = "fid,kid,macs,latency",
-    n: Annotated[int, typer.Option("--n", min=1)] = 500,
-    steps: Annotated[int, typer.Option("--steps", min=1)] = 50,
-    scheduler: Annotated[str, typer.Option("--scheduler")] = "ddim",
-    seed: Seed = 0,
-    batch_size: BatchSize = 64,
-    guidance: Annotated[float, typer.Option("--guidance")] = 1.0,
-    feature: Feature = "digits",
-    clip_dir: Annotated[Optional[Path], typer.Option("--clip-dir")] = None,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
-) -> None:
+@click.argument("model_dirs", type=PathArg, nargs=-1, required=True)
+@click.option("--out", type=PathArg, required=True, help="Report directory (index.html, plots, grids).")
+@eval_options(default_n=500)
+def compare(model_dirs: tuple[Path, ...], out: Path, **options: Any) -> None:
     """Evaluate several models alike and write one HTML report: table, quality-vs-MACs and -latency plots, grids."""
-    from slimdiff.jobs import compare_models
+    from slimdiff.jobs.evaluation import compare_models
 
-    settings = _eval_settings(data, metrics, n, steps, scheduler, seed, batch_size, guidance, feature, clip_dir, device)
-    index = compare_models(model_dirs, out, settings)
-    typer.echo(f"wrote {index}")
+    click.echo(f"wrote {compare_models(list(model_dirs), out, _eval_settings(options))}")
 
 
-compress_app = typer.Typer(help="Compress a model with one of the engines.", no_args_is_help=True)
-app.add_typer(compress_app, name="compress")
+class EngineGroup(click.Group):
+    """`slimdiff compress`: one subcommand per registered engine, built on first use from its config."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from slimdiff.engines import engine_names
+
+        return engine_names()
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        from slimdiff.cli_config import engine_command
+        from slimdiff.engines import engine_names, get_engine
+
+        if name not in engine_names():
+            return None
+        return engine_command(get_engine(name))
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        from slimdiff.engines import engine_names
+
+        if args and not args[0].startswith("-") and args[0] not in engine_names():
+            raise click.UsageError(f"unknown engine '{args[0]}'; valid: {', '.join(engine_names())}", ctx)
+        return super().resolve_command(ctx, args)
 
 
-@compress_app.command("channels")
-def compress_channels(
-    model_dir: Annotated[Path, typer.Argument(help="The model to prune.")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory for the pruned model.")],
-    importance: Annotated[
-        str, typer.Option("--importance", help="diff-pruning, taylor, magnitude or random.")
-    ] = "diff-pruning",
-    target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="Keep this fraction of MACs.")] = None,
-    target_params: Annotated[
-        Optional[float], typer.Option("--target-params", help="Keep this fraction of params.")
-    ] = None,
-    thr: Annotated[float, typer.Option("--thr", help="Diff-Pruning early stop: drop t once L_t < thr·max L.")] = 0.05,
-    stride: Annotated[int, typer.Option("--stride", help="Timestep stride of the importance sweep.", min=1)] = 10,
-    calibration: Annotated[int, typer.Option("--calibration", help="Calibration images.", min=1)] = 32,
-    attention: Annotated[str, typer.Option("--attention", help="head-dim (keep heads) or heads.")] = "head-dim",
-    data: Data = "digits",
-    seed: Seed = 0,
-) -> None:
-    """Structural channel pruning (Diff-Pruning or a baseline importance) to a MACs or params budget."""
-    from slimdiff.engines.channels import ChannelPruningConfig
-    from slimdiff.jobs import compress_channels as run_compress
-
-    config = ChannelPruningConfig(
-        importance=importance,
-        target_macs=target_macs,
-        target_params=target_params,
-        thr=thr,
-        timestep_stride=stride,
-        calibration_size=calibration,
-        attention=attention,
-        seed=seed,
-    )
-    result = run_compress(model_dir, data, out, config, log=typer.echo)
-    typer.echo(
-        f"pruned at ratio {result.ratio:.3f}: {result.achieved['macs']:.3f} of the MACs "
-        f"({result.pruned['macs'] / 1e6:.1f} M), {result.achieved['params']:.3f} of the params "
-        f"({result.pruned['params']:,}) in {result.seconds:.0f} s → {out}"
-    )
+@app.group(cls=EngineGroup)
+def compress() -> None:
+    """Compress a model with one of the engines (`slimdiff compress ENGINE --help` for its settings)."""
 
 
 @app.command()
-def run(recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")]) -> None:
-    """Run a multi-step recipe (train → fine-tune → sample …)."""
-    from slimdiff.jobs import run_recipe
+@click.argument("recipe", type=PathArg)
+def run(recipe: Path) -> None:
+    """Run a multi-step recipe (train → compress → fine-tune → eval …)."""
+    from slimdiff.jobs.recipes import run_recipe
     from slimdiff.recipe import load_recipe
 
     for summary in run_recipe(load_recipe(recipe)):
-        typer.echo(json.dumps(summary))
+        click.echo(json.dumps(summary))
 
 
 @app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", help="Where the demo writes (the teacher is cached here).")] = Path(
-        "runs/demo"
-    ),
-) -> None:
-    """The main job on the bundled digits: train (or reuse) a teacher, sample a grid, print its cost."""
+@click.option(
+    "--out", type=PathArg, default=Path("runs/demo"), show_default=True, help="Where the demo writes (teacher cached)."
+)
+def demo(out: Path) -> None:
+    """The main job on the bundled digits: train (or reuse) a teacher, sample a grid, print its cost, compress it."""
     from slimdiff.demo import run_demo
 
-    run_demo(out, echo=typer.echo)
+    run_demo(out, echo=click.echo)
 
 
 def main() -> None:
     """Entry point: bad input ends with one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        app.main(standalone_mode=False)
     except SlimdiffError as error:
-        typer.echo(f"slimdiff: error: {error}", err=True)
+        click.echo(f"slimdiff: error: {error}", err=True)
         sys.exit(2)
-    except click.ClickException as error:
+    except click.exceptions.NoArgsIsHelpError as error:  # a bare group: its help is the answer
         error.show()
+        sys.exit(0)
+    except click.ClickException as error:
+        context = getattr(error, "ctx", None)
+        hint = f" (see '{context.command_path} --help')" if isinstance(error, click.UsageError) and context else ""
+        click.echo(f"slimdiff: error: {error.format_message()}{hint}", err=True)
         sys.exit(error.exit_code)
     except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
+        click.echo("aborted", err=True)
         sys.exit(130)

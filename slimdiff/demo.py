@@ -13,7 +13,11 @@ from pathlib import Path
 import torch
 
 from slimdiff.export import read_provenance
-from slimdiff.jobs import eval_settings, evaluate_model, model_info, new_model, run_recipe, sample_model, train_model
+from slimdiff.jobs.evaluation import evaluate_model
+from slimdiff.jobs.info import model_info
+from slimdiff.jobs.recipes import eval_settings, run_recipe
+from slimdiff.jobs.sampling import sample_model
+from slimdiff.jobs.training import new_model, train_model
 from slimdiff.recipe import CompressStep, EvalStep, FinetuneStep, Recipe, load_recipe
 from slimdiff.report import markdown_table
 from slimdiff.train import TrainConfig
@@ -54,7 +58,7 @@ def ensure_teacher(out: Path, echo: Callable[[str], None] = print) -> Path:
 
 def recipe_label(recipe: Recipe) -> str:
     """A one-line name for what a compress → fine-tune recipe made, e.g. for a comparison table."""
-    compress = next(step.compress for step in recipe.steps if isinstance(step, CompressStep))
+    compress = next(step.config for step in recipe.steps if isinstance(step, CompressStep))
     finetune = next(step.finetune for step in recipe.steps if isinstance(step, FinetuneStep))
     distilled = " with output KD" if finetune.teacher and finetune.kd_output_weight > 0 else ""
     return (

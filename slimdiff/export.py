@@ -6,7 +6,9 @@ A model directory holds:
   rebuilt, and plain diffusers can read an unmodified model);
 - `diffusion_pytorch_model.safetensors` — the weights, under diffusers' own names;
 - `slimdiff.json` — the *structure* (every module whose sizes or type differ from the skeleton built from the
-  config), the weights' checksum, and the provenance (source, engine, budget, metrics so far).
+  config), the weights' checksum, and the provenance (source, engine, budget, metrics so far);
+- `<artifact>.json` — what an engine made beside the weights (e.g. a skip table), listed in `slimdiff.json` with
+  its checksum and re-attached by `load` (`slimdiff.engines.attach_artifact`).
 
 `load` builds the skeleton with empty weights, applies the structure, resizes parameters to the shapes in the
 safetensors header, then assigns the weights: the result is an instance of the original diffusers class. Nothing
@@ -158,13 +160,19 @@ def save(
     provenance: Provenance | None = None,
     scheduler_config: dict[str, Any] | None = None,
     conditioning: dict[str, Any] | None = None,
+    artifacts: dict[str, Any] | None = None,
 ) -> Path:
     """Save `model` into `out_dir` (created if needed; other files there, e.g. checkpoints, are left alone).
 
-    Every file is written atomically and `slimdiff.json` last, with the checksums of the weights it belongs to: a
+    Every file is written atomically and `slimdiff.json` last, with the checksums of the files it belongs to: a
     save interrupted at any point leaves either the previous model or one that `load` refuses, never a wrong one.
-    `conditioning` records what the model is conditioned on (e.g. `{"classes": [...]}`) for samplers.
+    `conditioning` records what the model is conditioned on (e.g. `{"classes": [...]}`) for samplers;
+    `artifacts` maps artifact names to JSON-able payloads, each written to `<name>.json`.
     """
+    artifacts = artifacts or {}
+    bad = [name for name in artifacts if not name.replace("_", "").replace("-", "").isalnum()]
+    if bad:
+        raise SlimdiffError(f"artifact name '{bad[0]}' must be letters, digits, '-' and '_'")
     model_class(config_of(model))  # refuse unsupported families before writing anything
     structure = structure_of(model)
     buffers = _changed_buffers(model)
@@ -183,6 +191,9 @@ def save(
         with atomic_path(out_dir / name) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt"})
         files[name] = sha256_file(out_dir / name)
+    for name, payload in artifacts.items():
+        atomic_write_json(out_dir / f"{name}.json", payload)
+        files[f"{name}.json"] = sha256_file(out_dir / f"{name}.json")
     if scheduler_config is not None:
         atomic_write_json(out_dir / SCHEDULER_NAME, scheduler_config)
     spec = {
@@ -193,6 +204,7 @@ def save(
         "structure": structure,
         "files": files,
         "conditioning": conditioning or {},
+        "artifacts": sorted(artifacts),
         "provenance": asdict(provenance or Provenance()),
     }
     atomic_write_json(out_dir / SPEC_NAME, spec)
@@ -355,10 +367,12 @@ def load(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     weights: bool = True,
+    artifacts: bool = True,
 ) -> nn.Module:
     """Load a model saved by `save` or a plain diffusers model/pipeline directory (safetensors only).
 
     `weights=False` builds the exact architecture on the meta device without reading any weights (for counting).
+    `artifacts=False` leaves the saved artifacts (e.g. a skip table) unattached: the bare denoiser.
     """
     model_dir = resolve_model_dir(model_dir)
     config = read_config(model_dir)
@@ -397,7 +411,21 @@ def load(
     model.to(device)
     if dtype is not None:
         model.to(dtype)
+    if spec is not None and artifacts:
+        from slimdiff.engines import attach_artifact
+
+        for name in spec.get("artifacts", []):
+            attach_artifact(model, name, read_json(model_dir / f"{name}.json", f"artifact {name}"))
     return model.eval()
+
+
+def read_artifact(model_dir: str | Path, name: str) -> Any:
+    """The payload of an artifact saved with a model (refused by name when the model has none)."""
+    model_dir = resolve_model_dir(model_dir)
+    spec = read_spec(model_dir) or {}
+    if name not in spec.get("artifacts", []):
+        raise SlimdiffError(f"{model_dir} carries no artifact '{name}' (it has: {spec.get('artifacts') or 'none'})")
+    return read_json(model_dir / f"{name}.json", f"artifact {name}")
 
 
 def load_architecture(model_dir: str | Path) -> nn.Module:
@@ -429,6 +457,7 @@ __all__ = [
     "load",
     "load_architecture",
     "load_scheduler_config",
+    "read_artifact",
     "read_config",
     "read_provenance",
     "read_spec",

@@ -6,7 +6,7 @@ data: digits              # `digits` or an image folder
 out: runs/my-recipe
 steps:
   - train: {steps: 1500, batch_size: 64, lr: 1.0e-3}
-  - compress: {engine: channels, importance: diff-pruning, target_macs: 0.5}
+  - compress: {engine: channels, importance: diff-pruning, target_macs: 0.5}   # any engine + its settings
   - finetune: {steps: 225, lr: 2.0e-4, teacher: runs/my-recipe/00-train}
   - eval: {n: 500, steps: 20, metrics: [fid, kid, macs, latency]}
 ```
@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from slimdiff.engines.channels import ChannelPruningConfig
+from slimdiff.engines import EngineConfig, get_engine
 from slimdiff.errors import SlimdiffError
 from slimdiff.train import TrainConfig
 
@@ -74,17 +74,27 @@ class SampleStep:
 
 
 @dataclass
-class CompressOptions(ChannelPruningConfig):
-    """Compression settings: the engine, then that engine's settings."""
-
-    engine: Literal["channels"] = "channels"
-
-
-@dataclass
 class CompressStep:
-    """Compress the current model with one engine."""
+    """Compress the current model with one engine: `compress: {engine: NAME, <that engine's settings>}`.
 
-    compress: CompressOptions
+    The settings are validated by the engine's own config dataclass (the one `slimdiff compress NAME` is built
+    from); `engine` defaults to `channels`.
+    """
+
+    engine: str
+    config: EngineConfig
+
+    @classmethod
+    def parse(cls, options: Any, where: str) -> CompressStep:
+        if not isinstance(options, dict):
+            raise SlimdiffError(f"{where}: expected a mapping with `engine` and its settings, got {options!r}")
+        settings = dict(options)
+        name = settings.pop("engine", "channels")
+        try:
+            engine = get_engine(name)
+        except SlimdiffError as error:
+            raise SlimdiffError(f"{where}.engine: {error}") from None
+        return cls(engine=name, config=from_dict(engine.config, settings, where))
 
 
 @dataclass
@@ -186,7 +196,11 @@ def _step(value: Any, where: str) -> Step:
     ((kind, options),) = value.items()
     if kind not in STEP_KINDS:
         raise SlimdiffError(f"{where}: unknown step '{kind}'; valid: {', '.join(STEP_KINDS)}")
-    return from_dict(STEP_KINDS[kind], {kind: options if options is not None else {}}, where)
+    options = options if options is not None else {}
+    step_class = STEP_KINDS[kind]
+    if hasattr(step_class, "parse"):
+        return step_class.parse(options, f"{where}.{kind}")
+    return from_dict(step_class, {kind: options}, where)
 
 
 def from_dict(cls: type, data: Any, where: str) -> Any:
@@ -205,7 +219,7 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise SlimdiffError(f"{where}.{name}: required field is missing")
     instance = cls(**values)
-    if isinstance(instance, (TrainConfig, ChannelPruningConfig)):
+    if hasattr(instance, "validate"):
         try:
             instance.validate()
         except SlimdiffError as error:

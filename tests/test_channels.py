@@ -10,6 +10,8 @@ import torch
 from helpers import FAMILIES, tiny_vae
 
 from slimdiff.data import load_data
+from slimdiff.diffusion import DEFAULT_SCHEDULE
+from slimdiff.engines import Calibration
 from slimdiff.engines.channels import ChannelPruningConfig, accumulate_gradients, compress, prune_copy
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, save
@@ -30,6 +32,10 @@ def _cond_for(adapter):
     return lambda labels: None
 
 
+def _data(adapter, digits) -> Calibration:
+    return Calibration(digits, _cond_for(adapter), DEFAULT_SCHEDULE)
+
+
 def _fast(**kwargs) -> ChannelPruningConfig:
     return ChannelPruningConfig(calibration_size=4, timestep_stride=100, **kwargs)
 
@@ -39,7 +45,7 @@ def test_prunes_every_family_to_the_macs_budget_and_round_trips(name: str, digit
     model = build_tiny(name).eval()
     adapter = adapter_for(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = compress(adapter, _fast(importance="diff-pruning", target_macs=0.5), digits, cond_for=_cond_for(adapter))
+    result = compress(adapter, _fast(importance="diff-pruning", target_macs=0.5), _data(adapter, digits))
     assert result.achieved["macs"] == pytest.approx(0.5, rel=0.02)
     assert count_macs(result.model).total == result.pruned["macs"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the source is untouched
@@ -55,7 +61,7 @@ def test_prunes_every_family_to_the_macs_budget_and_round_trips(name: str, digit
 @pytest.mark.parametrize("target", [0.25, 0.7])
 def test_macs_budget_is_met_within_two_percent(target: float, digits) -> None:
     adapter = adapter_for(build_tiny("tiny-unet"))
-    result = compress(adapter, _fast(importance="magnitude", target_macs=target), digits, cond_for=_cond_for(adapter))
+    result = compress(adapter, _fast(importance="magnitude", target_macs=target), _data(adapter, digits))
     assert result.achieved["macs"] == pytest.approx(target, rel=0.02)
 
 
@@ -64,7 +70,7 @@ def test_macs_budget_is_met_within_two_percent(target: float, digits) -> None:
 )
 def test_params_budget_is_met_within_two_percent(name: str, target: float, digits) -> None:
     adapter = adapter_for(build_tiny(name))
-    result = compress(adapter, _fast(importance="random", target_params=target), digits, cond_for=_cond_for(adapter))
+    result = compress(adapter, _fast(importance="random", target_params=target), _data(adapter, digits))
     assert result.achieved["params"] == pytest.approx(target, rel=0.02)
     assert count_params(result.model) == result.pruned["params"]
 
@@ -73,7 +79,7 @@ def test_pruned_unet_runs_in_the_ddim_pipeline(digits, tmp_path: Path) -> None:
     from diffusers import DDIMPipeline, DDIMScheduler
 
     adapter = adapter_for(build_tiny("tiny-unet"))
-    result = compress(adapter, _fast(importance="magnitude", target_macs=0.4), digits, cond_for=_cond_for(adapter))
+    result = compress(adapter, _fast(importance="magnitude", target_macs=0.4), _data(adapter, digits))
     save(result.model, tmp_path / "pruned")
     pipeline = DDIMPipeline(load(tmp_path / "pruned"), DDIMScheduler())
     images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
@@ -128,8 +134,8 @@ def test_head_dim_pruning_keeps_heads_and_updates_scale() -> None:
 
 def test_diff_pruning_threshold_drops_the_noisy_timesteps(digits) -> None:
     adapter = adapter_for(build_tiny("tiny-unet"))
-    every = accumulate_gradients(adapter, digits, _fast(target_macs=0.5, thr=0.0), _cond_for(adapter))
-    early = accumulate_gradients(adapter, digits, _fast(target_macs=0.5, thr=0.9), _cond_for(adapter))
+    every = accumulate_gradients(adapter, _data(adapter, digits), _fast(target_macs=0.5, thr=0.0))
+    early = accumulate_gradients(adapter, _data(adapter, digits), _fast(target_macs=0.5, thr=0.9))
     assert every == list(range(0, 1000, 100))
     assert early[0] == 0 and len(early) < len(every)
     assert all(p.grad is not None for p in adapter.model.parameters() if p.requires_grad)
@@ -138,7 +144,7 @@ def test_diff_pruning_threshold_drops_the_noisy_timesteps(digits) -> None:
 def test_importances_choose_different_channels(digits) -> None:
     model = build_tiny("tiny-unet")
     adapter = adapter_for(model)
-    accumulate_gradients(adapter, digits, _fast(target_macs=0.5), _cond_for(adapter))
+    accumulate_gradients(adapter, _data(adapter, digits), _fast(target_macs=0.5))
     kept = {
         importance: tuple(sorted((key, tuple(v)) for key, v in prune_copy(model, 0.25, importance).kept.items()))
         for importance in ("diff-pruning", "magnitude", "random")
@@ -158,7 +164,7 @@ def test_bad_configs_are_refused() -> None:
 def test_unreachable_budget_is_reported(digits) -> None:
     adapter = adapter_for(build_tiny("tiny-unet"))
     with pytest.raises(SlimdiffError, match=r"cannot reach 0.05 of the original macs: .* keeps 0.\d\d"):
-        compress(adapter, _fast(importance="magnitude", target_macs=0.05), digits, cond_for=_cond_for(adapter))
+        compress(adapter, _fast(importance="magnitude", target_macs=0.05), _data(adapter, digits))
 
 
 def test_dit_residual_stream_is_pruned_consistently() -> None:

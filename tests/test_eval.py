@@ -11,7 +11,7 @@ import pytest
 from slimdiff.cli import main
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import save
-from slimdiff.jobs import EvalSettings, evaluate_model
+from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
 from slimdiff.models import build_tiny
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,7 +31,8 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from slimdiff.data import ImageDataset
-from slimdiff.diffusion import DEFAULT_SCHEDULE, make_scheduler, training_target
+from slimdiff.diffusion import make_scheduler, training_target
+from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, no_log, register
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import Adapter, adapter_for
@@ -45,18 +45,24 @@ MAX_RATIO = 0.7
 
 
 @dataclass
-class ChannelPruningConfig:
+class ChannelPruningConfig(EngineConfig):
     """What to prune to: exactly one of `target_macs` / `target_params`, as a fraction of the original."""
 
-    importance: Importance = "diff-pruning"
-    target_macs: float | None = None
-    target_params: float | None = None
-    thr: float = 0.05
-    timestep_stride: int = 10
-    calibration_size: int = 32
-    attention: Literal["head-dim", "heads"] = "head-dim"
-    tolerance: float = 0.02
-    seed: int = 0
+    importance: Importance = field(
+        default="diff-pruning", metadata={"help": "diff-pruning, taylor, magnitude or random."}
+    )
+    target_macs: float | None = field(default=None, metadata={"help": "Keep this fraction of MACs."})
+    target_params: float | None = field(default=None, metadata={"help": "Keep this fraction of params."})
+    thr: float = field(default=0.05, metadata={"help": "Diff-Pruning early stop: drop t once L_t < thr·max L."})
+    timestep_stride: int = field(
+        default=10, metadata={"help": "Timestep stride of the importance sweep.", "flag": "--stride"}
+    )
+    calibration_size: int = field(default=32, metadata={"help": "Calibration images.", "flag": "--calibration"})
+    attention: Literal["head-dim", "heads"] = field(
+        default="head-dim", metadata={"help": "head-dim (keep heads) or heads."}
+    )
+    tolerance: float = field(default=0.02, metadata={"help": "Relative budget tolerance of the search."})
+    seed: int = field(default=0, metadata={"help": "Random seed (calibration batch, noise, random importance)."})
 
     def validate(self) -> None:
         if self.importance not in IMPORTANCES:
@@ -72,6 +78,11 @@ class ChannelPruningConfig:
             raise SlimdiffError("timestep_stride and calibration_size must be ≥ 1")
         if self.attention not in ("head-dim", "heads"):
             raise SlimdiffError(f"attention must be head-dim or heads, got '{self.attention}'")
+        if not 0 < self.tolerance < 0.5:
+            raise SlimdiffError(f"tolerance {self.tolerance} must be in (0, 0.5)")
+
+    def budget(self) -> dict[str, float]:
+        return {self.unit: self.target}
 
     @property
     def unit(self) -> Literal["macs", "params"]:
@@ -82,17 +93,14 @@ class ChannelPruningConfig:
         return self.target_macs if self.target_macs is not None else self.target_params
 
 
-@dataclass
-class ChannelPruningResult:
-    """The pruned model and what was achieved (fractions of the original)."""
+@dataclass(kw_only=True)
+class ChannelPruningResult(Result):
+    """The pruned model, what was achieved (fractions of the original), and how the budget was met."""
 
-    model: nn.Module
     ratio: float
-    achieved: dict[str, float]
     original: dict[str, int]
     pruned: dict[str, int]
     scored_timesteps: list[int] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,19 +113,13 @@ def _calibration(adapter: Adapter, data: ImageDataset, size: int, seed: int) -> 
     return torch.stack(images), torch.tensor(labels)
 
 
-def accumulate_gradients(
-    adapter: Adapter,
-    data: ImageDataset,
-    config: ChannelPruningConfig,
-    cond_for: Callable[[torch.Tensor], torch.Tensor | None],
-    schedule: dict | None = None,
-) -> list[int]:
+def accumulate_gradients(adapter: Adapter, data: Calibration, config: ChannelPruningConfig) -> list[int]:
     """Fill `.grad` of every parameter for Taylor importance; returns the timesteps that contributed."""
     model = adapter.model
-    scheduler = make_scheduler("ddpm", schedule or DEFAULT_SCHEDULE)
+    scheduler = make_scheduler("ddpm", data.schedule)
     device = next(model.parameters()).device
-    x0, labels = _calibration(adapter, data, config.calibration_size, config.seed)
-    x0, cond = x0.to(device), cond_for(labels)
+    x0, labels = _calibration(adapter, data.dataset, config.calibration_size, config.seed)
+    x0, cond = x0.to(device), data.cond_for(labels)
     generator = torch.Generator().manual_seed(config.seed + 1)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     model.zero_grad(set_to_none=True)
@@ -259,13 +261,7 @@ def verify_slices(original: nn.Module, pruned: _Pruned) -> None:
 # budget search
 # ----------------------------------------------------------------------------------------------------------------
 def compress(
-    adapter: Adapter,
-    config: ChannelPruningConfig,
-    data: ImageDataset,
-    *,
-    cond_for: Callable[[torch.Tensor], torch.Tensor | None],
-    schedule: dict | None = None,
-    log: Callable[[str], None] = lambda message: None,
+    adapter: Adapter, config: ChannelPruningConfig, data: Calibration, *, log: Log = no_log
 ) -> ChannelPruningResult:
     """Prune a copy of `adapter.model` to the budget; the original model is left unchanged (its grads cleared)."""
     config.validate()
@@ -273,7 +269,7 @@ def compress(
     model = adapter.model
     scored: list[int] = []
     if config.importance in ("diff-pruning", "taylor"):
-        scored = accumulate_gradients(adapter, data, config, cond_for, schedule)
+        scored = accumulate_gradients(adapter, data, config)
         log(f"importance from {len(scored)} timesteps ({config.importance})")
     original = {"macs": count_macs(model).total, "params": count_params(model)}
 
@@ -327,10 +323,33 @@ def compress(
     achieved = {"macs": chosen.macs / original["macs"], "params": chosen.params / original["params"]}
     return ChannelPruningResult(
         model=chosen.model.eval(),
-        ratio=ratio,
         achieved=achieved,
+        record={
+            "importance": config.importance,
+            "thr": config.thr,
+            "timesteps_scored": len(scored),
+            "attention": config.attention,
+            "ratio": ratio,
+            "macs": chosen.macs,
+            "params": chosen.params,
+        },
+        summary=(
+            f"pruned at ratio {ratio:.3f}: {achieved['macs']:.3f} of the MACs ({chosen.macs / 1e6:.1f} M), "
+            f"{achieved['params']:.3f} of the params ({chosen.params:,})"
+        ),
+        ratio=ratio,
         original=original,
         pruned={"macs": chosen.macs, "params": chosen.params},
         scored_timesteps=scored,
         seconds=time.perf_counter() - start,
     )
+
+
+ENGINE = register(
+    Engine(
+        "channels",
+        ChannelPruningConfig,
+        compress,
+        help="Structural channel pruning (Diff-Pruning or a baseline importance) to a MACs or params budget.",
+    )
+)

@@ -1,0 +1,172 @@
+"""The engine contract: what every compression engine is, and what it hands back.
+
+An engine is a name, a `Config` dataclass and a `compress` function:
+
+```python
+@dataclass
+class ToyConfig(EngineConfig):
+    scale: float = field(default=1.0, metadata={"help": "Multiply conv_out by this."})
+
+    def validate(self) -> None:
+        if self.scale <= 0:
+            raise SlimdiffError(f"scale must be > 0, got {self.scale}")
+
+def compress(adapter: Adapter, config: ToyConfig, data: Calibration, *, log: Log) -> Result:
+    model = copy.deepcopy(adapter.model)
+    ...
+    return Result(model=model, achieved={"params": 1.0}, record={"scale": config.scale}, summary="scaled")
+
+register(Engine("toy", ToyConfig, compress, help="Scale the output layer."))
+```
+
+From that alone the rest is derived: `slimdiff compress toy MODEL --out DIR --scale 2` (flags and help from the
+fields and their `metadata["help"]`), the recipe step `compress: {engine: toy, scale: 2}` (validated by the same
+dataclass), and the provenance in `slimdiff.json` (engine, config, budget, achieved, the engine's record).
+
+Rules: an engine never trains and never parses arguments; it never changes `adapter.model` (it compresses a copy,
+or returns the model untouched with an artifact); what it adds beside the weights (e.g. a skip table) travels in
+`Result.artifacts` and is written by the exporter like any other artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimdiff.data import ImageDataset
+from slimdiff.errors import SlimdiffError
+
+Log = Callable[[str], None]
+
+
+def no_log(message: str) -> None:
+    """The default `log`: say nothing."""
+
+
+@dataclass
+class EngineConfig:
+    """Base of every engine's settings. Fields carry their CLI help in `metadata["help"]` (and, optionally, a
+    different flag name in `metadata["flag"]`); `validate` raises `SlimdiffError` naming the bad field."""
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work (called by every surface before `compress`)."""
+
+    def budget(self) -> dict[str, Any]:
+        """The budget asked for, in the user's unit (e.g. `{"macs": 0.5}`); recorded in the provenance."""
+        return {}
+
+
+@dataclass
+class Calibration:
+    """What an engine may look at besides the model: data, how labels become conditions, the noise schedule.
+
+    `cond_for(labels)` turns dataset labels into the model's condition (class labels or prompt embeddings, None
+    for unconditional models); `schedule` is the model's training noise-scheduler config.
+    """
+
+    dataset: ImageDataset
+    cond_for: Callable[[torch.Tensor], torch.Tensor | None]
+    schedule: dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class Result:
+    """What an engine made.
+
+    `achieved` is what was reached against the budget (fractions of the original, e.g. `{"macs": 0.49,
+    "params": 0.52}`); `record` is JSON-able detail for the provenance; `summary` is one line for people;
+    `artifacts` maps an artifact name to a JSON-able payload saved beside the weights (`<name>.json`) and
+    re-attached by `slimdiff.load` through `attach_artifact`.
+    """
+
+    model: nn.Module
+    achieved: dict[str, float]
+    record: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def save(self, out_dir: str | Path, **save_kwargs: Any) -> Path:
+        """Save the model and its artifacts in the export format (`save_kwargs` go to `export.save`)."""
+        from slimdiff.export import save
+
+        return save(self.model, out_dir, artifacts=self.artifacts, **save_kwargs)
+
+
+Compress = Callable[..., Result]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A registered engine: its name (the CLI subcommand and recipe `engine:`), settings class and function."""
+
+    name: str
+    config: type[EngineConfig]
+    compress: Compress
+    help: str = ""
+
+    def make_config(self, **values: Any) -> EngineConfig:
+        """The engine's config from keyword values, validated."""
+        config = self.config(**values)
+        config.validate()
+        return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the registry
+# ----------------------------------------------------------------------------------------------------------------
+#: Built-in engines: name → the module that defines `ENGINE` (imported on first use, so the CLI starts fast).
+BUILTIN_ENGINES: dict[str, str] = {
+    "channels": "slimdiff.engines.channels",
+}
+#: Artifacts that `slimdiff.load` knows how to re-attach: artifact name → the module that defines `attach`.
+BUILTIN_ARTIFACTS: dict[str, str] = {}
+
+_engines: dict[str, Engine] = {}
+_artifacts: dict[str, Callable[[nn.Module, Any], None]] = {}
+
+
+def register(engine: Engine) -> Engine:
+    """Add (or replace) an engine in the registry; returns it."""
+    if not engine.name.replace("-", "").isalnum():
+        raise SlimdiffError(f"engine name '{engine.name}' must be letters, digits and dashes")
+    if not (dataclasses.is_dataclass(engine.config) and issubclass(engine.config, EngineConfig)):
+        raise SlimdiffError(f"engine '{engine.name}': config must be an EngineConfig dataclass")
+    _engines[engine.name] = engine
+    return engine
+
+
+def engine_names() -> list[str]:
+    """Every engine name, built-in and registered, without importing any engine."""
+    return sorted(set(BUILTIN_ENGINES) | set(_engines))
+
+
+def get_engine(name: str) -> Engine:
+    """The engine called `name`; an unknown name is refused with the list of engines."""
+    if name not in _engines and name in BUILTIN_ENGINES:
+        importlib.import_module(BUILTIN_ENGINES[name])  # the module registers its ENGINE
+    if name not in _engines:
+        raise SlimdiffError(f"unknown engine '{name}'; valid: {', '.join(engine_names())}")
+    return _engines[name]
+
+
+def register_artifact(name: str, attach: Callable[[nn.Module, Any], None]) -> None:
+    """Teach `slimdiff.load` to re-attach the artifact `name` (`attach(model, payload)`)."""
+    _artifacts[name] = attach
+
+
+def attach_artifact(model: nn.Module, name: str, payload: Any) -> None:
+    """Re-attach a saved artifact to a loaded model; an artifact nothing knows is refused by name."""
+    if name not in _artifacts and name in BUILTIN_ARTIFACTS:
+        importlib.import_module(BUILTIN_ARTIFACTS[name])  # the module registers its attach function
+    if name not in _artifacts:
+        known = ", ".join(sorted(set(BUILTIN_ARTIFACTS) | set(_artifacts))) or "none"
+        raise SlimdiffError(f"the model carries an artifact '{name}' this slimdiff cannot attach (known: {known})")
+    _artifacts[name](model, payload)

@@ -1,0 +1,185 @@
+"""Evaluate models (quality, MACs, latency, each with its settings) and compare several in one report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimdiff.data import load_data
+from slimdiff.diffusion import sample
+from slimdiff.errors import SlimdiffError
+from slimdiff.export import load, load_scheduler_config
+from slimdiff.io import atomic_write_json
+from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
+from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sampling_latency, sampling_macs
+from slimdiff.metrics.features import FeatureExtractor, digits_feature_extractor, inception_feature_extractor
+from slimdiff.metrics.quality import clip_score, compute_quality, reference_features
+from slimdiff.models import adapter_for
+from slimdiff.report import markdown_table, save_grid, write_compare_report
+
+EVAL_METRICS = ("fid", "kid", "is", "pr", "clip", "macs", "latency")
+
+
+@dataclass
+class EvalSettings:
+    """How a model is evaluated; every reported metric carries these settings."""
+
+    data: str = "digits"
+    metrics: tuple[str, ...] = ("fid", "kid", "macs", "latency")
+    n: int = 1000
+    steps: int = 50
+    scheduler: str = "ddim"
+    seed: int = 0
+    batch_size: int = 64
+    guidance_scale: float = 1.0
+    feature: str = "digits"  # or the path of the FID Inception TorchScript file
+    clip_dir: str | None = None
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
+        if unknown or not self.metrics:
+            raise SlimdiffError(
+                f"unknown metric {unknown[0] if unknown else '(none)'}; valid: {', '.join(EVAL_METRICS)}"
+            )
+        if self.n < 1 or self.steps < 1 or self.batch_size < 1:
+            raise SlimdiffError("n, steps and batch_size must be ≥ 1")
+
+
+def _extractor(feature: str) -> FeatureExtractor:
+    return digits_feature_extractor() if feature == "digits" else inception_feature_extractor(feature)
+
+
+def evaluate_model(
+    model_dir: str | Path, settings: EvalSettings, *, grid: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Measure a model: quality of `n` seeded samples against the data's training split, MACs, latency."""
+    settings.validate()
+    model = load(model_dir, device=settings.device)
+    adapter = adapter_for(model)
+    quality = [m for m in settings.metrics if m in ("fid", "kid", "is", "pr")]
+    common = {
+        "n": settings.n,
+        "steps": settings.steps,
+        "scheduler": settings.scheduler,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "guidance_scale": settings.guidance_scale,
+        "device": settings.device,
+    }
+    report: dict[str, Any] = {
+        "model": str(model_dir),
+        "family": adapter.family,
+        "params": count_params(model),
+        "metrics": {},
+    }
+    images = None
+    inputs = None
+    if quality or "clip" in settings.metrics or grid is not None:
+        inputs = sampling_inputs(model_dir, adapter, settings.n)
+        images = sample(
+            adapter,
+            n=settings.n,
+            steps=settings.steps,
+            scheduler=settings.scheduler,
+            schedule=load_scheduler_config(model_dir),
+            cond=inputs.cond,
+            guidance_scale=settings.guidance_scale,
+            uncond_embedding=inputs.uncond_embedding,
+            seed=settings.seed,
+            batch_size=settings.batch_size,
+            decode=decoder_for(model_dir),
+            progress=progress,
+        )
+        if grid is not None:
+            save_grid(images[:64], grid, scale=max(1, 128 // images.shape[-1]))
+    if quality:
+        extractor = _extractor(settings.feature)
+        reference = load_data(settings.data, size=images.shape[-1], channels=images.shape[1], split="train")
+        real = reference_features(reference, extractor, split="train")
+        values = compute_quality(images, real, extractor, metrics=quality, seed=settings.seed)
+        setting = common | {"extractor": extractor.name, "reference": f"{settings.data} train split ({len(real)})"}
+        for key, value in values.items():
+            report["metrics"][key] = {"value": value} | setting
+    if "clip" in settings.metrics:
+        if adapter.cond_kind != "text" or settings.clip_dir is None:
+            raise SlimdiffError("the clip metric needs a text-conditioned model and --clip-dir (a local CLIP folder)")
+        value = clip_score(images, inputs.description, settings.clip_dir)
+        report["metrics"]["clip"] = {"value": value, "clip_dir": settings.clip_dir} | common
+    if "macs" in settings.metrics:
+        per_call = count_macs(model)
+        guided = settings.guidance_scale != 1.0 and adapter.cond_kind != "none"
+        run = sampling_macs(per_call, settings.steps, guidance=guided)
+        counts = "per denoiser call, batch 1"
+        report["metrics"]["macs"] = {"value": per_call.total, "counts": counts + ", attention matmuls included"}
+        report["metrics"]["macs_no_attn"] = {"value": per_call.without_attention, "counts": counts}
+        steps = f"one image, {settings.steps} {settings.scheduler} steps" + (
+            ", guided (2 calls a step)" if guided else ""
+        )
+        report["metrics"]["sampling_macs"] = {"value": run.total, "counts": steps}
+    if "latency" in settings.metrics:
+        call = denoiser_latency(model, batch_size=settings.batch_size, device=settings.device)
+        run = sampling_latency(
+            adapter,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            scheduler=settings.scheduler,
+            device=settings.device,
+            guidance_scale=settings.guidance_scale,
+        )
+        threads = {"threads": torch.get_num_threads()} if settings.device == "cpu" else {}
+        report["metrics"]["latency_ms"] = {
+            "value": call.median_ms,
+            "p10": call.p10_ms,
+            "p90": call.p90_ms,
+            "counts": f"one denoiser call at batch {settings.batch_size}",
+            "repeats": call.repeats,
+            "device": settings.device,
+        } | threads
+        report["metrics"]["sampling_latency_ms"] = {
+            "value": run.median_ms,
+            "p10": run.p10_ms,
+            "p90": run.p90_ms,
+            "counts": f"{settings.steps}-step sampling run at batch {settings.batch_size}",
+            "repeats": run.repeats,
+            "device": settings.device,
+        } | threads
+    return report
+
+
+def eval_table(report: dict[str, Any]) -> str:
+    """A Markdown table of one evaluation report: metric, value, and the settings it was measured with."""
+    rows = [
+        {
+            "metric": key,
+            "value": entry["value"],
+            "settings": ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "value"
+            ),
+        }
+        for key, entry in report["metrics"].items()
+    ]
+    return markdown_table(rows)
+
+
+def compare_models(
+    model_dirs: list[str | Path], out_dir: str | Path, settings: EvalSettings, *, progress: bool = True
+) -> Path:
+    """Evaluate each model with the same settings and write one HTML report (table, plots, sample grids)."""
+    if not model_dirs:
+        raise SlimdiffError("compare needs at least one model directory")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, grids = [], {}
+    quality_key = next((m for m in ("fid", "kid_mean", "is_mean", "clip") if m.split("_")[0] in settings.metrics), None)
+    for index, model_dir in enumerate(model_dirs):
+        name = f"{index}:{Path(model_dir).name}"
+        grid = out_dir / f"samples-{index}.png"
+        report = evaluate_model(model_dir, settings, grid=grid, progress=progress)
+        atomic_write_json(out_dir / f"eval-{index}.json", report)
+        rows.append({"model": name, "params": report["params"]} | {k: v["value"] for k, v in report["metrics"].items()})
+        grids[name] = grid
+    return write_compare_report(rows, out_dir, quality_key=quality_key or "params", grids=grids)

@@ -1,0 +1,37 @@
+"""Inspect a model directory without reading its weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slimdiff.export import load_architecture, read_provenance
+from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.models import adapter_for
+
+
+def model_info(model_dir: str | Path) -> dict[str, Any]:
+    """Family, size and structure of a model directory, without reading its weights."""
+    model = load_architecture(model_dir)
+    adapter = adapter_for(model)
+    macs = count_macs(model)
+    return {
+        "path": str(model_dir),
+        "family": adapter.family,
+        "class": type(model).__name__,
+        "sample_size": adapter.sample_size,
+        "in_channels": adapter.in_channels,
+        "conditioning": adapter.cond_kind,
+        "params": count_params(model),
+        "macs": macs.total,
+        "macs_no_attn": macs.without_attention,
+        "macs_counts": "per denoiser call, batch 1, at sample_size"
+        + (f", {adapter.text_tokens} text tokens" if adapter.cond_kind == "text" else ""),
+        "blocks": [{"name": b.name, "kind": b.kind, "inputs": list(b.inputs)} for b in adapter.blocks()],
+        "layers": [
+            {"name": layer.name, "kind": layer.kind, "params": layer.params, "removable": layer.removable}
+            | ({"reason": layer.reason} if layer.reason else {})
+            for layer in adapter.layers()
+        ],
+        "provenance": vars(read_provenance(model_dir)),
+    }

@@ -1,0 +1,144 @@
+"""Run a recipe: each step in order, dispatched by its kind, each writing to `out/<index>-<kind>/`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimdiff.distill import KDConfig
+from slimdiff.errors import SlimdiffError
+from slimdiff.io import atomic_write_json
+from slimdiff.jobs.compression import compress_model
+from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
+from slimdiff.jobs.sampling import sample_model
+from slimdiff.jobs.training import finetune_model, new_model, train_model
+from slimdiff.models import TINY_CONFIGS
+from slimdiff.recipe import (
+    STEP_KINDS,
+    CompressStep,
+    EvalOptions,
+    EvalStep,
+    FinetuneStep,
+    Recipe,
+    SampleStep,
+    TrainStep,
+)
+from slimdiff.train import TrainConfig
+
+
+@dataclass
+class StepContext:
+    """What a step runner gets: the recipe, the model so far, where the step writes, whether to show progress."""
+
+    recipe: Recipe
+    current: str
+    out: Path
+    progress: bool
+
+
+#: A step runner returns the step's summary; a `"model"` entry hands a new model directory to the next step.
+StepRunner = Callable[[Any, StepContext], dict[str, Any]]
+
+
+def _train(step: TrainStep, ctx: StepContext) -> dict[str, Any]:
+    result = train_model(
+        new_model(ctx.current),
+        ctx.recipe.data,
+        ctx.out,
+        step.train,
+        source=ctx.current,
+        resume=True,
+        progress=ctx.progress,
+    )
+    return {"model": str(ctx.out), "final_loss": result.final_loss}
+
+
+def _finetune(step: FinetuneStep, ctx: StepContext) -> dict[str, Any]:
+    options = step.finetune
+    kd = KDConfig(options.kd, options.kd_output_weight, options.kd_feature_weight) if options.teacher else None
+    train_config = TrainConfig(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TrainConfig)})
+    result = finetune_model(
+        _model_dir(ctx.current),
+        ctx.recipe.data,
+        ctx.out,
+        train_config,
+        teacher_dir=_recipe_teacher(ctx.recipe, options.teacher),
+        kd=kd,
+        resume=True,
+        progress=ctx.progress,
+    )
+    return {"model": str(ctx.out), "final_loss": result.final_loss}
+
+
+def _compress(step: CompressStep, ctx: StepContext) -> dict[str, Any]:
+    result = compress_model(step.engine, _model_dir(ctx.current), ctx.recipe.data, ctx.out, step.config)
+    return {"model": str(ctx.out), "engine": step.engine, "achieved": result.achieved, "seconds": result.seconds}
+
+
+def _eval(step: EvalStep, ctx: StepContext) -> dict[str, Any]:
+    settings = eval_settings(step.eval, ctx.recipe.data)
+    report = evaluate_model(_model_dir(ctx.current), settings, grid=ctx.out / "samples.png", progress=ctx.progress)
+    atomic_write_json(ctx.out / "eval.json", report)
+    return {"out": str(ctx.out / "eval.json"), "metrics": {k: v["value"] for k, v in report["metrics"].items()}}
+
+
+def _sample(step: SampleStep, ctx: StepContext) -> dict[str, Any]:
+    grid = ctx.out / "samples.png"
+    sample_model(_model_dir(ctx.current), grid, **vars(step.sample), progress=ctx.progress)
+    return {"out": str(grid)}
+
+
+#: Step class → its runner; every kind in `recipe.STEP_KINDS` has one.
+STEP_RUNNERS: dict[type, StepRunner] = {
+    TrainStep: _train,
+    FinetuneStep: _finetune,
+    CompressStep: _compress,
+    EvalStep: _eval,
+    SampleStep: _sample,
+}
+assert set(STEP_RUNNERS) == set(STEP_KINDS.values()), "every recipe step kind needs a runner"
+_KIND_OF = {cls: kind for kind, cls in STEP_KINDS.items()}
+
+
+def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every step of a recipe in order; returns one summary per step (`step`, `out`, and what it measured)."""
+    for step in recipe.steps:  # refuse a bad teacher before any step has run
+        if isinstance(step, FinetuneStep):
+            _recipe_teacher(recipe, step.finetune.teacher)
+    current = recipe.model
+    summaries: list[dict[str, Any]] = []
+    for index, step in enumerate(recipe.steps):
+        kind = _KIND_OF[type(step)]
+        ctx = StepContext(recipe, current, Path(recipe.out) / f"{index:02d}-{kind}", progress)
+        summary = STEP_RUNNERS[type(step)](step, ctx)
+        current = summary.pop("model", current)
+        summaries.append({"step": kind, "out": summary.pop("out", current), **summary})
+    return summaries
+
+
+def eval_settings(options: EvalOptions, data: str) -> EvalSettings:
+    """The evaluation settings a recipe's eval step asks for."""
+    return EvalSettings(
+        data=data, **{k: v for k, v in vars(options).items() if k != "metrics"}, metrics=tuple(options.metrics)
+    )
+
+
+def _recipe_teacher(recipe: Recipe, teacher: str | None) -> str | None:
+    """A fine-tune's teacher: a model directory, or `model` for the recipe's own (trained) input model."""
+    if teacher != "model":
+        return teacher
+    if recipe.model in TINY_CONFIGS or Path(recipe.model).is_file():
+        raise SlimdiffError(
+            f"finetune.teacher: 'model' names the recipe's input model, but '{recipe.model}' is a config, not a "
+            "trained model; give the teacher's directory instead"
+        )
+    return recipe.model
+
+
+def _model_dir(current: str) -> str:
+    if current in TINY_CONFIGS or Path(current).is_file():
+        raise SlimdiffError(f"'{current}' is not a trained model yet: start the recipe with a train step")
+    return current

@@ -1,0 +1,86 @@
+"""Train a model from scratch, or fine-tune a saved one (optionally distilling a teacher)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimdiff.diffusion import DEFAULT_SCHEDULE
+from slimdiff.distill import KDConfig
+from slimdiff.errors import SlimdiffError
+from slimdiff.export import Provenance, load, load_scheduler_config, read_provenance, save
+from slimdiff.io import read_json
+from slimdiff.jobs.conditioning import training_conditioning, training_data
+from slimdiff.models import TINY_CONFIGS, adapter_for, build, build_tiny
+from slimdiff.train import TrainConfig, TrainResult, train
+
+
+def new_model(spec: str) -> nn.Module:
+    """A fresh model from a tiny-config name (`tiny-unet`, `tiny-sd`, `tiny-dit`) or a config JSON file."""
+    if spec in TINY_CONFIGS:
+        return build_tiny(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise SlimdiffError(f"--model must be one of {', '.join(TINY_CONFIGS)} or a config.json file; got '{spec}'")
+    return build(read_json(path, "model config"))
+
+
+def train_model(
+    model: nn.Module,
+    data: str,
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    source: str,
+    source_dir: str | Path | None = None,
+    teacher_dir: str | Path | None = None,
+    kd: KDConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or fine-tune) `model` on `data` and save the EMA weights to `out_dir` in the export format."""
+    out_dir = Path(out_dir)
+    adapter = adapter_for(model)
+    dataset = training_data(adapter, data, config.seed)
+    source_path = Path(source_dir) if source_dir is not None else None
+    conditioning, recorded = training_conditioning(adapter, dataset.classes, out_dir, source_path, config.seed)
+    schedule = (load_scheduler_config(source_path) if source_path else None) or DEFAULT_SCHEDULE
+    teacher = load(teacher_dir) if teacher_dir is not None else None
+    result = train(
+        model,
+        dataset,
+        out_dir,
+        config,
+        conditioning=conditioning,
+        schedule=schedule,
+        teacher=teacher,
+        kd=kd,
+        resume=resume,
+        progress=progress,
+    )
+    provenance = read_provenance(source_path) if source_path else Provenance(source=source)
+    provenance.history.append(
+        {
+            "job": "finetune" if source_path else "train",
+            "data": data,
+            "steps": config.steps,
+            "batch_size": config.batch_size,
+            "seconds": round(result.seconds, 1),
+            "final_loss": result.final_loss,
+        }
+        | ({"teacher": str(teacher_dir), "kd": vars(kd or KDConfig())} if teacher_dir else {})
+    )
+    save(result.model, out_dir, provenance=provenance, scheduler_config=dict(schedule), conditioning=recorded)
+    return result
+
+
+def finetune_model(
+    model_dir: str | Path, data: str, out_dir: str | Path, config: TrainConfig, **kwargs: Any
+) -> TrainResult:
+    """Continue training a saved (typically compressed) model."""
+    model = load(model_dir)
+    if Path(out_dir).resolve() == Path(model_dir).resolve():
+        raise SlimdiffError("--out must differ from the model directory (the source is never overwritten)")
+    return train_model(model, data, out_dir, config, source=str(model_dir), source_dir=model_dir, **kwargs)
