@@ -229,11 +229,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place for `config.steps` optimizer steps; returns it with its EMA weights loaded.
 
     Checkpoints go to `out_dir/checkpoints/`, metrics to `out_dir/log.jsonl`. With `resume=True` the run continues
-    from the latest checkpoint (or starts fresh when there is none).
+    from the latest checkpoint (or starts fresh when there is none). `before_step(step)` runs before every
+    optimizer step (e.g. an elastic model drawing the subnet of that step); `on_step(step, record)` after each
+    logged one.
     """
     config.validate()
     out_dir = Path(out_dir)
@@ -315,6 +318,8 @@ def train(
         capture(teacher if teacher is not None else bare, [t for _, t in feature_pairs]) as teacher_features,
     ):
         for step in range(start, config.steps):
+            if before_step is not None:
+                before_step(step)
             terms_sum: dict[str, float] = {}
             # Randomness inside the model (dropout, DiT's label dropout) uses the global RNG: seed it per step.
             torch.manual_seed(_stream_seed(config.seed, step, rank, 2))

@@ -76,6 +76,22 @@ class Calibration:
     schedule: dict[str, Any]
 
 
+@dataclass
+class Training:
+    """A training run an engine's product needs before it is done (OFA's shared run). Engines never train: the
+    compression job runs this with the one training loop, then calls `finish` on the trained model.
+
+    `model` is trained in place (its forward is whatever the engine arranged, e.g. the subnet drawn for the step);
+    `before_step(step)` runs before every optimizer step; `finish(trained)` returns the products, one `Result` per
+    name, each saved to `out/<name>/`.
+    """
+
+    model: nn.Module
+    steps: int
+    finish: Callable[[nn.Module], dict[str, Result]]
+    before_step: Callable[[int], None] | None = None
+
+
 @dataclass(kw_only=True)
 class Result:
     """What an engine made.
@@ -83,7 +99,8 @@ class Result:
     `achieved` is what was reached against the budget (fractions of the original, e.g. `{"macs": 0.49,
     "params": 0.52}`); `record` is JSON-able detail for the provenance; `summary` is one line for people;
     `artifacts` maps an artifact name to a JSON-able payload saved beside the weights (`<name>.json`) and
-    re-attached by `slimdiff.load` through `attach_artifact`.
+    re-attached by `slimdiff.load` through `attach_artifact`; `training`, when set, is a run the job must do before
+    the products exist (then `model` is the model to train, and `finish` makes the products).
     """
 
     model: nn.Module
@@ -92,6 +109,7 @@ class Result:
     summary: str = ""
     artifacts: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    training: Training | None = None
 
     def save(self, out_dir: str | Path, **save_kwargs: Any) -> Path:
         """Save the model and its artifacts in the export format (`save_kwargs` go to `export.save`)."""
