@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from slimdiff.cli_config import CommaSeparated
 from slimdiff.errors import SlimdiffError
 
 PathArg = click.Path(path_type=Path)
@@ -59,6 +60,8 @@ def info(model_dir: Path, as_json: bool) -> None:
     click.echo(f"blocks ({len(report['blocks'])}): " + ", ".join(b["name"] for b in report["blocks"]))
     removable = sum(layer["removable"] for layer in report["layers"])
     click.echo(f"layers: {len(report['layers'])} residual layers, {removable} removable")
+    if len(report["chain"]) > 1:
+        click.echo("made by: " + " → ".join(report["chain"]))
 
 
 @app.command()
@@ -293,11 +296,35 @@ def evaluate(model_dir: Path, json_out: Path | None, **options: Any) -> None:
 @click.argument("model_dirs", type=PathArg, nargs=-1, required=True)
 @click.option("--out", type=PathArg, required=True, help="Report directory (index.html, plots, grids).")
 @eval_options(default_n=500)
-def compare(model_dirs: tuple[Path, ...], out: Path, **options: Any) -> None:
-    """Evaluate several models alike and write one HTML report: table, quality-vs-MACs and -latency plots, grids."""
+@click.option(
+    "--curve-steps",
+    type=CommaSeparated(click.INT),
+    default="",
+    help="Also evaluate the first model (the teacher) at these sampler step counts, e.g. 4,6,8,13,25,50,100: "
+    "the curve every other model is read against.",
+)
+@click.option(
+    "--curve-schedulers",
+    type=CommaSeparated(click.STRING),
+    default="ddim,dpm",
+    show_default=True,
+    help="Samplers of the teacher's curve.",
+)
+def compare(
+    model_dirs: tuple[Path, ...],
+    out: Path,
+    curve_steps: tuple[int, ...],
+    curve_schedulers: tuple[str, ...],
+    **options: Any,
+) -> None:
+    """Evaluate several models alike and write one HTML report: table with each model's chain, quality vs sampling
+    MACs and vs sampling time (Pareto front, the teacher's step curve), MACs per block, sample grids."""
     from slimdiff.jobs.evaluation import compare_models
 
-    click.echo(f"wrote {compare_models(list(model_dirs), out, _eval_settings(options))}")
+    index = compare_models(
+        list(model_dirs), out, _eval_settings(options), curve_steps=curve_steps, curve_schedulers=curve_schedulers
+    )
+    click.echo(f"wrote {index}")
 
 
 class EngineGroup(click.Group):

@@ -11,12 +11,14 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import click
 
-from slimdiff.engines import Engine
 from slimdiff.errors import SlimdiffError
+
+if TYPE_CHECKING:
+    from slimdiff.engines import Engine
 
 _SCALARS: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
 

@@ -63,6 +63,23 @@ class Provenance:
         known = {k: data[k] for k in ("source", "engine", "budget", "metrics", "history") if k in data}
         return cls(**known)
 
+    def chain(self) -> list[str]:
+        """The model's making, one short line per job: `train 1500 steps`, `compress channels: macs 0.50 → 0.49`."""
+        lines = []
+        for entry in self.history:
+            job = entry.get("job", "?")
+            if "target" in entry or "achieved" in entry:
+                target, achieved = entry.get("target", {}), entry.get("achieved", {})
+                parts = [
+                    f"{unit} {value:.3g} → {achieved[unit]:.3g}" if unit in achieved else f"{unit} {value}"
+                    for unit, value in target.items()
+                ]
+                parts += [f"{unit} {value:.3g}" for unit, value in achieved.items() if unit not in target]
+                lines.append(f"{job}: {', '.join(parts)}" if parts else job)
+            else:
+                lines.append(f"{job} {entry['steps']} steps" if "steps" in entry else job)
+        return lines
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # structure: what differs from the skeleton

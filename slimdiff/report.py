@@ -160,34 +160,69 @@ def _format_cell(key: str, value: object) -> tuple[str, bool]:
     return (str(int(value)) if isinstance(value, numbers.Integral) else f"{number:.4g}"), True
 
 
-def _quality_label(key: str) -> str:
+def _direction(key: str) -> int:
+    """-1 where lower values of the metric are better, +1 where higher are, 0 when unknown."""
     words = set(re.split(r"[^a-z0-9]+", key.lower()))
-    if words & _LOWER_IS_BETTER:
-        return f"{key} (lower is better)"
-    if words & _HIGHER_IS_BETTER:
-        return f"{key} (higher is better)"
-    return key
+    return -1 if words & _LOWER_IS_BETTER else 1 if words & _HIGHER_IS_BETTER else 0
+
+
+def _quality_label(key: str) -> str:
+    direction = _direction(key)
+    return f"{key} (lower is better)" if direction < 0 else f"{key} (higher is better)" if direction > 0 else key
+
+
+def pareto_front(points: list[tuple[str, float, float]], direction: int) -> list[tuple[str, float, float]]:
+    """The (name, cost, quality) points that no other point beats on both: lower cost, and quality better in
+    `direction` (-1: lower is better, +1: higher is better); ordered by cost."""
+    front: list[tuple[str, float, float]] = []
+    for point in sorted(points, key=lambda p: (p[1], -direction * p[2])):
+        if not front or direction * point[2] > direction * front[-1][2]:
+            front.append(point)
+    return front
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:40] or "grid"
 
 
+#: Colours of the reference curves (e.g. the teacher over sampler step counts); none is `MARKER_COLOR`.
+CURVE_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b")
+
+
 def _scatter(
-    points: list[tuple[str, float, float]], x_label: str, y_label: str, title: str, path: Path, *, log_x: bool
+    points: list[tuple[str, float, float]],
+    x_label: str,
+    y_label: str,
+    title: str,
+    path: Path,
+    *,
+    log_x: bool,
+    curves: Mapping[str, list[tuple[str, float, float]]],
+    direction: int,
 ) -> None:
-    """A labelled scatter plot written atomically as PNG (matplotlib's Agg canvas; no pyplot global state)."""
+    """Labelled model points, their Pareto front and the reference curves, written atomically as PNG
+    (matplotlib's Agg canvas; no pyplot global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    for (name, curve), color in zip(curves.items(), CURVE_COLORS * 4):
+        ax.plot([x for _, x, _ in curve], [y for _, _, y in curve], "o-", color=color, ms=4, lw=1.2, label=name)
+        for label, x, y in curve:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7, color=color)
+    front = pareto_front(points, direction) if direction else []
+    if len(front) > 1:
+        xs, ys = [x for _, x, _ in front], [y for _, _, y in front]
+        ax.step(xs, ys, where="post", ls="--", color="#888888", lw=1, label="Pareto front of the models")
     ax.scatter([x for _, x, _ in points], [y for _, _, y in points], s=60, color=MARKER_COLOR, zorder=3)
     for name, x, y in points:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
     if log_x:
         ax.set_xscale("log")
+    if curves or len(front) > 1:
+        ax.legend(fontsize=8, loc="best")
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title)
@@ -198,6 +233,12 @@ def _scatter(
         fig.savefig(tmp, format="png")
 
 
+def _points(rows: list[Mapping[str, Any]], names: list[str], x_key: str, y_key: str) -> list[tuple[str, float, float]]:
+    """(name, x, y) of the rows that have both numbers."""
+    pairs = ((name, _number(row.get(x_key)), _number(row.get(y_key))) for name, row in zip(names, rows))
+    return [(name, x, y) for name, x, y in pairs if x is not None and y is not None]
+
+
 def _plot_section(
     rows: list[dict[str, Any]],
     name_key: str,
@@ -206,31 +247,54 @@ def _plot_section(
     out_dir: Path,
     filename: str,
     what: str,
+    curves: Mapping[str, list[Mapping[str, Any]]],
 ) -> str:
-    """Plot `quality_key` against `x_key` for the rows that have both; the HTML for it, noting rows left out."""
+    """Plot `quality_key` against `x_key` for the rows that have both, over the reference curves; the HTML for it,
+    noting rows left out."""
     names = [str(row.get(name_key, f"row {i + 1}")) for i, row in enumerate(rows)]
-    points, missing = [], []
-    for name, row in zip(names, rows):
-        x, y = _number(row.get(x_key)), _number(row.get(quality_key))
-        if x is None or y is None:
-            lacks = " and ".join(k for k, v in ((x_key, x), (quality_key, y)) if v is None)
-            missing.append(f"{name} (no {lacks})")
-        else:
-            points.append((name, x, y))
+    points = _points(rows, names, x_key, quality_key)
+    plotted = {name for name, _, _ in points}
+    missing = [
+        f"{name} (no {' and '.join(k for k in (x_key, quality_key) if _number(row.get(k)) is None)})"
+        for name, row in zip(names, rows)
+        if name not in plotted
+    ]
+    curve_points = {
+        name: _points(curve, [str(point.get("label", "")) for point in curve], x_key, quality_key)
+        for name, curve in curves.items()
+    }
+    curve_points = {name: found for name, found in curve_points.items() if found}
     parts = [f"<h2>{html.escape(_quality_label(quality_key))} vs {html.escape(what)}</h2>"]
     if points:
         label, scale = AXIS_LABELS.get(x_key, x_key), 1.0
-        xs = [x for _, x, _ in points]
+        xs = [x for _, x, _ in points] + [x for curve in curve_points.values() for _, x, _ in curve]
         if "macs" in x_key.lower():
             scale, unit = next(((f, u) for f, u in ((1e12, "T"), (1e9, "G"), (1e6, "M")) if max(xs) >= f), (1.0, ""))
             label = f"{label} ({unit}MAC)"
         log_x = min(xs) > 0 and max(xs) / min(xs) > 20
-        scaled = [(name, x / scale, y) for name, x, y in points]
+
+        def scaled(found: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+            return [(name, x / scale, y) for name, x, y in found]
+
         _scatter(
-            scaled, label, _quality_label(quality_key), f"{quality_key} vs {what}", out_dir / filename, log_x=log_x
+            scaled(points),
+            label,
+            _quality_label(quality_key),
+            f"{quality_key} vs {what}",
+            out_dir / filename,
+            log_x=log_x,
+            curves={name: scaled(curve) for name, curve in curve_points.items()},
+            direction=_direction(quality_key),
         )
         alt = f"{quality_key} vs {what}"
         parts.append(f'<img class="plot" src="{html.escape(filename)}" alt="{html.escape(alt)}">')
+        if curve_points:
+            parts.append(
+                '<p class="curve-note">Lines: '
+                + html.escape("; ".join(curve_points))
+                + ", each point labelled by its number of sampler steps. A compressed model is worth shipping only"
+                " where it beats that curve at its own cost.</p>"
+            )
     else:
         parts.append(
             f'<p class="note">No row has both {html.escape(x_key)} and {html.escape(quality_key)}: no plot.</p>'
@@ -238,6 +302,23 @@ def _plot_section(
     if missing:
         parts.append(f'<p class="note">Not plotted: {html.escape(", ".join(missing))}.</p>')
     return "\n".join(parts)
+
+
+def _breakdown_table(breakdown: Mapping[str, Mapping[str, float]]) -> str:
+    """MACs per block: one row per block, one column per model (a block a model lacks shows —)."""
+    models = list(breakdown)
+    blocks = list(dict.fromkeys(block for per_model in breakdown.values() for block in per_model))
+    header = "<th>block</th>" + "".join(f"<th>{html.escape(model)}</th>" for model in models)
+    body = []
+    for block in blocks:
+        cells = [f"<td>{html.escape(block)}</td>"]
+        for model in models:
+            text, numeric = _format_cell("macs", breakdown[model].get(block))
+            cells.append(f"<td{' class=num' if numeric else ''}>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    rows = "\n".join(body)
+    table = f'<table id="breakdown">\n<thead><tr>{header}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>'
+    return f"<h2>MACs per block</h2>\n{table}"
 
 
 def write_compare_report(
@@ -251,14 +332,19 @@ def write_compare_report(
     macs_key: str = "macs",
     latency_key: str = "latency_ms",
     notes: Mapping[str, str] | None = None,
+    curves: Mapping[str, list[Mapping[str, Any]]] | None = None,
+    breakdown: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """Write `out_dir/index.html`: a table of `rows`, quality-vs-MACs and quality-vs-latency plots, sample grids.
 
     Each row is one model: `name_key` names it, `macs_key` and `latency_key` hold its cost (see `COLUMN_NOTES`
     for what the standard keys count), `quality_key` its quality metric; every key any row has becomes a column.
-    Rows missing a value are tabulated and left out of the plot that needs it, and the page says so. `grids`
-    maps captions to sample-grid images, copied beside the page. `notes` adds or overrides column descriptions.
-    Every file is written atomically (the page last); other files in `out_dir` are left alone.
+    Rows missing a value are tabulated and left out of the plot that needs it, and the page says so. Each plot
+    draws the models' Pareto front. `curves` are reference lines in both plots — e.g. `{"teacher, DDIM": [{"label":
+    "13", "sampling_macs": …, "fid": …}, …]}`, the teacher over sampler step counts — with the same keys as the
+    rows. `breakdown` maps model names to MACs per block (a table). `grids` maps captions to sample-grid images,
+    copied beside the page. `notes` adds or overrides column descriptions. Every file is written atomically (the
+    page last); other files in `out_dir` are left alone.
     """
     if not rows:
         raise SlimdiffError("write_compare_report needs at least one row (one per model)")
@@ -294,9 +380,10 @@ def write_compare_report(
         if key in descriptions
     )
 
+    curves = curves or {}
     plots = [
-        _plot_section(rows, name_key, macs_key, quality_key, out_dir, "quality_vs_macs.png", "MACs"),
-        _plot_section(rows, name_key, latency_key, quality_key, out_dir, "quality_vs_latency.png", "latency"),
+        _plot_section(rows, name_key, macs_key, quality_key, out_dir, "quality_vs_macs.png", "MACs", curves),
+        _plot_section(rows, name_key, latency_key, quality_key, out_dir, "quality_vs_latency.png", "latency", curves),
     ]
 
     figures = []
@@ -330,6 +417,7 @@ def write_compare_report(
 <div class="plots">
 {chr(10).join(plots)}
 </div>
+{_breakdown_table(breakdown) if breakdown else ""}
 {"<h2>Samples</h2>" + chr(10) + '<div class="grids">' + "".join(figures) + "</div>" if figures else ""}
 </body>
 </html>

@@ -174,3 +174,20 @@ def test_an_artifact_nothing_can_attach_is_refused_by_name(registry: None, teach
     )
     with pytest.raises(SlimdiffError, match="artifact 'toy_note' this slimdiff cannot attach"):
         slimdiff.load(tmp_path / "n")
+
+
+def test_a_rerun_recipe_resumes_after_its_finished_steps(toy: Engine, teacher_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    steps = "steps:\n  - compress: {engine: toy, factor: 0.5}\n  - compress: {engine: toy, factor: %s}\n"
+    path.write_text(f"model: {teacher_dir}\nout: {tmp_path / 'out'}\n" + steps % 0.5)
+    first = run_recipe(load_recipe(path), progress=False)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/slimdiff.json")}
+    assert run_recipe(load_recipe(path), progress=False) == first  # nothing ran again
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/slimdiff.json")}
+    path.write_text(f"model: {teacher_dir}\nout: {tmp_path / 'out'}\n" + steps % 0.25)
+    run_recipe(load_recipe(path), progress=False)  # the second step's settings changed: it alone runs again
+    assert (tmp_path / "out" / "00-compress" / "slimdiff.json").stat().st_mtime_ns == stamps[
+        tmp_path / "out" / "00-compress" / "slimdiff.json"
+    ]
+    expected = 0.125 * _outputs(slimdiff.load(teacher_dir))
+    torch.testing.assert_close(_outputs(slimdiff.load(tmp_path / "out" / "01-compress")), expected)

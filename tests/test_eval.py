@@ -106,6 +106,10 @@ def test_compare_writes_one_report(model_dir: Path, tmp_path: Path, monkeypatch,
             "8",
             "--metrics",
             "fid,macs,latency",
+            "--curve-steps",
+            "1,3",
+            "--curve-schedulers",
+            "ddim",
         ],
     )
     main()
@@ -113,3 +117,8 @@ def test_compare_writes_one_report(model_dir: Path, tmp_path: Path, monkeypatch,
     assert "0:tiny" in page and "1:other" in page
     assert len(list(out.glob("*.png"))) >= 4  # two plots and two sample grids
     assert json.loads((out / "eval-1.json").read_text())["metrics"]["macs"]["value"] > 0
+    # the teacher's own curve over step counts: sampling MACs grow with the steps, one point per step count
+    (curve,) = json.loads((out / "curves.json").read_text()).values()
+    assert [point["label"] for point in curve] == ["1", "3"]
+    assert curve[1]["sampling_macs"] == 3 * curve[0]["sampling_macs"]
+    assert "tiny, ddim over steps" in page and 'id="breakdown"' in page and "mid_block" in page

@@ -14,7 +14,7 @@ from PIL import Image
 
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import LatencyStats, MacCount
-from slimdiff.report import MARKER_COLOR, markdown_table, save_grid, write_compare_report
+from slimdiff.report import MARKER_COLOR, markdown_table, pareto_front, save_grid, write_compare_report
 
 ROWS = [
     {"model": "teacher", "params": 1_234_567, "macs": 65_683_456, "latency_ms": 31.9, "fid": 12.3},
@@ -66,6 +66,26 @@ def test_report_tabulates_every_row_and_key(tmp_path: Path) -> None:
         "quality_vs_macs.png",
     ]
     assert not any(name.startswith(".") for name in names)  # no temporary files left behind
+
+
+def test_pareto_front_keeps_the_points_nothing_beats() -> None:
+    points = [("a", 1.0, 5.0), ("b", 2.0, 3.0), ("c", 3.0, 4.0), ("d", 4.0, 1.0), ("e", 2.0, 6.0)]
+    assert [name for name, _, _ in pareto_front(points, direction=-1)] == ["a", "b", "d"]  # lower is better
+    assert [name for name, _, _ in pareto_front(points, direction=1)] == ["a", "e"]  # higher is better
+
+
+def test_report_draws_reference_curves_and_the_block_breakdown(tmp_path: Path) -> None:
+    curve = [{"label": str(s), "macs": s * 1e6, "latency_ms": s * 2.0, "fid": 20.0 / s} for s in (2, 4, 8)]
+    page = write_compare_report(
+        ROWS,
+        tmp_path,
+        quality_key="fid",
+        curves={"teacher, ddim over steps": curve},
+        breakdown={"teacher": {"down": 2e6, "up": 3e6}, "pruned-50": {"down": 1e6}},
+    ).read_text()
+    assert page.count("teacher, ddim over steps") == 2  # noted under both plots
+    breakdown = page.split('id="breakdown"')[1]
+    assert "<td>down</td>" in breakdown and "2 M" in breakdown and "—" in breakdown  # pruned-50 has no 'up'
 
 
 def test_report_says_which_rows_are_not_plotted(tmp_path: Path) -> None:

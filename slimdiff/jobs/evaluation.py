@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config
 from slimdiff.io import atomic_write_json
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
+from slimdiff.jobs.info import model_info
 from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sampling_latency, sampling_macs
 from slimdiff.metrics.features import FeatureExtractor, digits_feature_extractor, inception_feature_extractor
 from slimdiff.metrics.quality import clip_score, compute_quality, reference_features
@@ -166,20 +168,57 @@ def eval_table(report: dict[str, Any]) -> str:
 
 
 def compare_models(
-    model_dirs: list[str | Path], out_dir: str | Path, settings: EvalSettings, *, progress: bool = True
+    model_dirs: list[str | Path],
+    out_dir: str | Path,
+    settings: EvalSettings,
+    *,
+    curve_steps: tuple[int, ...] = (),
+    curve_schedulers: tuple[str, ...] = ("ddim", "dpm"),
+    progress: bool = True,
 ) -> Path:
-    """Evaluate each model with the same settings and write one HTML report (table, plots, sample grids)."""
+    """Evaluate each model with the same settings and write one HTML report: table (with each model's chain),
+    quality vs sampling MACs and vs measured sampling time with the Pareto front, MACs per block, sample grids.
+
+    With `curve_steps`, the first model (the teacher) is also evaluated at each of those sampler step counts for
+    each of `curve_schedulers`: its quality-vs-cost curve, the free alternative every compressed model is read
+    against, drawn in both plots.
+    """
     if not model_dirs:
         raise SlimdiffError("compare needs at least one model directory")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, grids = [], {}
+    rows, grids, breakdown = [], {}, {}
     quality_key = next((m for m in ("fid", "kid_mean", "is_mean", "clip") if m.split("_")[0] in settings.metrics), None)
     for index, model_dir in enumerate(model_dirs):
         name = f"{index}:{Path(model_dir).name}"
         grid = out_dir / f"samples-{index}.png"
         report = evaluate_model(model_dir, settings, grid=grid, progress=progress)
         atomic_write_json(out_dir / f"eval-{index}.json", report)
-        rows.append({"model": name, "params": report["params"]} | {k: v["value"] for k, v in report["metrics"].items()})
+        info = model_info(model_dir)
+        rows.append(
+            {"model": name, "params": report["params"]}
+            | {k: v["value"] for k, v in report["metrics"].items()}
+            | {"chain": " → ".join(info["chain"])}
+        )
         grids[name] = grid
-    return write_compare_report(rows, out_dir, quality_key=quality_key or "params", grids=grids)
+        breakdown[name] = {block["name"]: block["macs"] for block in info["blocks"]}
+    curves = {}
+    for scheduler in curve_schedulers if curve_steps else ():
+        curve = []
+        for steps in curve_steps:
+            point = dataclasses.replace(settings, steps=steps, scheduler=scheduler)
+            report = evaluate_model(model_dirs[0], point, progress=progress)
+            curve.append({"label": str(steps)} | {k: v["value"] for k, v in report["metrics"].items()})
+        curves[f"{Path(model_dirs[0]).name}, {scheduler} over steps"] = curve
+    atomic_write_json(out_dir / "curves.json", curves)
+    return write_compare_report(
+        rows,
+        out_dir,
+        quality_key=quality_key or "params",
+        grids=grids,
+        macs_key="sampling_macs",
+        latency_key="sampling_latency_ms",
+        curves=curves,
+        breakdown=breakdown,
+        notes={"chain": "how the model was made: its source, then each job (engine budgets → achieved fractions)"},
+    )

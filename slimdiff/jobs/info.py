@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from slimdiff.export import load_architecture, read_provenance
-from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.metrics.cost import count_macs, count_params, macs_by_module
 from slimdiff.models import adapter_for
 
 
@@ -14,7 +14,10 @@ def model_info(model_dir: str | Path) -> dict[str, Any]:
     """Family, size and structure of a model directory, without reading its weights."""
     model = load_architecture(model_dir)
     adapter = adapter_for(model)
+    provenance = read_provenance(model_dir)
     macs = count_macs(model)
+    blocks = adapter.blocks()
+    block_macs = macs_by_module(model, [block.name for block in blocks])
     return {
         "path": str(model_dir),
         "family": adapter.family,
@@ -27,11 +30,14 @@ def model_info(model_dir: str | Path) -> dict[str, Any]:
         "macs_no_attn": macs.without_attention,
         "macs_counts": "per denoiser call, batch 1, at sample_size"
         + (f", {adapter.text_tokens} text tokens" if adapter.cond_kind == "text" else ""),
-        "blocks": [{"name": b.name, "kind": b.kind, "inputs": list(b.inputs)} for b in adapter.blocks()],
+        "blocks": [
+            {"name": b.name, "kind": b.kind, "inputs": list(b.inputs), "macs": block_macs[b.name]} for b in blocks
+        ],
         "layers": [
             {"name": layer.name, "kind": layer.kind, "params": layer.params, "removable": layer.removable}
             | ({"reason": layer.reason} if layer.reason else {})
             for layer in adapter.layers()
         ],
-        "provenance": vars(read_provenance(model_dir)),
+        "chain": [provenance.source or "?", *provenance.chain()],
+        "provenance": vars(provenance),
     }

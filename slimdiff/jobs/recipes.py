@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from slimdiff.distill import KDConfig
 from slimdiff.errors import SlimdiffError
-from slimdiff.io import atomic_write_json
+from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.compression import compress_model
 from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
 from slimdiff.jobs.sampling import sample_model
@@ -103,20 +104,45 @@ assert set(STEP_RUNNERS) == set(STEP_KINDS.values()), "every recipe step kind ne
 _KIND_OF = {cls: kind for kind, cls in STEP_KINDS.items()}
 
 
+#: Written into a step's directory when the step has finished: its settings and summary (how a rerun resumes).
+DONE_NAME = "step.json"
+
+
 def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every step of a recipe in order; returns one summary per step (`step`, `out`, and what it measured)."""
+    """Run every step of a recipe in order; returns one summary per step (`step`, `out`, and what it measured).
+
+    A rerun resumes: a step whose directory records that it finished with the same settings, on the same input,
+    is not run again (its summary is reused) unless a step before it ran again; an interrupted training step
+    continues from its last checkpoint.
+    """
     for step in recipe.steps:  # refuse a bad teacher before any step has run
         if isinstance(step, FinetuneStep):
             _recipe_teacher(recipe, step.finetune.teacher)
     current = recipe.model
     summaries: list[dict[str, Any]] = []
+    reran = False  # once a step runs again, every later step must too: its input changed
     for index, step in enumerate(recipe.steps):
         kind = _KIND_OF[type(step)]
         ctx = StepContext(recipe, current, Path(recipe.out) / f"{index:02d}-{kind}", progress)
-        summary = STEP_RUNNERS[type(step)](step, ctx)
+        settings = json.loads(json.dumps({"input": current, "data": recipe.data, **dataclasses.asdict(step)}))
+        done = None if reran else _finished(ctx.out, settings)
+        if done is None:
+            reran = True
+            done = STEP_RUNNERS[type(step)](step, ctx)
+            atomic_write_json(ctx.out / DONE_NAME, {"settings": settings, "summary": done})
+        summary = dict(done)
         current = summary.pop("model", current)
         summaries.append({"step": kind, "out": summary.pop("out", current), **summary})
     return summaries
+
+
+def _finished(step_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a step that already finished in `step_dir` with exactly these settings, else None."""
+    path = step_dir / DONE_NAME
+    if not path.is_file():
+        return None
+    record = read_json(path, "recipe step record")
+    return record["summary"] if isinstance(record, dict) and record.get("settings") == settings else None
 
 
 def eval_settings(options: EvalOptions, data: str) -> EvalSettings:
