@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pytest
 from diffusers import AutoencoderKL
+
+from slimdiff.cli import main
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 FAMILIES = ["tiny-unet", "tiny-sd", "tiny-dit"]
@@ -28,3 +32,15 @@ def reference_config(name: str) -> Path:
     path = REFERENCE / name
     assert path.is_file(), f"reference config missing: {path}"
     return path
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
+    """Run `slimdiff ARGS` in-process; its exit code, stdout and stderr."""
+    monkeypatch.setattr(sys, "argv", ["slimdiff", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err

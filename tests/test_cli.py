@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import reference_config
+from helpers import reference_config, run_cli
 from PIL import Image
 
-from slimdiff.cli import main
 from slimdiff.demo import RECIPE, recipe_label
 from slimdiff.export import save
 from slimdiff.models import build_tiny
@@ -22,17 +20,6 @@ REFERENCE_PARAMS = {
     "sd-1.5.unet.json": 859_520_964,
     "dit-xl-2-256.transformer.json": 749_826_464,
 }
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["slimdiff", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))

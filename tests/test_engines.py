@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 import slimdiff
-from slimdiff.cli import main
 from slimdiff.engines import Calibration, Engine, EngineConfig, Result, get_engine, register, register_artifact
 from slimdiff.engines import base as engines_base
 from slimdiff.errors import SlimdiffError
@@ -43,17 +43,6 @@ def toy(registry: None, monkeypatch: pytest.MonkeyPatch) -> Engine:
     monkeypatch.setitem(sys.modules, module.__name__, module)
     exec(compile(code, str(ARCHITECTURE), "exec"), module.__dict__)
     return get_engine("toy")
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["slimdiff", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
