@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ import torch
 from slimdiff.data import load_data
 from slimdiff.diffusion import sample
 from slimdiff.errors import SlimdiffError
-from slimdiff.export import load, load_scheduler_config
-from slimdiff.io import atomic_write_json
+from slimdiff.export import load, load_scheduler_config, read_spec
+from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
 from slimdiff.jobs.info import model_info
 from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sampling_latency, sampling_macs
@@ -172,6 +173,7 @@ def compare_models(
     out_dir: str | Path,
     settings: EvalSettings,
     *,
+    names: list[str] | None = None,
     curve_steps: tuple[int, ...] = (),
     curve_schedulers: tuple[str, ...] = ("ddim", "dpm"),
     progress: bool = True,
@@ -181,19 +183,20 @@ def compare_models(
 
     With `curve_steps`, the first model (the teacher) is also evaluated at each of those sampler step counts for
     each of `curve_schedulers`: its quality-vs-cost curve, the free alternative every compressed model is read
-    against, drawn in both plots.
+    against, drawn in both plots. `names` label the models (default: `index:directory name`).
     """
     if not model_dirs:
         raise SlimdiffError("compare needs at least one model directory")
+    names = names or [f"{index}:{Path(model_dir).name}" for index, model_dir in enumerate(model_dirs)]
+    if len(names) != len(model_dirs):
+        raise SlimdiffError(f"{len(names)} names for {len(model_dirs)} models")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, grids, breakdown = [], {}, {}
     quality_key = next((m for m in ("fid", "kid_mean", "is_mean", "clip") if m.split("_")[0] in settings.metrics), None)
-    for index, model_dir in enumerate(model_dirs):
-        name = f"{index}:{Path(model_dir).name}"
+    for index, (name, model_dir) in enumerate(zip(names, model_dirs)):
         grid = out_dir / f"samples-{index}.png"
-        report = evaluate_model(model_dir, settings, grid=grid, progress=progress)
-        atomic_write_json(out_dir / f"eval-{index}.json", report)
+        report = _evaluate_once(model_dir, settings, out_dir / f"eval-{index}.json", grid=grid, progress=progress)
         info = model_info(model_dir)
         rows.append(
             {"model": name, "params": report["params"]}
@@ -207,9 +210,11 @@ def compare_models(
         curve = []
         for steps in curve_steps:
             point = dataclasses.replace(settings, steps=steps, scheduler=scheduler)
-            report = evaluate_model(model_dirs[0], point, progress=progress)
+            report = _evaluate_once(
+                model_dirs[0], point, out_dir / f"curve-{scheduler}-{steps}.json", progress=progress
+            )
             curve.append({"label": str(steps)} | {k: v["value"] for k, v in report["metrics"].items()})
-        curves[f"{Path(model_dirs[0]).name}, {scheduler} over steps"] = curve
+        curves[f"{names[0]}, {scheduler} over steps"] = curve
     atomic_write_json(out_dir / "curves.json", curves)
     return write_compare_report(
         rows,
@@ -222,3 +227,21 @@ def compare_models(
         breakdown=breakdown,
         notes={"chain": "how the model was made: its source, then each job (engine budgets → achieved fractions)"},
     )
+
+
+def _evaluate_once(
+    model_dir: str | Path, settings: EvalSettings, record: Path, *, grid: Path | None = None, progress: bool
+) -> dict[str, Any]:
+    """`evaluate_model`, written to `record`; reused when `record` holds the same model files and settings (so an
+    interrupted comparison resumes), recomputed otherwise."""
+    key = {
+        "settings": json.loads(json.dumps(dataclasses.asdict(settings))),
+        "files": (read_spec(model_dir) or {}).get("files"),
+    }
+    if record.is_file() and (grid is None or grid.is_file()):
+        previous = read_json(record, "evaluation record")
+        if isinstance(previous, dict) and previous.get("cache_key") == key:
+            return previous
+    report = evaluate_model(model_dir, settings, grid=grid, progress=progress) | {"cache_key": key}
+    atomic_write_json(record, report)
+    return report
