@@ -57,7 +57,7 @@ ROWS: tuple[DemoRow, ...] = (
     DemoRow("layers", "digits-layers.yaml"),
     DemoRow("ofa", "digits-ofa.yaml"),
     DemoRow("skip", "digits-skip.yaml"),
-    DemoRow("channels×skip", "digits-channels-skip.yaml", base="channels"),
+    DemoRow("channels-skip", "digits-channels-skip.yaml", base="channels"),
 )
 
 

@@ -180,11 +180,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise SlimdiffError(f"{where}: expected a string, got {value!r}")
         return value
-    if origin is list:
+    if origin in (list, tuple):
         if not isinstance(value, list):
             raise SlimdiffError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        item = typing.get_args(tp)[0]  # list[X] or tuple[X, ...]
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     raise TypeError(f"unsupported annotation {tp!r}")
