@@ -25,7 +25,7 @@ from slimdiff.io import atomic_write_json, read_json
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import adapter_for, build
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 #: Models pruned once at a uniform ratio (too big for the budget search on this machine) → their reference config.
 UNIFORM = {"sd-1.5-unet": "sd-1.5.unet.json", "dit-xl-2-256": "dit-xl-2-256.transformer.json"}
 

@@ -14,7 +14,7 @@ from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.engines import Calibration
 from slimdiff.engines.channels import ChannelPruningConfig, accumulate_gradients, compress, prune_copy
 from slimdiff.errors import SlimdiffError
-from slimdiff.export import load, save
+from slimdiff.export import load, load_architecture, save
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import adapter_for, build_tiny
 
@@ -96,6 +96,16 @@ def test_residual_pruned_dit_runs_in_the_dit_pipeline(tmp_path: Path) -> None:
     pipeline = DiTPipeline(transformer=load(tmp_path / "pruned"), vae=tiny_vae(4), scheduler=DDIMScheduler())
     out = pipeline(class_labels=[1, 7], num_inference_steps=2, guidance_scale=2.0, output_type="np")
     assert out.images.shape == (2, 16, 16, 3) and np.isfinite(out.images).all()
+
+
+def test_residual_pruned_dit_with_odd_heads_loads_weightless_at_its_pruned_width(tmp_path: Path) -> None:
+    """`slimdiff info` reads the architecture only: the position table must come back at the pruned width."""
+    model = build_tiny("tiny-dit", num_attention_heads=3).eval()  # 3 heads of 16: width 48
+    pruned = prune_copy(model, 0.5, "magnitude").model
+    save(pruned, tmp_path / "pruned")
+    meta = load_architecture(tmp_path / "pruned")
+    assert meta.pos_embed.pos_embed.shape == pruned.pos_embed.pos_embed.shape != model.pos_embed.pos_embed.shape
+    assert count_macs(meta).total == count_macs(pruned).total
 
 
 @pytest.mark.parametrize("name", FAMILIES)
