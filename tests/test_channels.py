@@ -12,7 +12,13 @@ from helpers import FAMILIES, tiny_vae
 from slimdiff.data import load_data
 from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.engines import Calibration
-from slimdiff.engines.channels import ChannelPruningConfig, accumulate_gradients, compress, prune_copy
+from slimdiff.engines.channels import (
+    ChannelPruningConfig,
+    accumulate_gradients,
+    channel_scores,
+    compress,
+    prune_copy,
+)
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_architecture, save
 from slimdiff.metrics.cost import count_macs, count_params
@@ -199,3 +205,38 @@ def test_dit_residual_stream_is_pruned_consistently() -> None:
     assert pruned.kept[("proj_out_1", "out")] == [c + width * k for k in range(2) for c in residual]
     assert pruned.kept[("proj_out_2", "in")] == residual
     assert torch.equal(pruned.model.pos_embed.pos_embed, model.pos_embed.pos_embed[..., residual])
+
+
+@pytest.mark.parametrize(
+    ("name", "attention"), [("tiny-unet", "heads"), ("tiny-sd", "head-dim"), ("tiny-dit", "heads")]
+)
+def test_weightless_trial_prunes_what_the_real_copy_prunes(name: str, attention: str) -> None:
+    model = build_tiny(name, **({"num_attention_heads": 3} if name == "tiny-dit" else {})).eval()
+    scores = channel_scores(model, "magnitude", attention=attention)
+    root = adapter_for(model).channel_groups()[0].root
+    trial = dict(attention=attention, boosted={root: 0.6})
+    meta, real = prune_copy(model, 0.3, scores, weightless=True, **trial), prune_copy(model, 0.3, scores, **trial)
+    assert all(p.is_meta for p in meta.model.parameters()) and not any(p.is_meta for p in real.model.parameters())
+    assert (meta.macs, meta.params, meta.kept) == (real.macs, real.params, real.kept)
+    assert [p.shape for p in meta.model.parameters()] == [p.shape for p in real.model.parameters()]
+    assert prune_copy(model, 0.3, "magnitude", **trial).kept == real.kept  # replayed scores = scoring the copy
+
+
+def test_search_on_weightless_copies_gives_what_searching_real_copies_gives(digits, monkeypatch) -> None:
+    """The search as it was before weightless trials: every trial a real copy (with its grads), scored anew."""
+    from slimdiff.engines import channels
+
+    model = build_tiny("tiny-dit", num_attention_heads=3).eval()
+    adapter = adapter_for(model)
+    config = _fast(importance="diff-pruning", target_macs=0.5)
+    ours = compress(adapter, config, _data(adapter, digits))
+    real_copy = channels.prune_copy
+
+    def real_trial(model, ratio, scores, *, weightless=False, **kwargs):
+        return real_copy(model, ratio, config.importance, seed=config.seed, **kwargs)
+
+    monkeypatch.setattr(channels, "prune_copy", real_trial)
+    theirs = compress(adapter, config, _data(adapter, digits))
+    assert (ours.ratio, ours.pruned) == (theirs.ratio, theirs.pruned)
+    expected = theirs.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in ours.model.state_dict().items())

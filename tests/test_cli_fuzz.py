@@ -193,18 +193,22 @@ def test_recipe_compresses_and_evaluates_a_text_model(variants: dict[str, Path],
 # -- bad input: one line, never a traceback ------------------------------------------------------------------------
 def test_unknown_commands_engines_and_missing_arguments(variants: dict[str, Path], tmp_path: Path) -> None:
     model = variants["unet-channels"]
-    fails_in_one_line(slimdiff("foo"), "No such command 'foo'")
-    fails_in_one_line(slimdiff("compress", "skip", model), "unknown engine 'skip'; valid: channels")
-    fails_in_one_line(slimdiff("compress", "channels"), "Missing argument 'MODEL_DIR'")
-    fails_in_one_line(slimdiff("compress", "channels", model), "Missing option '--out'")
-    fails_in_one_line(slimdiff("info"), "Missing argument 'MODEL_DIR'")
-    fails_in_one_line(slimdiff("sample", model), "Missing option '--out'")
-    fails_in_one_line(slimdiff("finetune", model), "Missing option '--out'")
-    fails_in_one_line(slimdiff("compare", "--out", tmp_path / "r"), "Missing argument 'MODEL_DIRS...'")
-    fails_in_one_line(slimdiff("run"), "Missing argument 'RECIPE'")
-    fails_in_one_line(slimdiff("info", model, "--bogus"), "No such option '--bogus'")
-    fails_in_one_line(slimdiff("sample", model, "--n", "0", "--out", tmp_path / "g.png"), "'--n'")
-    fails_in_one_line(slimdiff("compress", "channels", model, "--out", tmp_path / "o", "--target-macs", "half"), "half")
+    cases = {
+        ("foo",): "No such command 'foo'",
+        ("compress", "skip", model): "unknown engine 'skip'; valid: channels",
+        ("compress", "channels"): "Missing argument 'MODEL_DIR'",
+        ("compress", "channels", model): "Missing option '--out'",
+        ("info",): "Missing argument 'MODEL_DIR'",
+        ("sample", model): "Missing option '--out'",
+        ("finetune", model): "Missing option '--out'",
+        ("compare", "--out", tmp_path / "r"): "Missing argument 'MODEL_DIRS...'",
+        ("run",): "Missing argument 'RECIPE'",
+        ("info", model, "--bogus"): "No such option '--bogus'",
+        ("sample", model, "--n", "0", "--out", tmp_path / "g.png"): "'--n'",
+        ("compress", "channels", model, "--out", tmp_path / "o", "--target-macs", "half"): "half",
+    }
+    for result, expected in zip(slimdiff_many(*cases), cases.values(), strict=True):
+        fails_in_one_line(result, expected)
 
 
 def test_bad_values_are_named(variants: dict[str, Path], tmp_path: Path) -> None:
