@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 
 from slimdiff.data import ImageDataset, check_fits
 from slimdiff.diffusion import DEFAULT_SCHEDULE, make_scheduler, training_target
-from slimdiff.distill import KDConfig, capture, default_feature_pairs, feature_kd_loss, output_kd_loss
+from slimdiff.distill import (
+    KDConfig,
+    KeptChannels,
+    at_kept_channels,
+    capture,
+    default_feature_pairs,
+    feature_kd_loss,
+    output_kd_loss,
+)
 from slimdiff.errors import SlimdiffError
 from slimdiff.io import atomic_dir, atomic_write_json, read_json
 from slimdiff.models import Adapter, adapter_for
@@ -226,6 +234,7 @@ def train(
     schedule: dict[str, Any] | None = None,
     teacher: nn.Module | None = None,
     kd: KDConfig | None = None,
+    kept_channels: Mapping[str, KeptChannels] | None = None,
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
@@ -236,7 +245,8 @@ def train(
     Checkpoints go to `out_dir/checkpoints/`, metrics to `out_dir/log.jsonl`. With `resume=True` the run continues
     from the latest checkpoint (or starts fresh when there is none). `before_step(step)` runs before every
     optimizer step (e.g. an elastic model drawing the subnet of that step); `on_step(step, record)` after each
-    logged one.
+    logged one. `kept_channels` (by block) are the teacher channels a channel-pruned student's block outputs kept:
+    feature KD compares those blocks with the teacher's outputs taken at them.
     """
     config.validate()
     out_dir = Path(out_dir)
@@ -299,13 +309,15 @@ def train(
         teacher = teacher.to(device).eval().requires_grad_(False)
         teacher_adapter = adapter_for(teacher)
         if kd.feature_weight > 0:
-            feature_pairs = kd.features or default_feature_pairs(adapter_for(bare), teacher_adapter)
+            feature_pairs = kd.features or default_feature_pairs(adapter_for(bare), teacher_adapter, kept_channels)
             if not feature_pairs:
                 raise SlimdiffError(
-                    "no student/teacher block outputs share a shape, so feature KD has nothing to match; set the "
-                    "feature-KD weight to 0 (output KD still works) or pass feature pairs"
+                    "no student/teacher block outputs share a shape, even at the student's kept channels, so "
+                    "feature KD has nothing to match; set the feature-KD weight to 0 (output KD still works) or "
+                    "pass feature pairs"
                 )
     student = adapter_for(bare, forward_module=model)  # calls go through DDP so gradients synchronise
+    teacher_names, channel_dim = [t for _, t in feature_pairs], student.block_channel_dim
 
     log_path = out_dir / LOG_NAME
     history: list[dict[str, Any]] = []
@@ -315,7 +327,7 @@ def train(
     started, last_loss, window_start, window_steps = time.perf_counter(), float("nan"), time.perf_counter(), 0
     with (
         capture(bare, [s for s, _ in feature_pairs]) as student_features,
-        capture(teacher if teacher is not None else bare, [t for _, t in feature_pairs]) as teacher_features,
+        capture(teacher if teacher is not None else bare, teacher_names) as teacher_features,
     ):
         for step in range(start, config.steps):
             if before_step is not None:
@@ -346,8 +358,11 @@ def train(
                         if kd.output_weight > 0:
                             terms["out_kd"] = kd.output_weight * output_kd_loss(pred, teacher_pred)
                         if feature_pairs:
+                            taught = at_kept_channels(
+                                teacher_features.take(), teacher_names, kept_channels or {}, channel_dim
+                            )
                             terms["feat_kd"] = kd.feature_weight * feature_kd_loss(
-                                student_features.take(), teacher_features.take(), kd.mode
+                                student_features.take(), taught, kd.mode
                             )
                     loss = sum(terms.values())
                 _stop_if_diverged(accelerator, bool(torch.isfinite(loss)), "loss", step + 1, out_dir)

@@ -173,7 +173,7 @@ def test_compress_channels_on_odd_heads_and_finetune_with_a_teacher(variants: di
     succeeds(
         slimdiff(
             "finetune", tmp_path / "pruned", "--teacher", teacher, "--steps", "2", "--batch-size", "4",
-            "--kd-feature-weight", "0", "--out", tmp_path / "tuned",
+            "--out", tmp_path / "tuned",
         )
     )  # fmt: skip
     assert (tmp_path / "tuned" / "slimdiff.json").is_file()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from torch import nn
 
 from slimdiff.data import ImageDataset
 from slimdiff.diffusion import make_scheduler, training_target
+from slimdiff.distill import first_tensor
 from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, no_log, register
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
@@ -316,6 +317,56 @@ def prune_copy(
     return _Pruned(clone, kept, count_macs(clone).total, count_params(clone))
 
 
+def _block_producers(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Each block's output width and the last Conv/Linear inside it that writes that many channels.
+
+    A block's output is that layer's output, or a residual sum with it: torch-pruning couples both, so the
+    layer's kept output channels are the block output's. Probed on a weightless copy (shapes only).
+    """
+    probe = _weightless_copy(model)
+    adapter = adapter_for(probe)
+    order: list[tuple[str, int]] = []  # (layer, output channels) in execution order
+    widths: dict[str, int] = {}
+
+    def ran(name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                order.append((name, module.weight.shape[0]))
+            else:
+                widths[name] = first_tensor(output).shape[adapter.block_channel_dim]
+
+        return hook
+
+    layers = [n for n, m in probe.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [get_submodule(probe, n).register_forward_hook(ran(n)) for n in layers]
+    handles += [get_submodule(probe, b.name).register_forward_hook(ran(b.name)) for b in adapter.blocks()]
+    with torch.no_grad():
+        probe(**adapter.example_inputs(1, "meta"))
+    for handle in handles:
+        handle.remove()
+    producers = {}
+    for block, width in widths.items():
+        inside = [name for name, out in order if name.startswith(block + ".") and out == width]
+        if inside:
+            producers[block] = (inside[-1], width)
+    return producers
+
+
+def block_channels(original: nn.Module, pruned: _Pruned) -> dict[str, dict[str, Any]]:
+    """For every block whose output lost channels: the original channel indices it keeps, and the original width.
+
+    Recorded with the pruned model so that feature distillation can slice the teacher's block outputs to the
+    student's channels. A block whose pruned width does not match the indices found is left out (never guessed).
+    """
+    after = _block_producers(pruned.model)
+    record = {}
+    for block, (layer, width) in _block_producers(original).items():
+        keep = pruned.kept.get((layer, "out"))
+        if keep is not None and len(keep) < width and after.get(block, (None, -1))[1] == len(keep):
+            record[block] = {"kept": keep, "of": width}
+    return record
+
+
 def _attention_modules(model: nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
@@ -426,6 +477,7 @@ def compress(
             "ratio": ratio,
             "macs": chosen.macs,
             "params": chosen.params,
+            "block_channels": block_channels(model, chosen),
         },
         summary=(
             f"pruned at ratio {ratio:.3f}: {achieved['macs']:.3f} of the MACs ({chosen.macs / 1e6:.1f} M), "
