@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The project's test command: install with the test extras, make sure headless Chromium exists for the report's
+# The project's test command: install with the test extras at the tested versions (constraints.txt), make sure headless Chromium exists for the report's
 # browser test (installed with apt-get when run as root), then run pytest with any arguments given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python3 -m pip install -q -e ".[test]"
+python3 -m pip install -q -c constraints.txt -e ".[test]"
 
 have_chromium() { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
 

@@ -183,7 +183,7 @@ def train(
     type=float,
     default=1.0,
     show_default=True,
-    help="Weight of feature KD (0 for channel-pruned students).",
+    help="Weight of feature KD (a channel-pruned student is compared at the channels it kept).",
 )
 @accumulation_option
 @seed_option

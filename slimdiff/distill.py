@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -62,12 +62,24 @@ def output_kd_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torc
     return F.mse_loss(student_eps.float(), teacher_eps.float())
 
 
-def default_feature_pairs(student: Adapter, teacher: Adapter) -> tuple[tuple[str, str], ...]:
-    """Pair the blocks both models share by name whose outputs have the same shape (probed on example inputs).
+@dataclass(frozen=True)
+class KeptChannels:
+    """The channels a channel-pruned student's block output keeps: `indices` into the teacher's `width` channels."""
 
-    Layer-pruned students keep every block's output shape; channel-pruned ones keep only some, and those are the
-    ones paired. An empty result means feature KD has nothing to match.
+    indices: tuple[int, ...]
+    width: int
+
+
+def default_feature_pairs(
+    student: Adapter, teacher: Adapter, kept: Mapping[str, KeptChannels] | None = None
+) -> tuple[tuple[str, str], ...]:
+    """Pair the blocks both models share by name whose outputs have the same shape (probed on example inputs),
+    the teacher's output taken at the student's kept channels (`kept`, by block) where the student lost some.
+
+    Layer-pruned students keep every block's output shape; channel-pruned ones keep theirs once the teacher's is
+    sliced. An empty result means feature KD has nothing to match.
     """
+    kept = kept or {}
     teacher_names = {block.name for block in teacher.blocks()}
     names = [b.name for b in student.blocks() if b.name in teacher_names]
     shapes = []
@@ -75,11 +87,31 @@ def default_feature_pairs(student: Adapter, teacher: Adapter) -> tuple[tuple[str
         device = next(adapter.model.parameters()).device
         with capture(adapter.model, names) as cap, torch.no_grad():
             adapter.model(**adapter.example_inputs(1, device))
-            shapes.append([tuple(f.shape) for f in cap.take()])
+            shapes.append([list(f.shape) for f in cap.take()])
+    dim = teacher.block_channel_dim
+    for name, shape in zip(names, shapes[1], strict=True):
+        if name in kept:
+            if shape[dim] != kept[name].width:
+                raise SlimdiffError(
+                    f"the teacher's '{name}' has {shape[dim]} channels, but the student was pruned from a model "
+                    f"with {kept[name].width}: distil from the model the student was pruned from"
+                )
+            shape[dim] = len(kept[name].indices)
     return tuple((n, n) for n, s, t in zip(names, *shapes, strict=True) if s == t)
 
 
-def _first_tensor(output: object) -> torch.Tensor:
+def at_kept_channels(
+    features: Sequence[torch.Tensor], names: Sequence[str], kept: Mapping[str, KeptChannels], dim: int
+) -> list[torch.Tensor]:
+    """The teacher's features of `names`, each taken at the student's kept channels where it has any recorded."""
+    return [
+        f.index_select(dim, torch.tensor(kept[n].indices, device=f.device)) if n in kept else f
+        for f, n in zip(features, names, strict=True)
+    ]
+
+
+def first_tensor(output: object) -> torch.Tensor:
+    """The tensor a module's output leads with (U-Net down blocks return (hidden_states, skips))."""
     while isinstance(output, (tuple, list)):
         output = output[0]
     if not isinstance(output, torch.Tensor):
@@ -107,7 +139,7 @@ class FeatureCapture:
 
     def _hook(self, name: str):
         def record(_module: nn.Module, _inputs: object, output: object) -> None:
-            self.features[name] = _first_tensor(output)
+            self.features[name] = first_tensor(output)
 
         return record
 

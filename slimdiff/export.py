@@ -299,7 +299,7 @@ def _weight_files(model_dir: Path, spec: dict[str, Any] | None) -> list[Path]:
     return [model_dir / WEIGHTS_NAME]
 
 
-def _open_header(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+def _open_header(path: Path) -> dict[str, tuple[torch.Size, str]]:
     """Shapes and dtypes of every tensor in a safetensors file, reading only its header."""
     if not path.is_file():
         raise SlimdiffError(f"weights file not found: {path}")
@@ -315,9 +315,16 @@ def _open_header(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each in its own freshly allocated, contiguous memory.
+
+    A tensor read from a safetensors file lies at its byte offset in the file (4-byte aligned for float32), not at
+    the 64-byte alignment of PyTorch's allocator; MKL picks its kernel (and so its summation order) by alignment on
+    some CPUs, so a model holding such tensors can differ from the original in the last bits. Copying into the
+    allocator's memory gives the loaded model the layout of a freshly built one, hence bit-identical outputs.
+    """
     try:
         with safe_open(path, framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            return {key: f.get_tensor(key).clone(memory_format=torch.contiguous_format) for key in f.keys()}
     except (SafetensorError, OSError) as error:
         raise SlimdiffError(f"{path} is corrupt or truncated (not a valid safetensors file): {error}") from None
 
@@ -378,6 +385,18 @@ def _check_consistent(model: nn.Module, where: Path) -> None:
             )
 
 
+def _set_buffer(model: nn.Module, name: str, value: torch.Tensor | torch.Size) -> None:
+    """Put a saved non-persistent buffer in place of the skeleton's (refusing a name the model lacks); a shape
+    alone gives an empty meta tensor of that shape."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = get_submodule(model, owner_name) if owner_name else model
+    if owner._buffers.get(attr) is None:
+        raise SlimdiffError(f"saved buffer '{name}' is not a buffer of the {type(model).__name__} architecture")
+    if isinstance(value, torch.Size):
+        value = torch.empty(value, dtype=owner._buffers[attr].dtype, device="meta")
+    owner.register_buffer(attr, value, persistent=False)
+
+
 def load(
     model_dir: str | Path,
     *,
@@ -409,7 +428,11 @@ def load(
         apply_structure(model, spec.get("structure", {}))
     _resize_parameters(model, shapes, model_dir)
     _check_consistent(model, model_dir)
+    buffers_file = model_dir / BUFFERS_NAME if spec is not None and (model_dir / BUFFERS_NAME).is_file() else None
     if not weights:
+        if buffers_file is not None:  # e.g. a residual-pruned DiT's narrower position table: its saved shape
+            for name, (shape, _) in _open_header(buffers_file).items():
+                _set_buffer(model, name, shape)
         return model.to("meta").eval()
 
     if spec is not None:
@@ -418,11 +441,9 @@ def load(
     for path in files:
         state.update(_read_tensors(path))
     model.load_state_dict(state, strict=True, assign=True)
-    if spec is not None and (model_dir / BUFFERS_NAME).is_file():
-        for name, value in _read_tensors(model_dir / BUFFERS_NAME).items():
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
-            owner.register_buffer(attr, value, persistent=False)
+    if buffers_file is not None:
+        for name, value in _read_tensors(buffers_file).items():
+            _set_buffer(model, name, value)
     if any(p.is_meta for p in model.parameters()):
         raise SlimdiffError(f"{model_dir}: some parameters were not loaded")
     model.to(device)

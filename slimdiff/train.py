@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 
 from slimdiff.data import ImageDataset, check_fits
 from slimdiff.diffusion import DEFAULT_SCHEDULE, make_scheduler, training_target
-from slimdiff.distill import KDConfig, capture, default_feature_pairs, feature_kd_loss, output_kd_loss
+from slimdiff.distill import (
+    KDConfig,
+    KeptChannels,
+    at_kept_channels,
+    capture,
+    default_feature_pairs,
+    feature_kd_loss,
+    output_kd_loss,
+)
 from slimdiff.errors import SlimdiffError
 from slimdiff.io import atomic_dir, atomic_write_json, read_json
 from slimdiff.models import Adapter, adapter_for
@@ -226,6 +234,7 @@ def train(
     schedule: dict[str, Any] | None = None,
     teacher: nn.Module | None = None,
     kd: KDConfig | None = None,
+    kept_channels: Mapping[str, KeptChannels] | None = None,
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
@@ -236,9 +245,10 @@ def train(
     Checkpoints go to `out_dir/checkpoints/`, metrics to `out_dir/log.jsonl`. With `resume=True` the run continues
     from the latest checkpoint (or starts fresh when there is none). `before_step(step)` runs before every
     optimizer step (e.g. an elastic model drawing the subnet of that step); `on_step(step, record)` after each
-    logged one.
+    logged one. `kept_channels` (by block) are the teacher channels a channel-pruned student's block outputs kept:
+    feature KD compares those blocks with the teacher's outputs taken at them.
     """
-    run = _setup(model, data, Path(out_dir), config, conditioning, schedule, teacher, kd)
+    run = _setup(model, data, Path(out_dir), config, conditioning, schedule, teacher, kd, kept_channels or {})
     start = _resume(run) if resume else 0
     _prepare(run)
     bar = tqdm(total=config.steps, initial=start, desc="training", disable=not (progress and run.is_main))
@@ -302,6 +312,7 @@ class _Run:
     teacher_adapter: Adapter | None = None
     kd: KDConfig | None = None
     feature_pairs: tuple[tuple[str, str], ...] = ()
+    kept_channels: Mapping[str, KeptChannels] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -326,6 +337,7 @@ def _setup(
     schedule: dict[str, Any] | None,
     teacher: nn.Module | None,
     kd: KDConfig | None,
+    kept_channels: Mapping[str, KeptChannels],
 ) -> _Run:
     """Check the inputs, build accelerator, optimizer, schedule and EMA, and pair the KD features."""
     config.validate()
@@ -368,17 +380,19 @@ def _setup(
         conditioning=conditioning,
         local_batch=config.batch_size // world,
         meta={"config": config.fingerprint(), "data": data.source, "world": world},
+        kept_channels=kept_channels,
     )
     if teacher is not None:
         run.kd = kd or KDConfig()
         run.teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
         run.teacher_adapter = adapter_for(run.teacher)
         if run.kd.feature_weight > 0:
-            run.feature_pairs = run.kd.features or default_feature_pairs(adapter, run.teacher_adapter)
+            run.feature_pairs = run.kd.features or default_feature_pairs(adapter, run.teacher_adapter, kept_channels)
             if not run.feature_pairs:
                 raise SlimdiffError(
-                    "no student/teacher block outputs share a shape, so feature KD has nothing to match; set the "
-                    "feature-KD weight to 0 (output KD still works) or pass feature pairs"
+                    "no student/teacher block outputs share a shape, even at the student's kept channels, so "
+                    "feature KD has nothing to match; set the feature-KD weight to 0 (output KD still works) or "
+                    "pass feature pairs"
                 )
     return run
 
@@ -443,8 +457,14 @@ def _optimizer_step(run: _Run, step: int, student_features: Any, teacher_feature
                 if run.kd.output_weight > 0:
                     terms["out_kd"] = run.kd.output_weight * output_kd_loss(pred, teacher_pred)
                 if run.feature_pairs:
+                    taught = at_kept_channels(
+                        teacher_features.take(),
+                        [t for _, t in run.feature_pairs],
+                        run.kept_channels,
+                        run.student.block_channel_dim,
+                    )
                     terms["feat_kd"] = run.kd.feature_weight * feature_kd_loss(
-                        student_features.take(), teacher_features.take(), run.kd.mode
+                        student_features.take(), taught, run.kd.mode
                     )
             loss = sum(terms.values())
         _stop_if_diverged(accelerator, bool(torch.isfinite(loss)), "loss", step + 1, run.out_dir)

@@ -10,7 +10,8 @@ from diffusers import AutoencoderKL
 
 from slimdiff.cli import main
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+#: The public reference configs shipped with the project (reference/README.md).
+REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 FAMILIES = ["tiny-unet", "tiny-sd", "tiny-dit"]
 
 
@@ -28,7 +29,7 @@ def tiny_vae(latent_channels: int) -> AutoencoderKL:
 
 
 def reference_config(name: str) -> Path:
-    """Path of a reference config in ../shared/reference (fails loudly if the checkout lacks it)."""
+    """Path of a reference config in the project's reference/ folder (fails loudly if it is missing)."""
     path = REFERENCE / name
     assert path.is_file(), f"reference config missing: {path}"
     return path

@@ -12,9 +12,15 @@ from helpers import FAMILIES, tiny_vae
 from slimdiff.data import load_data
 from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.engines import Calibration
-from slimdiff.engines.channels import ChannelPruningConfig, accumulate_gradients, compress, prune_copy
+from slimdiff.engines.channels import (
+    ChannelPruningConfig,
+    accumulate_gradients,
+    channel_scores,
+    compress,
+    prune_copy,
+)
 from slimdiff.errors import SlimdiffError
-from slimdiff.export import load, save
+from slimdiff.export import load, load_architecture, save
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import adapter_for, build_tiny
 
@@ -96,6 +102,16 @@ def test_residual_pruned_dit_runs_in_the_dit_pipeline(tmp_path: Path) -> None:
     pipeline = DiTPipeline(transformer=load(tmp_path / "pruned"), vae=tiny_vae(4), scheduler=DDIMScheduler())
     out = pipeline(class_labels=[1, 7], num_inference_steps=2, guidance_scale=2.0, output_type="np")
     assert out.images.shape == (2, 16, 16, 3) and np.isfinite(out.images).all()
+
+
+def test_residual_pruned_dit_with_odd_heads_loads_weightless_at_its_pruned_width(tmp_path: Path) -> None:
+    """`slimdiff info` reads the architecture only: the position table must come back at the pruned width."""
+    model = build_tiny("tiny-dit", num_attention_heads=3).eval()  # 3 heads of 16: width 48
+    pruned = prune_copy(model, 0.5, "magnitude").model
+    save(pruned, tmp_path / "pruned")
+    meta = load_architecture(tmp_path / "pruned")
+    assert meta.pos_embed.pos_embed.shape == pruned.pos_embed.pos_embed.shape != model.pos_embed.pos_embed.shape
+    assert count_macs(meta).total == count_macs(pruned).total
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -189,3 +205,38 @@ def test_dit_residual_stream_is_pruned_consistently() -> None:
     assert pruned.kept[("proj_out_1", "out")] == [c + width * k for k in range(2) for c in residual]
     assert pruned.kept[("proj_out_2", "in")] == residual
     assert torch.equal(pruned.model.pos_embed.pos_embed, model.pos_embed.pos_embed[..., residual])
+
+
+@pytest.mark.parametrize(
+    ("name", "attention"), [("tiny-unet", "heads"), ("tiny-sd", "head-dim"), ("tiny-dit", "heads")]
+)
+def test_weightless_trial_prunes_what_the_real_copy_prunes(name: str, attention: str) -> None:
+    model = build_tiny(name, **({"num_attention_heads": 3} if name == "tiny-dit" else {})).eval()
+    scores = channel_scores(model, "magnitude", attention=attention)
+    root = adapter_for(model).channel_groups()[0].root
+    trial = dict(attention=attention, boosted={root: 0.6})
+    meta, real = prune_copy(model, 0.3, scores, weightless=True, **trial), prune_copy(model, 0.3, scores, **trial)
+    assert all(p.is_meta for p in meta.model.parameters()) and not any(p.is_meta for p in real.model.parameters())
+    assert (meta.macs, meta.params, meta.kept) == (real.macs, real.params, real.kept)
+    assert [p.shape for p in meta.model.parameters()] == [p.shape for p in real.model.parameters()]
+    assert prune_copy(model, 0.3, "magnitude", **trial).kept == real.kept  # replayed scores = scoring the copy
+
+
+def test_search_on_weightless_copies_gives_what_searching_real_copies_gives(digits, monkeypatch) -> None:
+    """The search as it was before weightless trials: every trial a real copy (with its grads), scored anew."""
+    from slimdiff.engines import channels
+
+    model = build_tiny("tiny-dit", num_attention_heads=3).eval()
+    adapter = adapter_for(model)
+    config = _fast(importance="diff-pruning", target_macs=0.5)
+    ours = compress(adapter, config, _data(adapter, digits))
+    real_copy = channels.prune_copy
+
+    def real_trial(model, ratio, scores, *, weightless=False, **kwargs):
+        return real_copy(model, ratio, config.importance, seed=config.seed, **kwargs)
+
+    monkeypatch.setattr(channels, "prune_copy", real_trial)
+    theirs = compress(adapter, config, _data(adapter, digits))
+    assert (ours.ratio, ours.pruned) == (theirs.ratio, theirs.pruned)
+    expected = theirs.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in ours.model.state_dict().items())

@@ -13,7 +13,7 @@ from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import SkippedLayer, adapter_for, build, build_tiny
 
-#: ../shared/reference/README.md: exact params, MACs incl. attention (batch 1) within 1 %.
+#: reference/README.md: exact params, MACs incl. attention (batch 1) within 1 %.
 REFERENCE_FIGURES = {
     "ddpm-cifar10-32.unet.json": (35_746_307, 6.22e9, 9, 28),
     "sd-1.5.unet.json": (859_520_964, 401.6e9, 9, 38),

@@ -13,7 +13,9 @@ Fang, Ma, Wang, *Structural Pruning for Diffusion Models* (NeurIPS 2023); ../sha
    that follow a layer's channels (a DiT's position table) are sliced with it.
 3. Budget. A uniform per-layer ratio lands on a coarse grid of MACs, so the ratio is searched: first the uniform
    ratio that brackets the target, then how many groups (in the dependency graph's order) take the larger of
-   the two ratios. The achieved MACs and params are reported, not assumed.
+   the two ratios. The scores are taken once on the real model (`channel_scores`); every trial prunes a
+   weightless (meta-device) copy with them and counts its MACs, and the real model is pruned once, at the
+   chosen ratios. The achieved MACs and params are reported, not assumed.
 4. Check. Every kept weight must equal its slice of the original (`verify_slices`); a ratio of 0 is the identity.
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ from torch import nn
 
 from slimdiff.data import ImageDataset
 from slimdiff.diffusion import make_scheduler, training_target
+from slimdiff.distill import first_tensor
 from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, no_log, register
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
@@ -152,6 +155,91 @@ def _importance(name: str) -> tp.importance.Importance:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# scores: computed once on the real model, replayed on every copy
+# ----------------------------------------------------------------------------------------------------------------
+#: A pruning group's key: its root layer's name and whether the root's output ("out") or input ("in") is pruned.
+GroupKey = tuple[str, str]
+
+
+@dataclass
+class ChannelScores:
+    """Every pruning group's per-channel importance, computed once on the unpruned model.
+
+    torch-pruning scores all groups before it prunes any (`MetaPruner._prune`, step 1), and with per-group ratios
+    the number of channels a group loses depends only on its width and ratio, never on the scores. So the scores
+    taken here, replayed on a copy, prune exactly what scoring the copy itself would — and the budget search can
+    count MACs on weightless (meta-device) copies, which have no values to score.
+    """
+
+    importance: str
+    scores: dict[GroupKey, torch.Tensor | None]
+
+
+def _group_key(group: tp.Group, names: dict[nn.Module, str], graph: tp.DependencyGraph) -> GroupKey:
+    root = group[0].dep
+    return names[root.target.module], "out" if graph.is_out_channel_pruning_fn(root.handler) else "in"
+
+
+class _Replay(tp.importance.Importance):
+    """Answers torch-pruning's importance queries from recorded scores, or records `source`'s scores."""
+
+    def __init__(self, scores: ChannelScores, names: dict[nn.Module, str], *, source=None) -> None:
+        self.scores, self.names, self.source = scores, names, source
+        self.graph: tp.DependencyGraph | None = None
+
+    def __call__(self, group: tp.Group) -> torch.Tensor | None:
+        key = _group_key(group, self.names, self.graph)
+        if self.source is not None:  # recording: score, remember, and prune nothing
+            score = self.source(group)
+            self.scores.scores[key] = None if score is None else score.detach().cpu().clone()
+            return None
+        if key not in self.scores.scores:
+            raise SlimdiffError(f"internal: no recorded channel scores for the group rooted at '{key[0]}' ({key[1]})")
+        return self.scores.scores[key]
+
+
+def _pruner(
+    model: nn.Module,
+    importance: _Replay,
+    ratio: float,
+    attention: Literal["head-dim", "heads"],
+    boosted: dict[str, float] | None,
+) -> tp.pruner.MetaPruner:
+    adapter = adapter_for(model)
+    modules = dict(model.named_modules())
+    pruner = tp.pruner.MetaPruner(
+        model,
+        adapter.example_inputs(1, next(model.parameters()).device),
+        importance=importance,
+        pruning_ratio=ratio,
+        pruning_ratio_dict={modules[name]: r for name, r in (boosted or {}).items()},
+        ignored_layers=adapter.pruning_ignored(),
+        num_heads=adapter.attention_heads(),
+        prune_head_dims=attention == "head-dim",
+        prune_num_heads=attention == "heads",
+        head_pruning_ratio=ratio if attention == "heads" else 0.0,
+        out_channel_groups=dict(adapter.chunked_outputs()),  # a copy: MetaPruner adds the heads to it
+    )
+    importance.graph = pruner.DG
+    return pruner
+
+
+def channel_scores(
+    model: nn.Module, importance: Importance, *, attention: Literal["head-dim", "heads"] = "head-dim", seed: int = 0
+) -> ChannelScores:
+    """Score every pruning group of `model` once (its `.grad` holds Taylor gradients when needed); `model` is left
+    unchanged."""
+    scores = ChannelScores(importance, {})
+    names = {module: name for name, module in model.named_modules()}
+    recorder = _Replay(scores, names, source=_importance(importance))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # RandomImportance draws from the global RNG
+        for _ in _pruner(model, recorder, 0.5, attention, None).step(interactive=True):
+            raise SlimdiffError("internal: recording channel scores must not prune")  # every score answered None
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # pruning one copy
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -169,51 +257,53 @@ def _copy_with_grads(model: nn.Module) -> nn.Module:
     return clone
 
 
+def _weightless_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are meta tensors of the same shapes (nothing is copied)."""
+    memo: dict[int, object] = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 def prune_copy(
     model: nn.Module,
     ratio: float,
-    importance: Importance,
+    importance: Importance | ChannelScores,
     *,
     attention: Literal["head-dim", "heads"] = "head-dim",
     boosted: dict[str, float] | None = None,
     seed: int = 0,
+    weightless: bool = False,
 ) -> _Pruned:
-    """Prune a copy of `model` (whose `.grad` holds Taylor gradients when needed) at a uniform `ratio`.
+    """Prune a copy of `model` at a uniform `ratio`, by `importance` (a name: scored on `model`, whose `.grad` holds
+    Taylor gradients when needed) or by scores `channel_scores` took earlier.
 
-    `boosted` maps group-root layer names to a different ratio (used by the budget search).
+    `boosted` maps group-root layer names to a different ratio (used by the budget search). `weightless=True` prunes
+    a meta-device copy: the same architecture, kept indices, MACs and params, without copying a single weight.
     """
-    clone = _copy_with_grads(model)
+    scores = (
+        importance
+        if isinstance(importance, ChannelScores)
+        else channel_scores(model, importance, seed=seed, attention=attention)
+    )
+    clone = _weightless_copy(model) if weightless else _copy_with_grads(model)
     adapter = adapter_for(clone)
-    modules = dict(clone.named_modules())
-    names = {module: name for name, module in modules.items()}
-    heads = adapter.attention_heads()
+    names = {module: name for name, module in clone.named_modules()}
     kept: dict[tuple[str, str], list[int]] = {}
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # RandomImportance draws from the global RNG
-        pruner = tp.pruner.MetaPruner(
-            clone,
-            adapter.example_inputs(1, next(clone.parameters()).device),
-            importance=_importance(importance),
-            pruning_ratio=ratio,
-            pruning_ratio_dict={modules[name]: r for name, r in (boosted or {}).items()},
-            ignored_layers=adapter.pruning_ignored(),
-            num_heads=heads,
-            prune_head_dims=attention == "head-dim",
-            prune_num_heads=attention == "heads",
-            head_pruning_ratio=ratio if attention == "heads" else 0.0,
-            out_channel_groups=dict(adapter.chunked_outputs()),  # a copy: MetaPruner adds the heads to it
-        )
-        for group in pruner.step(interactive=True):
-            for dep, idxs in group:
-                layer = dep.target.module
-                if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer in names:
-                    out = pruner.DG.is_out_channel_pruning_fn(dep.handler)
-                    alive = kept.setdefault(
-                        (names[layer], "out" if out else "in"), list(range(layer.weight.shape[0 if out else 1]))
-                    )
-                    gone = {alive[i] for i in idxs}  # indices are relative to the layer's current width
-                    alive[:] = [i for i in alive if i not in gone]
-            group.prune()
+    pruner = _pruner(clone, _Replay(scores, names), ratio, attention, boosted)
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            layer = dep.target.module
+            if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer in names:
+                out = pruner.DG.is_out_channel_pruning_fn(dep.handler)
+                alive = kept.setdefault(
+                    (names[layer], "out" if out else "in"), list(range(layer.weight.shape[0 if out else 1]))
+                )
+                gone = {alive[i] for i in idxs}  # indices are relative to the layer's current width
+                alive[:] = [i for i in alive if i not in gone]
+        group.prune()
     for buffer_name, layer_name in adapter.channel_buffers().items():
         owner_name, _, attr = buffer_name.rpartition(".")
         owner = get_submodule(clone, owner_name)
@@ -225,6 +315,56 @@ def prune_copy(
     }
     adapter.fix_after_surgery(new_heads if attention == "heads" else None)
     return _Pruned(clone, kept, count_macs(clone).total, count_params(clone))
+
+
+def _block_producers(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Each block's output width and the last Conv/Linear inside it that writes that many channels.
+
+    A block's output is that layer's output, or a residual sum with it: torch-pruning couples both, so the
+    layer's kept output channels are the block output's. Probed on a weightless copy (shapes only).
+    """
+    probe = _weightless_copy(model)
+    adapter = adapter_for(probe)
+    order: list[tuple[str, int]] = []  # (layer, output channels) in execution order
+    widths: dict[str, int] = {}
+
+    def ran(name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                order.append((name, module.weight.shape[0]))
+            else:
+                widths[name] = first_tensor(output).shape[adapter.block_channel_dim]
+
+        return hook
+
+    layers = [n for n, m in probe.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [get_submodule(probe, n).register_forward_hook(ran(n)) for n in layers]
+    handles += [get_submodule(probe, b.name).register_forward_hook(ran(b.name)) for b in adapter.blocks()]
+    with torch.no_grad():
+        probe(**adapter.example_inputs(1, "meta"))
+    for handle in handles:
+        handle.remove()
+    producers = {}
+    for block, width in widths.items():
+        inside = [name for name, out in order if name.startswith(block + ".") and out == width]
+        if inside:
+            producers[block] = (inside[-1], width)
+    return producers
+
+
+def block_channels(original: nn.Module, pruned: _Pruned) -> dict[str, dict[str, Any]]:
+    """For every block whose output lost channels: the original channel indices it keeps, and the original width.
+
+    Recorded with the pruned model so that feature distillation can slice the teacher's block outputs to the
+    student's channels. A block whose pruned width does not match the indices found is left out (never guessed).
+    """
+    after = _block_producers(pruned.model)
+    record = {}
+    for block, (layer, width) in _block_producers(original).items():
+        keep = pruned.kept.get((layer, "out"))
+        if keep is not None and len(keep) < width and after.get(block, (None, -1))[1] == len(keep):
+            record[block] = {"kept": keep, "of": width}
+    return record
 
 
 def _attention_modules(model: nn.Module) -> list[Attention]:
@@ -272,14 +412,14 @@ def compress(
         scored = accumulate_gradients(adapter, data, config)
         log(f"importance from {len(scored)} timesteps ({config.importance})")
     original = {"macs": count_macs(model).total, "params": count_params(model)}
+    scores = channel_scores(model, config.importance, attention=config.attention, seed=config.seed)
 
     def fraction(p: _Pruned) -> float:
         return (p.macs if config.unit == "macs" else p.params) / original[config.unit]
 
     def run(ratio: float, boosted: dict[str, float] | None = None) -> _Pruned:
-        return prune_copy(
-            model, ratio, config.importance, attention=config.attention, boosted=boosted, seed=config.seed
-        )
+        """One search trial: the pruned architecture's cost, on a weightless copy."""
+        return prune_copy(model, ratio, scores, attention=config.attention, boosted=boosted, weightless=True)
 
     # 1. the uniform ratio: bisect for the largest ratio that keeps at least the target. Above MAX_RATIO small
     #    GroupNorm groups would lose every channel, which torch-pruning answers by not pruning them at all.
@@ -300,9 +440,9 @@ def compress(
             hi, best_hi = mid, candidate
         if abs(fraction(candidate) - config.target) <= config.tolerance * config.target:
             break
-    chosen, ratio = min(
-        [(p, r) for p, r in ((best_lo, lo), (best_hi, hi)) if p is not None],
-        key=lambda pr: abs(fraction(pr[0]) - config.target),
+    chosen, ratio, boost = min(
+        [(p, r, None) for p, r in ((best_lo, lo), (best_hi, hi)) if p is not None],
+        key=lambda prb: abs(fraction(prb[0]) - config.target),
     )
     # 2. too coarse: move groups one by one from the lower to the higher ratio until the budget is met
     if abs(fraction(chosen) - config.target) > config.tolerance * config.target:
@@ -317,7 +457,12 @@ def compress(
             else:
                 right = k
             if abs(fraction(candidate) - config.target) < abs(fraction(chosen) - config.target):
-                chosen, ratio = candidate, lo
+                chosen, ratio, boost = candidate, lo, {root: hi for root in roots[:k]}
+    # 3. prune the real model once, at what the search chose
+    searched = chosen
+    chosen = prune_copy(model, ratio, scores, attention=config.attention, boosted=boost)
+    if (chosen.macs, chosen.params, chosen.kept) != (searched.macs, searched.params, searched.kept):
+        raise SlimdiffError("internal: the pruned model differs from the weightless trial the search chose")
     verify_slices(model, chosen)
     model.zero_grad(set_to_none=True)
     achieved = {"macs": chosen.macs / original["macs"], "params": chosen.params / original["params"]}
@@ -332,6 +477,7 @@ def compress(
             "ratio": ratio,
             "macs": chosen.macs,
             "params": chosen.params,
+            "block_channels": block_channels(model, chosen),
         },
         summary=(
             f"pruned at ratio {ratio:.3f}: {achieved['macs']:.3f} of the MACs ({chosen.macs / 1e6:.1f} M), "

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from slimdiff.diffusion import DEFAULT_SCHEDULE
-from slimdiff.distill import KDConfig
+from slimdiff.distill import KDConfig, KeptChannels
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import Provenance, load, load_scheduler_config, read_provenance, save
 from slimdiff.io import read_json
@@ -48,6 +48,7 @@ def train_model(
     conditioning, recorded = training_conditioning(adapter, dataset.classes, out_dir, source_path, config.seed)
     schedule = (load_scheduler_config(source_path) if source_path else None) or DEFAULT_SCHEDULE
     teacher = load(teacher_dir) if teacher_dir is not None else None
+    provenance = read_provenance(source_path) if source_path else Provenance(source=source)
     result = train(
         model,
         dataset,
@@ -57,10 +58,10 @@ def train_model(
         schedule=schedule,
         teacher=teacher,
         kd=kd,
+        kept_channels=kept_block_channels(provenance) if teacher is not None else None,
         resume=resume,
         progress=progress,
     )
-    provenance = read_provenance(source_path) if source_path else Provenance(source=source)
     provenance.history.append(
         {
             "job": "finetune" if source_path else "train",
@@ -74,6 +75,26 @@ def train_model(
     )
     save(result.model, out_dir, provenance=provenance, scheduler_config=dict(schedule), conditioning=recorded)
     return result
+
+
+def kept_block_channels(provenance: Provenance) -> dict[str, KeptChannels]:
+    """The original channels each block output of a channel-pruned model kept, through every pruning it went through
+    (each compress record's indices are relative to its own source, so successive ones compose)."""
+    kept: dict[str, KeptChannels] = {}
+    for entry in provenance.history:
+        for block, record in entry.get("block_channels", {}).items():
+            before = kept.get(block)
+            indices = tuple(int(i) for i in record["kept"])
+            if before is None:
+                kept[block] = KeptChannels(indices, int(record["of"]))
+            elif int(record["of"]) == len(before.indices):
+                kept[block] = KeptChannels(tuple(before.indices[i] for i in indices), before.width)
+            else:
+                raise SlimdiffError(
+                    f"the provenance's channel records for '{block}' do not chain: {len(before.indices)} channels "
+                    f"kept, then a pruning of {record['of']}"
+                )
+    return kept
 
 
 def finetune_model(

@@ -106,6 +106,8 @@ class Adapter(ABC):
     cond_kind: CondKind
     #: Probability with which the model itself replaces class labels by the null class in training mode.
     builtin_label_dropout: ClassVar[float] = 0.0
+    #: The dimension of a block's output that holds its channels (U-Nets: (B, C, H, W); DiTs: (B, tokens, C)).
+    block_channel_dim: ClassVar[int] = 1
 
     def __init__(self, model: nn.Module, forward_module: nn.Module | None = None) -> None:
         self.model = model

@@ -22,6 +22,7 @@ class DiTAdapter(Adapter):
     family = "dit"
     cond_kind = "class"
     builtin_label_dropout = 0.1  # diffusers' DiT label embedder drops labels itself in training mode
+    block_channel_dim = -1
     model: DiTTransformer2DModel
 
     @property

@@ -1,0 +1,230 @@
+"""Every command, through the installed entry point in a subprocess, over compressed models of every family.
+
+Each call must either succeed or end with exactly one stderr line `slimdiff: error: …` (exit code ≠ 0) — never a
+traceback. The compressed variants are built once for the module: channel-pruned (uniform ratio, head-dim and
+heads attention modes, odd head counts), layer-removed, and a residual-pruned DiT of 3 heads pruned to 50 % MACs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimdiff.data import class_prompts, load_data
+from slimdiff.diffusion import DEFAULT_SCHEDULE
+from slimdiff.engines import Calibration
+from slimdiff.engines.channels import ChannelPruningConfig, compress, prune_copy
+from slimdiff.export import save
+from slimdiff.models import adapter_for, build_tiny
+from slimdiff.text import make_tiny_clip_text
+
+pytestmark = pytest.mark.subprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = [str(i) for i in range(10)]
+
+
+def _save_variant(model: torch.nn.Module, out: Path) -> Path:
+    """Save with the conditioning a sampler needs (classes; prompts and a text encoder for text models)."""
+    adapter = adapter_for(model)
+    conditioning = {} if adapter.cond_kind == "none" else {"classes": CLASSES}
+    if adapter.cond_kind == "text":
+        make_tiny_clip_text(out, hidden_size=adapter.cross_attention_dim).save(out)
+        conditioning["prompts"] = class_prompts(CLASSES)
+    return save(model.eval(), out, conditioning=conditioning, scheduler_config=dict(DEFAULT_SCHEDULE))
+
+
+def _layer_removed(name: str) -> torch.nn.Module:
+    model = build_tiny(name).eval()
+    adapter = adapter_for(model)
+    adapter.remove_layer([layer.name for layer in adapter.layers() if layer.removable][-1])
+    return model
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("variants")
+    odd_dit = build_tiny("tiny-dit", num_attention_heads=3).eval()  # 3 heads of 16: width 48
+    residual = compress(
+        adapter_for(odd_dit),
+        ChannelPruningConfig(importance="magnitude", target_macs=0.5),
+        Calibration(load_data("digits", size=16), lambda labels: labels, DEFAULT_SCHEDULE),
+    ).model
+    models = {
+        "unet-channels": prune_copy(build_tiny("tiny-unet").eval(), 0.4, "magnitude").model,
+        "unet-heads": prune_copy(build_tiny("tiny-unet").eval(), 0.5, "magnitude", attention="heads").model,
+        "sd-channels": prune_copy(build_tiny("tiny-sd").eval(), 0.3, "magnitude").model,
+        "sd-heads": prune_copy(build_tiny("tiny-sd").eval(), 0.5, "magnitude", attention="heads").model,
+        "dit-residual-odd-heads": residual,
+        "dit-heads": prune_copy(odd_dit, 0.5, "magnitude", attention="heads").model,
+        "unet-layer-removed": _layer_removed("tiny-unet"),
+        "sd-layer-removed": _layer_removed("tiny-sd"),
+        "dit-layer-removed": _layer_removed("tiny-dit"),
+        "unet-teacher": build_tiny("tiny-unet"),
+        "dit-odd-heads-teacher": odd_dit,
+    }
+    assert residual.pos_embed.proj.out_channels < 48
+    return {name: _save_variant(model, root / name) for name, model in models.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The feature network the FID case trains goes to a temporary cache, not the home directory."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLIMDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+def slimdiff(*args: object) -> subprocess.CompletedProcess:
+    """Run `python -m slimdiff ARGS` (the console script's `main`) in a fresh process from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "slimdiff", *map(str, args)],
+        cwd=ROOT,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def slimdiff_many(*calls: tuple[object, ...]) -> list[subprocess.CompletedProcess]:
+    """Several independent calls at once (each is mostly the ~5 s CPU import of torch and diffusers)."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda args: slimdiff(*args), calls))
+
+
+def succeeds(result: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def fails_in_one_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("slimdiff: error:") and expected in lines[0], lines[0]
+
+
+def test_main_module_is_the_console_script() -> None:
+    source = (ROOT / "slimdiff" / "__main__.py").read_text()
+    assert "from slimdiff.cli import main" in source and "main()" in source
+
+
+def test_info_on_every_variant(variants: dict[str, Path]) -> None:
+    names = [name for name in variants if not name.endswith("teacher")]
+    for name, result in zip(names, slimdiff_many(*(("info", variants[name], "--json") for name in names)), strict=True):
+        report = json.loads(succeeds(result))
+        assert report["params"] > 0 and report["macs"] > 0, name
+
+
+def test_compare_samples_and_evaluates_every_variant(variants: dict[str, Path], tmp_path: Path) -> None:
+    dirs = [path for name, path in variants.items() if not name.endswith("teacher")]
+    out = succeeds(
+        slimdiff("compare", *dirs, "--out", tmp_path / "report", "--metrics", "macs", "--n", "2", "--steps", "2")
+    )
+    assert (tmp_path / "report" / "index.html").is_file(), out
+    assert len(list((tmp_path / "report").glob("samples-*.png"))) == len(dirs)
+
+
+def test_sample_with_guidance_labels_and_prompts(variants: dict[str, Path], tmp_path: Path) -> None:
+    succeeds(
+        slimdiff(
+            "sample", variants["dit-residual-odd-heads"], "--n", "3", "--steps", "2", "--guidance", "2",
+            "--labels", "1,7", "--scheduler", "dpm", "--out", tmp_path / "dit.png",
+        )
+    )  # fmt: skip
+    (tmp_path / "prompts.txt").write_text("a photo of the digit 3\na photo of the digit 8\n")
+    succeeds(
+        slimdiff(
+            "sample", variants["sd-layer-removed"], "--n", "2", "--steps", "2", "--guidance", "3",
+            "--prompts", tmp_path / "prompts.txt", "--scheduler", "ddpm", "--out", tmp_path / "sd.png",
+        )
+    )  # fmt: skip
+    assert (tmp_path / "dit.png").is_file() and (tmp_path / "sd.png").is_file()
+
+
+def test_eval_measures_fid_on_a_pruned_model(variants: dict[str, Path], tmp_path: Path) -> None:
+    succeeds(
+        slimdiff(
+            "eval", variants["unet-heads"], "--metrics", "fid,macs", "--n", "8", "--steps", "2",
+            "--json", tmp_path / "eval.json",
+        )
+    )  # fmt: skip
+    assert (tmp_path / "eval.json").is_file()
+
+
+def test_compress_channels_on_odd_heads_and_finetune_with_a_teacher(variants: dict[str, Path], tmp_path: Path) -> None:
+    teacher = variants["dit-odd-heads-teacher"]
+    out = succeeds(
+        slimdiff(
+            "compress", "channels", teacher, "--importance", "taylor", "--target-macs", "0.5", "--attention",
+            "heads", "--calibration", "4", "--out", tmp_path / "pruned",
+        )
+    )  # fmt: skip
+    assert "of the MACs" in out
+    succeeds(
+        slimdiff(
+            "finetune", tmp_path / "pruned", "--teacher", teacher, "--steps", "2", "--batch-size", "4",
+            "--out", tmp_path / "tuned",
+        )
+    )  # fmt: skip
+    assert (tmp_path / "tuned" / "slimdiff.json").is_file()
+
+
+def test_recipe_compresses_and_evaluates_a_text_model(variants: dict[str, Path], tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {variants['sd-layer-removed']}\nout: {tmp_path / 'out'}\nsteps:\n"
+        "  - compress: {engine: channels, importance: random, target_params: 0.7}\n"
+        "  - sample: {n: 2, steps: 2}\n"
+    )
+    out = succeeds(slimdiff("run", recipe))
+    assert '"step": "compress"' in out and '"step": "sample"' in out
+
+
+# -- bad input: one line, never a traceback ------------------------------------------------------------------------
+def test_unknown_commands_engines_and_missing_arguments(variants: dict[str, Path], tmp_path: Path) -> None:
+    model = variants["unet-channels"]
+    cases = {
+        ("foo",): "No such command 'foo'",
+        ("compress", "skip", model): "unknown engine 'skip'; valid: channels",
+        ("compress", "channels"): "Missing argument 'MODEL_DIR'",
+        ("compress", "channels", model): "Missing option '--out'",
+        ("info",): "Missing argument 'MODEL_DIR'",
+        ("sample", model): "Missing option '--out'",
+        ("finetune", model): "Missing option '--out'",
+        ("compare", "--out", tmp_path / "r"): "Missing argument 'MODEL_DIRS...'",
+        ("run",): "Missing argument 'RECIPE'",
+        ("info", model, "--bogus"): "No such option '--bogus'",
+        ("sample", model, "--n", "0", "--out", tmp_path / "g.png"): "'--n'",
+        ("compress", "channels", model, "--out", tmp_path / "o", "--target-macs", "half"): "half",
+    }
+    for result, expected in zip(slimdiff_many(*cases), cases.values(), strict=True):
+        fails_in_one_line(result, expected)
+
+
+def test_bad_values_are_named(variants: dict[str, Path], tmp_path: Path) -> None:
+    model = variants["dit-residual-odd-heads"]
+    sample = ("sample", model, "--n", "2", "--steps", "2", "--out", tmp_path / "g.png")
+    cases = {
+        ("info", tmp_path / "nope"): "model directory not found",
+        ("compress", "channels", model, "--importance", "l2", "--target-macs", "0.5", "--out", tmp_path / "o"): (
+            "unknown importance 'l2'"
+        ),
+        ("compress", "channels", model, "--target-macs", "1.5", "--out", tmp_path / "o"): "budget 1.5",
+        (*sample, "--scheduler", "euler"): "euler",
+        (*sample, "--labels", "5000"): "labels [5000] out of range",
+        ("eval", model, "--metrics", "fid,bogus", "--n", "2"): "bogus",
+        ("finetune", model, "--steps", "1", "--out", model): "--out must differ",
+        ("run", tmp_path / "missing.yaml"): "missing.yaml",
+    }
+    for result, expected in zip(slimdiff_many(*cases), cases.values(), strict=True):
+        fails_in_one_line(result, expected)
