@@ -246,7 +246,7 @@ def eval_options(default_n: int) -> Any:
                 "--feature",
                 default="digits",
                 show_default=True,
-                help="'digits' (our digits network) or the FID Inception TorchScript file.",
+                help="'digits' or 'digits-ms' (our two digits networks) or the FID Inception TorchScript file.",
             ),
             click.option("--clip-dir", type=PathArg, help="Local CLIP folder for the clip metric."),
             click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),

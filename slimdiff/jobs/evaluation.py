@@ -18,7 +18,7 @@ from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
 from slimdiff.jobs.info import model_info
 from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sampling_latency, sampling_macs
-from slimdiff.metrics.features import FeatureExtractor, digits_feature_extractor, inception_feature_extractor
+from slimdiff.metrics.features import feature_extractor
 from slimdiff.metrics.quality import clip_score, compute_quality, reference_features
 from slimdiff.models import adapter_for
 from slimdiff.report import markdown_table, save_grid, write_compare_report
@@ -38,7 +38,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 64
     guidance_scale: float = 1.0
-    feature: str = "digits"  # or the path of the FID Inception TorchScript file
+    feature: str = "digits"  # "digits", "digits-ms" (the second digits network) or an FID Inception file
     clip_dir: str | None = None
     device: str = "cpu"
 
@@ -50,10 +50,6 @@ class EvalSettings:
             )
         if self.n < 1 or self.steps < 1 or self.batch_size < 1:
             raise SlimdiffError("n, steps and batch_size must be ≥ 1")
-
-
-def _extractor(feature: str) -> FeatureExtractor:
-    return digits_feature_extractor() if feature == "digits" else inception_feature_extractor(feature)
 
 
 def evaluate_model(
@@ -100,7 +96,7 @@ def evaluate_model(
         if grid is not None:
             save_grid(images[:64], grid, scale=max(1, 128 // images.shape[-1]))
     if quality:
-        extractor = _extractor(settings.feature)
+        extractor = feature_extractor(settings.feature)
         reference = load_data(settings.data, size=images.shape[-1], channels=images.shape[1], split="train")
         real = reference_features(reference, extractor, split="train")
         values = compute_quality(images, real, extractor, metrics=quality, seed=settings.seed)

@@ -1,4 +1,4 @@
-"""Feature extractors for the quality metrics: a small digits CNN trained here, or a user-supplied FID Inception.
+"""Feature extractors for the quality metrics: two small digits CNNs trained here, or a user-supplied FID Inception.
 
 Every extractor is a `FeatureExtractor`: an eval-mode, no-grad `nn.Module` that takes float images in [-1, 1]
 shaped `(N, C, H, W)` with C = 1 or 3 and any H, W (it resizes and converts channels itself) and returns
@@ -15,6 +15,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,17 @@ DIGITS_VERSION = "digits-v1"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 _DIGITS_SIZE = 16
 _DIGITS_TRAIN = {"seed": 0, "epochs": 20, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4}
+DIGITS_MS_VERSION = "digits-ms-v1"
+_DIGITS_MS_TRAIN = {
+    "seed": 1,
+    "epochs": 15,
+    "batch_size": 64,
+    "lr": 2e-3,
+    "weight_decay": 5e-4,
+    "label_smoothing": 0.1,
+    "max_shift": 2,
+}
+DIGITS_FEATURES = ("digits", "digits-ms")
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -157,6 +169,66 @@ class DigitsNet(FeatureExtractor):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.prepare(images)))
 
+    def calibrate(self, train_images: torch.Tensor) -> None:
+        """Scale features to unit mean square on the training images."""
+        self.feature_scale.fill_(self.body(train_images).square().mean().rsqrt())
+
+
+class DigitsMultiscaleNet(FeatureExtractor):
+    """A second digits network, independent of `DigitsNet` in architecture, features and training.
+
+    A strided 3-stage CNN (16, 32, 64 channels at 16², 8², 4²; SiLU) trained from another seed with random
+    whole-pixel shifts and label smoothing. Its 112 features read three depths: the strongest response of each
+    first-stage filter anywhere in the image (16; an isolated bright pixel or any stroke pattern absent from real
+    digits shows here), the spatial mean of each second-stage channel (32; texture and noise) and the 64-d embedding
+    before the classifier (what digit it is). Each part is centred on the training split's mean and scaled so that
+    its dimensions' variance there averages 1: distances count in units of real digits' own spread, and each part
+    weighs by how far samples leave it rather than by its raw activation size.
+    """
+
+    name = DIGITS_MS_VERSION
+    num_features = 16 + 32 + 64
+    num_classes = 10
+    _parts = ((0, 16), (16, 48), (48, 112))
+
+    def __init__(self, info: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.body = nn.Sequential(  # three stages; `_features` reads the first two's activations too
+            nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.SiLU()),
+            nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.SiLU()),
+            nn.Sequential(
+                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.SiLU()
+            ),
+        )
+        self.head = nn.Linear(64, self.num_classes)
+        self.register_buffer("feature_shift", torch.zeros(self.num_features))
+        self.register_buffer("feature_scale", torch.ones(self.num_features))
+        self.info = info or {}
+
+    prepare = staticmethod(DigitsNet.prepare)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.body[0](x)
+        second = self.body[1](first)
+        embedding = self.body[2](second)
+        return torch.cat([first.amax(dim=(2, 3)), second.mean(dim=(2, 3)), embedding], dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self._features(self.prepare(images)) - self.feature_shift) * self.feature_scale
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.prepare(images)))
+
+    def calibrate(self, train_images: torch.Tensor) -> None:
+        """Centre the features on the training images and scale each part to unit mean variance there."""
+        features = self._features(train_images)
+        self.feature_shift.copy_(features.mean(0))
+        for lo, hi in self._parts:
+            self.feature_scale[lo:hi] = features[:, lo:hi].var(0).mean().rsqrt()
+
+
+# --- loading and training the digits networks -----------------------------------------------------------------
+
 
 def digits_feature_extractor(cache_dir: str | Path | None = None) -> DigitsNet:
     """The digits feature network: loaded from `<cache>/features/digits-v1/`, else trained (seeded) and cached.
@@ -164,10 +236,36 @@ def digits_feature_extractor(cache_dir: str | Path | None = None) -> DigitsNet:
     `info` holds `holdout_accuracy` (on the digits holdout split), `epochs`, `seed`, `version`, `train_seconds`
     and `from_cache`. A cache that is missing, stale or corrupt is retrained, never trusted.
     """
-    folder = cache_root(cache_dir) / "features" / DIGITS_VERSION
-    net = _load_digits(folder)
+    return _cached_network(DigitsNet, _DIGITS_TRAIN, lambda: _train_digits(), cache_dir)
+
+
+def digits_multiscale_feature_extractor(cache_dir: str | Path | None = None) -> DigitsMultiscaleNet:
+    """The second, independent digits network (`digits-ms-v1`), cached under `<cache>/features/digits-ms-v1/`.
+
+    Same cache rules and `info` keys as `digits_feature_extractor`.
+    """
+    return _cached_network(DigitsMultiscaleNet, _DIGITS_MS_TRAIN, lambda: _train_digits_multiscale(), cache_dir)
+
+
+def feature_extractor(feature: str, cache_dir: str | Path | None = None) -> FeatureExtractor:
+    """The extractor `feature` names: 'digits', 'digits-ms', or the path of the FID Inception TorchScript file."""
+    if feature == "digits":
+        return digits_feature_extractor(cache_dir)
+    if feature == "digits-ms":
+        return digits_multiscale_feature_extractor(cache_dir)
+    return inception_feature_extractor(feature)
+
+
+def _cached_network(
+    cls: type[DigitsNet] | type[DigitsMultiscaleNet],
+    train_config: dict[str, Any],
+    train: Callable[[], DigitsNet | DigitsMultiscaleNet],
+    cache_dir: str | Path | None,
+) -> Any:
+    folder = cache_root(cache_dir) / "features" / cls.name
+    net = _load_cached(folder, cls, train_config)
     if net is None:
-        net = _train_digits()
+        net = train()
         weights = save(net.state_dict())
         net.info["weights_sha256"] = hashlib.sha256(weights).hexdigest()
         try:
@@ -175,20 +273,22 @@ def digits_feature_extractor(cache_dir: str | Path | None = None) -> DigitsNet:
                 (tmp / "weights.safetensors").write_bytes(weights)
                 atomic_write_json(tmp / "info.json", net.info)
         except OSError as error:  # read-only cache, or another process writing it at the same moment
-            warnings.warn(f"digits feature network not cached in {folder}: {error}", stacklevel=2)
+            warnings.warn(f"{cls.name} feature network not cached in {folder}: {error}", stacklevel=3)
         net.info["from_cache"] = False
     return net.requires_grad_(False).eval()
 
 
-def _load_digits(folder: Path) -> DigitsNet | None:
+def _load_cached(
+    folder: Path, cls: type[DigitsNet] | type[DigitsMultiscaleNet], train_config: dict[str, Any]
+) -> DigitsNet | DigitsMultiscaleNet | None:
     try:
-        info = read_json(folder / "info.json", "digits feature cache")
+        info = read_json(folder / "info.json", f"{cls.name} feature cache")
         weights = folder / "weights.safetensors"
-        if not isinstance(info, dict) or info.get("version") != DIGITS_VERSION or info.get("train") != _DIGITS_TRAIN:
+        if not isinstance(info, dict) or info.get("version") != cls.name or info.get("train") != train_config:
             return None
         if info.get("weights_sha256") != sha256_file(weights):
             return None
-        net = DigitsNet(info)
+        net = cls(info)
         net.load_state_dict(load_file(weights), strict=True)
     except (SlimdiffError, OSError, SafetensorError, RuntimeError, KeyError, ValueError):
         return None
@@ -200,9 +300,26 @@ def _load_digits(folder: Path) -> DigitsNet | None:
 
 def _train_digits() -> DigitsNet:
     """Train on the digits train split with small random affine jitter; deterministic, global RNG untouched."""
+    return _train_classifier(DigitsNet, _DIGITS_TRAIN, _jitter)
+
+
+def _train_digits_multiscale() -> DigitsMultiscaleNet:
+    """Train on the digits train split with random whole-pixel shifts and label smoothing; deterministic."""
+    cfg = _DIGITS_MS_TRAIN
+    return _train_classifier(
+        DigitsMultiscaleNet, cfg, lambda x: _shift(x, cfg["max_shift"]), label_smoothing=cfg["label_smoothing"]
+    )
+
+
+def _train_classifier(
+    cls: type[DigitsNet] | type[DigitsMultiscaleNet],
+    cfg: dict[str, Any],
+    augment: Callable[[torch.Tensor], torch.Tensor],
+    label_smoothing: float = 0.0,
+) -> Any:
+    """AdamW + one-cycle classification training of `cls` from `cfg["seed"]`; global RNG and threads untouched."""
     from slimdiff.data import load_data
 
-    cfg = _DIGITS_TRAIN
     train, holdout = (load_data("digits", size=_DIGITS_SIZE, split=s) for s in ("train", "holdout"))
     x, y = torch.stack([im for im, _ in train]), torch.tensor([label for _, label in train])
     start, threads = time.perf_counter(), torch.get_num_threads()
@@ -210,27 +327,27 @@ def _train_digits() -> DigitsNet:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg["seed"])
-            net = DigitsNet()
+            net = cls()
             model = nn.Sequential(net.body, net.head)
             steps_per_epoch = math.ceil(len(x) / cfg["batch_size"])
             opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["lr"], total_steps=cfg["epochs"] * steps_per_epoch)
             for _ in range(cfg["epochs"]):
                 for idx in torch.randperm(len(x)).split(cfg["batch_size"]):
-                    loss = F.cross_entropy(model(_jitter(x[idx])), y[idx])
+                    loss = F.cross_entropy(model(augment(x[idx])), y[idx], label_smoothing=label_smoothing)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                     sched.step()
             net.eval()
             with torch.no_grad():
-                net.feature_scale.fill_(net.body(x).square().mean().rsqrt())
+                net.calibrate(x)
                 images = torch.stack([im for im, _ in holdout])
                 correct = (net.logits(images).argmax(1) == torch.tensor([label for _, label in holdout])).sum()
     finally:
         torch.set_num_threads(threads)
     net.info = {
-        "version": DIGITS_VERSION,
+        "version": cls.name,
         "holdout_accuracy": round(correct.item() / len(holdout), 6),
         "epochs": cfg["epochs"],
         "seed": cfg["seed"],
@@ -250,6 +367,14 @@ def _jitter(x: torch.Tensor) -> torch.Tensor:
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x + 1, grid, align_corners=False) - 1
+
+
+def _shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Shift each image by a random whole number of pixels in [-max_shift, max_shift] per axis (border -1)."""
+    h, w = x.shape[-2:]
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(x), 2)).tolist()
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 # --- FID Inception ----------------------------------------------------------------------------------------------
