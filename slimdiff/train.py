@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from slimdiff.data import ImageDataset, check_fits
 from slimdiff.diffusion import DEFAULT_SCHEDULE, make_scheduler, training_target
-from slimdiff.distill import KDConfig, capture, default_feature_pairs, feature_kd_loss, output_kd_loss
+from slimdiff.distill import KDConfig, capture, default_feature_pairs, feature_kd_terms, output_kd_loss
 from slimdiff.errors import SlimdiffError
 from slimdiff.io import atomic_dir, atomic_write_json, read_json
 from slimdiff.models import Adapter, adapter_for
@@ -321,6 +321,7 @@ def train(
             if before_step is not None:
                 before_step(step)
             terms_sum: dict[str, float] = {}
+            pair_terms: dict[str, float] = {}  # each unweighted feature-KD term, so their imbalance shows in the log
             # Randomness inside the model (dropout, DiT's label dropout) uses the global RNG: seed it per step.
             torch.manual_seed(_stream_seed(config.seed, step, rank, 2))
             for micro in range(config.grad_accumulation):
@@ -346,9 +347,10 @@ def train(
                         if kd.output_weight > 0:
                             terms["out_kd"] = kd.output_weight * output_kd_loss(pred, teacher_pred)
                         if feature_pairs:
-                            terms["feat_kd"] = kd.feature_weight * feature_kd_loss(
-                                student_features.take(), teacher_features.take(), kd.mode
-                            )
+                            per_pair = feature_kd_terms(student_features.take(), teacher_features.take(), kd.mode)
+                            terms["feat_kd"] = kd.feature_weight * torch.stack(per_pair).sum()
+                            for (name, _), term in zip(feature_pairs, per_pair, strict=True):
+                                pair_terms[name] = pair_terms.get(name, 0.0) + term.item() / config.grad_accumulation
                     loss = sum(terms.values())
                 _stop_if_diverged(accelerator, bool(torch.isfinite(loss)), "loss", step + 1, out_dir)
                 accelerator.backward(loss / config.grad_accumulation)
@@ -371,6 +373,7 @@ def train(
                     "step": done,
                     "loss": last_loss,
                     **terms_sum,
+                    **({"feat_kd_terms": pair_terms} if pair_terms else {}),
                     "lr": lr_scheduler.get_last_lr()[0],
                     "steps_per_s": window_steps / max(now - window_start, 1e-9),
                 }
