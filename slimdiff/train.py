@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -238,25 +238,112 @@ def train(
     optimizer step (e.g. an elastic model drawing the subnet of that step); `on_step(step, record)` after each
     logged one.
     """
+    run = _setup(model, data, Path(out_dir), config, conditioning, schedule, teacher, kd)
+    start = _resume(run) if resume else 0
+    _prepare(run)
+    bar = tqdm(total=config.steps, initial=start, desc="training", disable=not (progress and run.is_main))
+    history: list[dict[str, Any]] = []
+    started, last_loss = time.perf_counter(), float("nan")
+    window = (time.perf_counter(), 0)  # (start time, steps) of the current logging window
+    with ExitStack() as hooks:
+        student_features = hooks.enter_context(capture(run.bare, [s for s, _ in run.feature_pairs]))
+        teacher_features = hooks.enter_context(
+            capture(run.teacher if run.teacher is not None else run.bare, [t for _, t in run.feature_pairs])
+        )
+        for step in range(start, config.steps):
+            if before_step is not None:
+                before_step(step)
+            terms, pair_terms = _optimizer_step(run, step, student_features, teacher_features)
+            done, last_loss = step + 1, sum(terms.values())
+            window = (window[0], window[1] + 1)
+            bar.update(1)
+            if done % config.log_every == 0 or done == config.steps:
+                now = time.perf_counter()
+                record = {
+                    "step": done,
+                    "loss": last_loss,
+                    **terms,
+                    **({"feat_kd_terms": pair_terms} if pair_terms else {}),
+                    "lr": run.lr_scheduler.get_last_lr()[0],
+                    "steps_per_s": window[1] / max(now - window[0], 1e-9),
+                }
+                window = (now, 0)
+                history.append(record)
+                bar.set_postfix(loss=f"{last_loss:.4f}", it_s=f"{record['steps_per_s']:.2f}")
+                run.log(record)
+                if on_step is not None:
+                    on_step(done, record)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                _checkpoint(run, done)
+    bar.close()
+    run.ema.copy_to(run.bare.parameters())
+    run.bare.eval()
+    return TrainResult(run.bare.cpu(), config.steps, last_loss, time.perf_counter() - started, history)
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds: settings, the prepared model and optimizer state, the KD set-up."""
+
+    config: TrainConfig
+    data: ImageDataset
+    out_dir: Path
+    accelerator: Accelerator
+    model: nn.Module  # as prepared by accelerate (DDP on several processes)
+    bare: nn.Module  # the model itself
+    student: Adapter  # calls go through `model`, so gradients synchronise
+    optimizer: Any
+    lr_scheduler: Any
+    ema: EMAModel
+    noise_scheduler: Any
+    conditioning: Conditioning
+    local_batch: int
+    meta: dict[str, Any]
+    teacher: nn.Module | None = None
+    teacher_adapter: Adapter | None = None
+    kd: KDConfig | None = None
+    feature_pairs: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with (self.out_dir / LOG_NAME).open("a") as log:
+                log.write(json.dumps(record) + "\n")
+
+
+def _setup(
+    model: nn.Module,
+    data: ImageDataset,
+    out_dir: Path,
+    config: TrainConfig,
+    conditioning: Conditioning | None,
+    schedule: dict[str, Any] | None,
+    teacher: nn.Module | None,
+    kd: KDConfig | None,
+) -> _Run:
+    """Check the inputs, build accelerator, optimizer, schedule and EMA, and pair the KD features."""
     config.validate()
-    out_dir = Path(out_dir)
     adapter = adapter_for(model)
     check_fits(data, sample_size=adapter.sample_size, in_channels=adapter.in_channels)
     conditioning = conditioning or default_conditioning(adapter)
     if conditioning.kind != adapter.cond_kind:
         raise SlimdiffError(f"conditioning '{conditioning.kind}' does not fit a {adapter.cond_kind}-conditioned model")
-    schedule = schedule or DEFAULT_SCHEDULE
-    noise_scheduler = make_scheduler("ddpm", schedule)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
+    noise_scheduler = make_scheduler("ddpm", schedule or DEFAULT_SCHEDULE)
 
     mixed = config.mixed_precision
     cuda = torch.cuda.is_available()
     # cpu=True on CPU-only machines lets `accelerate launch`/torchrun start gloo processes (MULTI_CPU).
     accelerator = Accelerator(cpu=not cuda, mixed_precision=("bf16" if cuda else "no") if mixed == "auto" else mixed)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if config.batch_size % world:
         raise SlimdiffError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
-    local_batch = config.batch_size // world
     if accelerator.is_main_process:
         _preflight(out_dir, model, config)
     accelerator.wait_for_everyone()
@@ -267,143 +354,128 @@ def train(
         config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
     )
     ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True)
-    meta = {"config": config.fingerprint(), "data": data.source, "world": world}
-
-    start = 0
-    checkpoints = _checkpoint_dirs(out_dir) if resume else []
-    if checkpoints:
-        state = _load_checkpoint(checkpoints[-1], model, ema, optimizer, lr_scheduler)
-        for key in ("config", "data", "world"):
-            if state.get(key) != meta[key]:
-                raise SlimdiffError(
-                    f"cannot resume from {checkpoints[-1]}: its {key} {state.get(key)} differs from this run's "
-                    f"{meta[key]}; use a new output directory or the same settings"
-                )
-        start = state["step"]
-        if start > config.steps:
-            raise SlimdiffError(f"checkpoint is at step {start}, beyond the requested {config.steps} steps")
-
-    device = accelerator.device
-    model, optimizer = accelerator.prepare(model, optimizer)
-    bare = accelerator.unwrap_model(model)
-    ema.to(device)
-    if conditioning.prompt_table is not None:
-        conditioning.prompt_table = conditioning.prompt_table.to(device)
-        if conditioning.empty_prompt is not None:
-            conditioning.empty_prompt = conditioning.empty_prompt.to(device)
-
-    feature_pairs: tuple[tuple[str, str], ...] = ()
-    teacher_adapter = None
+    run = _Run(
+        config=config,
+        data=data,
+        out_dir=out_dir,
+        accelerator=accelerator,
+        model=model,
+        bare=model,
+        student=adapter,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        ema=ema,
+        noise_scheduler=noise_scheduler,
+        conditioning=conditioning,
+        local_batch=config.batch_size // world,
+        meta={"config": config.fingerprint(), "data": data.source, "world": world},
+    )
     if teacher is not None:
-        kd = kd or KDConfig()
-        teacher = teacher.to(device).eval().requires_grad_(False)
-        teacher_adapter = adapter_for(teacher)
-        if kd.feature_weight > 0:
-            feature_pairs = kd.features or default_feature_pairs(adapter_for(bare), teacher_adapter)
-            if not feature_pairs:
+        run.kd = kd or KDConfig()
+        run.teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        run.teacher_adapter = adapter_for(run.teacher)
+        if run.kd.feature_weight > 0:
+            run.feature_pairs = run.kd.features or default_feature_pairs(adapter, run.teacher_adapter)
+            if not run.feature_pairs:
                 raise SlimdiffError(
                     "no student/teacher block outputs share a shape, so feature KD has nothing to match; set the "
                     "feature-KD weight to 0 (output KD still works) or pass feature pairs"
                 )
-    student = adapter_for(bare, forward_module=model)  # calls go through DDP so gradients synchronise
+    return run
 
-    log_path = out_dir / LOG_NAME
-    history: list[dict[str, Any]] = []
-    bar = tqdm(
-        total=config.steps, initial=start, desc="training", disable=not (progress and accelerator.is_main_process)
-    )
-    started, last_loss, window_start, window_steps = time.perf_counter(), float("nan"), time.perf_counter(), 0
-    with (
-        capture(bare, [s for s, _ in feature_pairs]) as student_features,
-        capture(teacher if teacher is not None else bare, [t for _, t in feature_pairs]) as teacher_features,
-    ):
-        for step in range(start, config.steps):
-            if before_step is not None:
-                before_step(step)
-            terms_sum: dict[str, float] = {}
-            pair_terms: dict[str, float] = {}  # each unweighted feature-KD term, so their imbalance shows in the log
-            # Randomness inside the model (dropout, DiT's label dropout) uses the global RNG: seed it per step.
-            torch.manual_seed(_stream_seed(config.seed, step, rank, 2))
-            for micro in range(config.grad_accumulation):
-                generator = torch.Generator().manual_seed(_stream_seed(config.seed, step, micro, rank, 1))
-                first = (step * config.grad_accumulation + micro) * config.batch_size + rank * local_batch
-                indices = batch_indices(len(data), local_batch, config.seed, first)
-                items = [data[i] for i in indices]
-                x0 = torch.stack([image for image, _ in items]).to(device)
-                labels = torch.tensor([label for _, label in items], device=device)
-                noise = torch.randn(x0.shape, generator=generator).to(device)
-                t = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator).to(device)
-                drop = (torch.rand(x0.shape[0], generator=generator) < config.label_dropout).to(device)
-                cond = conditioning(labels, drop)
-                x_t = noise_scheduler.add_noise(x0, noise, t)
-                target = training_target(noise_scheduler, x0, noise, t)
-                sync = micro == config.grad_accumulation - 1
-                with accelerator.no_sync(model) if not sync else nullcontext(), accelerator.autocast():
-                    pred = student(x_t, t, cond)
-                    terms = {"task": F.mse_loss(pred.float(), target.float())}
-                    if teacher_adapter is not None:
-                        with torch.no_grad():
-                            teacher_pred = teacher_adapter(x_t, t, cond)
-                        if kd.output_weight > 0:
-                            terms["out_kd"] = kd.output_weight * output_kd_loss(pred, teacher_pred)
-                        if feature_pairs:
-                            per_pair = feature_kd_terms(student_features.take(), teacher_features.take(), kd.mode)
-                            terms["feat_kd"] = kd.feature_weight * torch.stack(per_pair).sum()
-                            for (name, _), term in zip(feature_pairs, per_pair, strict=True):
-                                pair_terms[name] = pair_terms.get(name, 0.0) + term.item() / config.grad_accumulation
-                    loss = sum(terms.values())
-                _stop_if_diverged(accelerator, bool(torch.isfinite(loss)), "loss", step + 1, out_dir)
-                accelerator.backward(loss / config.grad_accumulation)
-                for key, value in terms.items():
-                    terms_sum[key] = terms_sum.get(key, 0.0) + value.item() / config.grad_accumulation
-            if config.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.step(bare.parameters())
 
-            done = step + 1
-            last_loss = sum(terms_sum.values())
-            window_steps += 1
-            bar.update(1)
-            if done % config.log_every == 0 or done == config.steps:
-                now = time.perf_counter()
-                record = {
-                    "step": done,
-                    "loss": last_loss,
-                    **terms_sum,
-                    **({"feat_kd_terms": pair_terms} if pair_terms else {}),
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "steps_per_s": window_steps / max(now - window_start, 1e-9),
-                }
-                window_start, window_steps = now, 0
-                history.append(record)
-                bar.set_postfix(loss=f"{last_loss:.4f}", it_s=f"{record['steps_per_s']:.2f}")
-                if accelerator.is_main_process:
-                    with log_path.open("a") as log:
-                        log.write(json.dumps(record) + "\n")
-                if on_step is not None:
-                    on_step(done, record)
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                finite = all(bool(torch.isfinite(p).all()) for p in bare.parameters())
-                _stop_if_diverged(accelerator, finite, "a parameter", done, out_dir)  # never checkpoint NaNs
-                if accelerator.is_main_process:
-                    _save_checkpoint(
-                        out_dir,
-                        done,
-                        bare,
-                        ema,
-                        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                        lr_scheduler,
-                        meta,
-                        config.keep_checkpoints,
-                    )
-                accelerator.wait_for_everyone()
-    bar.close()
-    ema.copy_to(bare.parameters())
-    bare.eval()
-    return TrainResult(bare.cpu(), config.steps, last_loss, time.perf_counter() - started, history)
+def _resume(run: _Run) -> int:
+    """Load the latest checkpoint (if any) into the run, refusing one made with other settings; its step."""
+    checkpoints = _checkpoint_dirs(run.out_dir)
+    start = 0
+    if checkpoints:
+        state = _load_checkpoint(checkpoints[-1], run.bare, run.ema, run.optimizer, run.lr_scheduler)
+        for key in ("config", "data", "world"):
+            if state.get(key) != run.meta[key]:
+                raise SlimdiffError(
+                    f"cannot resume from {checkpoints[-1]}: its {key} {state.get(key)} differs from this run's "
+                    f"{run.meta[key]}; use a new output directory or the same settings"
+                )
+        start = state["step"]
+        if start > run.config.steps:
+            raise SlimdiffError(f"checkpoint is at step {start}, beyond the requested {run.config.steps} steps")
+    return start
+
+
+def _prepare(run: _Run) -> None:
+    """Hand model and optimizer to accelerate and move everything to its device."""
+    device = run.accelerator.device
+    run.model, run.optimizer = run.accelerator.prepare(run.model, run.optimizer)
+    run.bare = run.accelerator.unwrap_model(run.model)
+    run.student = adapter_for(run.bare, forward_module=run.model)
+    run.ema.to(device)
+    if run.conditioning.prompt_table is not None:
+        run.conditioning.prompt_table = run.conditioning.prompt_table.to(device)
+        if run.conditioning.empty_prompt is not None:
+            run.conditioning.empty_prompt = run.conditioning.empty_prompt.to(device)
+
+
+def _optimizer_step(
+    run: _Run, step: int, student_features: Any, teacher_features: Any
+) -> tuple[dict[str, float], dict[str, float]]:
+    """One optimizer step (all micro-batches); returns the mean of each loss term, and of each (unweighted)
+    feature-KD term by student module, so that their imbalance shows in the log."""
+    config, accelerator, device = run.config, run.accelerator, run.accelerator.device
+    num_timesteps = run.noise_scheduler.config.num_train_timesteps
+    terms_sum: dict[str, float] = {}
+    pair_terms: dict[str, float] = {}
+    # Randomness inside the model (dropout, DiT's label dropout) uses the global RNG: seed it per step.
+    torch.manual_seed(_stream_seed(config.seed, step, run.rank, 2))
+    for micro in range(config.grad_accumulation):
+        generator = torch.Generator().manual_seed(_stream_seed(config.seed, step, micro, run.rank, 1))
+        first = (step * config.grad_accumulation + micro) * config.batch_size + run.rank * run.local_batch
+        items = [run.data[i] for i in batch_indices(len(run.data), run.local_batch, config.seed, first)]
+        x0 = torch.stack([image for image, _ in items]).to(device)
+        labels = torch.tensor([label for _, label in items], device=device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator).to(device)
+        drop = (torch.rand(x0.shape[0], generator=generator) < config.label_dropout).to(device)
+        cond = run.conditioning(labels, drop)
+        x_t = run.noise_scheduler.add_noise(x0, noise, t)
+        target = training_target(run.noise_scheduler, x0, noise, t)
+        sync = micro == config.grad_accumulation - 1
+        with accelerator.no_sync(run.model) if not sync else nullcontext(), accelerator.autocast():
+            pred = run.student(x_t, t, cond)
+            terms = {"task": F.mse_loss(pred.float(), target.float())}
+            if run.teacher_adapter is not None:
+                with torch.no_grad():
+                    teacher_pred = run.teacher_adapter(x_t, t, cond)
+                if run.kd.output_weight > 0:
+                    terms["out_kd"] = run.kd.output_weight * output_kd_loss(pred, teacher_pred)
+                if run.feature_pairs:
+                    per_pair = feature_kd_terms(student_features.take(), teacher_features.take(), run.kd.mode)
+                    terms["feat_kd"] = run.kd.feature_weight * torch.stack(per_pair).sum()
+                    for (name, _), term in zip(run.feature_pairs, per_pair, strict=True):
+                        pair_terms[name] = pair_terms.get(name, 0.0) + term.item() / config.grad_accumulation
+            loss = sum(terms.values())
+        _stop_if_diverged(accelerator, bool(torch.isfinite(loss)), "loss", step + 1, run.out_dir)
+        accelerator.backward(loss / config.grad_accumulation)
+        for key, value in terms.items():
+            terms_sum[key] = terms_sum.get(key, 0.0) + value.item() / config.grad_accumulation
+    if config.grad_clip > 0:
+        accelerator.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ema.step(run.bare.parameters())
+    return terms_sum, pair_terms
+
+
+def _checkpoint(run: _Run, done: int) -> None:
+    """Write a checkpoint of step `done` atomically (never one with NaN/inf parameters)."""
+    finite = all(bool(torch.isfinite(p).all()) for p in run.bare.parameters())
+    _stop_if_diverged(run.accelerator, finite, "a parameter", done, run.out_dir)
+    if run.is_main:
+        optimizer = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
+        _save_checkpoint(
+            run.out_dir, done, run.bare, run.ema, optimizer, run.lr_scheduler, run.meta, run.config.keep_checkpoints
+        )
+    run.accelerator.wait_for_everyone()
 
 
 def _stop_if_diverged(accelerator: Accelerator, finite: bool, what: str, step: int, out_dir: Path) -> None:
