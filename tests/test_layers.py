@@ -259,6 +259,10 @@ def test_layers_then_channels_and_channels_then_layers(name: str, digits, tmp_pa
         importance="magnitude", target_macs=0.6, calibration_size=4, timestep_stride=200
     )
     layered = compress(adapter, _config(target_params=0.7), data).model
+    inputs = _inputs(adapter)
+    identity = channels.prune_copy(layered, 0.0, "magnitude").model  # every index mapped through the stand-ins
+    with torch.no_grad():
+        assert torch.equal(identity(**inputs).sample, layered(**inputs).sample)
     both = channels.compress(adapter_for(layered), channel_config, data).model
     narrowed = channels.compress(adapter, channel_config, data).model
     both_reversed = compress(adapter_for(narrowed), _config(target_params=0.6), data).model
