@@ -3,13 +3,14 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/layer_pruning.py --teacher /work/runs/demo/teacher \
         --work runs/bench-layers --out benchmarks/results/layer_pruning.json
 
-Rows are `criterion/kd[@target]`: the teacher is pruned by the `layers` engine to `--target-params` with each criterion
-(output-loss with `--additivity-sets` random sets measured), evaluated right after pruning (FID/KID, `--n`
-samples, DDIM at `--before-steps`), fine-tuned `--finetune-steps` steps with the denoising loss + output KD +
-feature KD on every block output (`kd`: normalized = LAPTOP-Diff, plain = BK-SDM, none = no feature term), and
-evaluated again at DDIM `--steps` (the teacher and the `--curve-rows` at every `--curve-steps` count). Latency of
-one denoiser call at batch 1 and 64 is measured interleaved with the teacher's. Each row is written to the JSON
-as soon as it is done, and a rerun skips the rows already there.
+Rows are `criterion/kd[@target]`: the teacher is pruned by the `layers` engine to `--target-params` (or the row's
+target) with each criterion (output-loss with `--additivity-sets` random sets measured), evaluated right after
+pruning (FID/KID, `--n` samples, DDIM at `--before-steps`), fine-tuned `--finetune-steps` steps with the denoising
+loss + output KD + feature KD on every block output (`kd`: normalized = LAPTOP-Diff, plain = BK-SDM, none = no
+feature term), and evaluated again at DDIM `--steps` (the teacher and the `--curve-rows` at every `--curve-steps`
+count). Latency of one denoiser call at batch 1 and 64 is measured interleaved with the teacher's, and for the
+`--curve-rows` that of a whole 13-step sampling run at batch 64. Each row is written to the JSON as soon as it is
+done, and a rerun skips the rows already there.
 
 `--sd-reference CONFIG` adds the SD-1.5 architecture (random weights, latent 16×16, CPU): candidate count,
 scoring time, and params after removing layers for 50 % of params, against BK-SDM's published U-Nets.
@@ -36,7 +37,7 @@ from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.compression import compress_model
 from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
 from slimdiff.jobs.training import finetune_model
-from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency
+from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sampling_latency
 from slimdiff.models import adapter_for, build
 from slimdiff.train import TrainConfig
 
@@ -73,6 +74,19 @@ def latencies(teacher: torch.nn.Module, student: torch.nn.Module) -> dict[str, f
         out[f"b{batch}_ms"] = denoiser_latency(student, batch_size=batch, repeats=repeats).median_ms
         out[f"speedup_b{batch}"] = out[f"teacher_b{batch}_ms"] / out[f"b{batch}_ms"]
     return out
+
+
+def sampling_latencies(teacher: torch.nn.Module, student: torch.nn.Module, steps: int) -> dict[str, float]:
+    """Median ms of a whole `steps`-step DDIM sampling run at batch 64, teacher and student interleaved."""
+    timed = {
+        name: sampling_latency(adapter_for(model), steps=steps, batch_size=64, repeats=2).median_ms
+        for name, model in (("teacher", teacher), ("student", student))
+    }
+    return {
+        f"sampling_ddim{steps}_b64_ms": timed["student"],
+        f"teacher_sampling_ddim{steps}_b64_ms": timed["teacher"],
+        f"sampling_speedup_ddim{steps}_b64": timed["teacher"] / timed["student"],
+    }
 
 
 def feature_term_stats(log_path: Path) -> dict[str, Any]:
@@ -231,6 +245,14 @@ def main() -> None:
             print(json.dumps(rows[row]), flush=True)
             result["rows"] = list(rows.values())
             atomic_write_json(args.out, result)  # after every row: a stopped run keeps what it measured
+        teacher_model = load(args.teacher).eval()
+        for row in args.curve_rows:
+            if row in rows and "sampling_speedup_ddim13_b64" not in rows[row]:
+                pruned_as = f"{rows[row]['criterion']}@{rows[row]['target_params']}"
+                student = load(args.work / pruned_as / f"finetuned-{rows[row]['kd']}").eval()
+                rows[row].update(sampling_latencies(teacher_model, student, 13))
+                result["rows"] = list(rows.values())
+                atomic_write_json(args.out, result)
     if args.sd_reference is not None:
         result["sd_reference"] = sd_reference(args.sd_reference, args.seed)
         atomic_write_json(args.out, result)
