@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--kd-feature-weight", type=float, default=1.0)
     parser.add_argument("--additivity-sets", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher-steps", type=int, default=None, help="when the teacher records none")
     parser.add_argument("--sd-reference", type=Path, default=None, help="also run the SD-1.5 reference config")
     parser.add_argument("--skip-rows", action="store_true", help="only the SD-1.5 reference part")
     args = parser.parse_args()
@@ -220,7 +221,10 @@ def main() -> None:
     result: dict[str, Any] = read_json(args.out, "benchmark results") if args.out.is_file() else {}
     result["command"] = "OMP_NUM_THREADS=1 PYTHONPATH=. python " + " ".join(sys.argv)
     if not args.skip_rows:
-        teacher_steps = read_provenance(args.teacher).history[-1].get("steps", 1500)
+        history = read_provenance(args.teacher).history
+        teacher_steps = args.teacher_steps or (history[-1]["steps"] if history else None)
+        if teacher_steps is None:
+            parser.error(f"{args.teacher} records no training steps: pass --teacher-steps")
         if "teacher" not in result:
             teacher = load(args.teacher)
             result["teacher"] = {
