@@ -33,8 +33,10 @@ class KDConfig:
             raise SlimdiffError("KD weights must be ≥ 0")
 
 
-def feature_kd_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mode: KDMode) -> torch.Tensor:
-    """Sum over stages of the feature MSE; `normalized` divides each term by the teacher feature's mean square.
+def feature_kd_terms(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mode: KDMode
+) -> list[torch.Tensor]:
+    """One feature-MSE term per stage; `normalized` divides each by the teacher feature's mean square.
 
     Normalizing makes every stage count equally however large its activations are: BK-SDM's plain sum is
     dominated by the few stages with the largest magnitudes (LAPTOP-Diff, METHODS.md §3).
@@ -43,7 +45,7 @@ def feature_kd_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Ten
         raise SlimdiffError(
             f"feature KD needs matched, non-empty feature lists (got {len(student)} and {len(teacher)})"
         )
-    total = student[0].new_zeros(())
+    terms = []
     for index, (s, t) in enumerate(zip(student, teacher, strict=True)):
         if s.shape != t.shape:
             raise SlimdiffError(
@@ -53,8 +55,13 @@ def feature_kd_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Ten
         term = F.mse_loss(s.float(), t.float())
         if mode == "normalized":
             term = term / t.float().pow(2).mean().clamp_min(1e-12)
-        total = total + term
-    return total
+        terms.append(term)
+    return terms
+
+
+def feature_kd_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mode: KDMode) -> torch.Tensor:
+    """Sum over stages of the feature-KD terms (`feature_kd_terms`)."""
+    return torch.stack(feature_kd_terms(student, teacher, mode)).sum()
 
 
 def output_kd_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:

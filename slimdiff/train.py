@@ -38,7 +38,7 @@ from slimdiff.distill import (
     at_kept_channels,
     capture,
     default_feature_pairs,
-    feature_kd_loss,
+    feature_kd_terms,
     output_kd_loss,
 )
 from slimdiff.errors import SlimdiffError
@@ -263,7 +263,7 @@ def train(
         for step in range(start, config.steps):
             if before_step is not None:
                 before_step(step)
-            terms = _optimizer_step(run, step, student_features, teacher_features)
+            terms, pair_terms = _optimizer_step(run, step, student_features, teacher_features)
             done, last_loss = step + 1, sum(terms.values())
             window = (window[0], window[1] + 1)
             bar.update(1)
@@ -273,6 +273,7 @@ def train(
                     "step": done,
                     "loss": last_loss,
                     **terms,
+                    **({"feat_kd_terms": pair_terms} if pair_terms else {}),
                     "lr": run.lr_scheduler.get_last_lr()[0],
                     "steps_per_s": window[1] / max(now - window[0], 1e-9),
                 }
@@ -428,11 +429,15 @@ def _prepare(run: _Run) -> None:
             run.conditioning.empty_prompt = run.conditioning.empty_prompt.to(device)
 
 
-def _optimizer_step(run: _Run, step: int, student_features: Any, teacher_features: Any) -> dict[str, float]:
-    """One optimizer step (all micro-batches); returns the mean of each loss term."""
+def _optimizer_step(
+    run: _Run, step: int, student_features: Any, teacher_features: Any
+) -> tuple[dict[str, float], dict[str, float]]:
+    """One optimizer step (all micro-batches); returns the mean of each loss term, and of each (unweighted)
+    feature-KD term by student module, so that their imbalance shows in the log."""
     config, accelerator, device = run.config, run.accelerator, run.accelerator.device
     num_timesteps = run.noise_scheduler.config.num_train_timesteps
     terms_sum: dict[str, float] = {}
+    pair_terms: dict[str, float] = {}
     # Randomness inside the model (dropout, DiT's label dropout) uses the global RNG: seed it per step.
     torch.manual_seed(_stream_seed(config.seed, step, run.rank, 2))
     for micro in range(config.grad_accumulation):
@@ -463,9 +468,10 @@ def _optimizer_step(run: _Run, step: int, student_features: Any, teacher_feature
                         run.kept_channels,
                         run.student.block_channel_dim,
                     )
-                    terms["feat_kd"] = run.kd.feature_weight * feature_kd_loss(
-                        student_features.take(), taught, run.kd.mode
-                    )
+                    per_pair = feature_kd_terms(student_features.take(), taught, run.kd.mode)
+                    terms["feat_kd"] = run.kd.feature_weight * torch.stack(per_pair).sum()
+                    for (name, _), term in zip(run.feature_pairs, per_pair, strict=True):
+                        pair_terms[name] = pair_terms.get(name, 0.0) + term.item() / config.grad_accumulation
             loss = sum(terms.values())
         _stop_if_diverged(accelerator, bool(torch.isfinite(loss)), "loss", step + 1, run.out_dir)
         accelerator.backward(loss / config.grad_accumulation)
@@ -477,7 +483,7 @@ def _optimizer_step(run: _Run, step: int, student_features: Any, teacher_feature
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.ema.step(run.bare.parameters())
-    return terms_sum
+    return terms_sum, pair_terms
 
 
 def _checkpoint(run: _Run, done: int) -> None:

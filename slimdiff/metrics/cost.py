@@ -60,7 +60,7 @@ def _to_meta(value: Any) -> Any:
 
 
 def _flop_counts(model: nn.Module, inputs: dict[str, Any] | None, batch_size: int) -> dict[str, dict[Any, int]]:
-    """FlopCounterMode's FLOPs per module (`"Global"` and `"<Class>.<module path>"`) and op, on the meta device."""
+    """FlopCounterMode's counts of one meta-device call: "Global" and one entry per module path."""
     if inputs is None:
         inputs = adapter_for(model).example_inputs(batch_size, device="meta")
     tensors = {name: _to_meta(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
@@ -81,13 +81,10 @@ def count_macs(model: nn.Module, inputs: dict[str, Any] | None = None, *, batch_
 def macs_by_module(
     model: nn.Module, names: Sequence[str], inputs: dict[str, Any] | None = None, *, batch_size: int = 1
 ) -> dict[str, int]:
-    """MACs spent inside each named submodule in one call (e.g. the adapter's blocks), plus `"other"` for the rest
-    (embeddings, input and output layers). The values add up to `count_macs(model).total`."""
+    """MACs spent inside each named submodule during one call (one meta-device trace for all of them)."""
     counts = _flop_counts(model, inputs, batch_size)
-    prefix = type(model).__name__
-    macs = {name: sum(counts.get(f"{prefix}.{name}", {}).values()) // 2 for name in names}
-    macs["other"] = sum(counts["Global"].values()) // 2 - sum(macs.values())
-    return macs
+    root = type(model).__name__
+    return {name: sum(counts.get(f"{root}.{name}", {}).values()) // 2 for name in names}
 
 
 def sampling_macs(

@@ -61,14 +61,20 @@ class SkippedLayer(nn.Module):
     """Stands in for a removed residual layer: returns its input unchanged.
 
     `returns_tuple` mirrors layers called with `return_dict=False` (e.g. `Transformer2DModel`), whose callers
-    index the result with `[0]`.
+    index the result with `[0]`. `keep_channels` is set for a U-Net up-block resnet, whose input is the hidden state
+    concatenated with a skip tensor: the stand-in returns the first `keep_channels` channels (the hidden state),
+    so the skip connection is dropped with the layer (as BK-SDM removes an up-stage resnet with its skip).
     """
 
-    def __init__(self, returns_tuple: bool = False) -> None:
+    def __init__(self, returns_tuple: bool = False, keep_channels: int | None = None) -> None:
         super().__init__()
         self.returns_tuple = returns_tuple
+        self.keep_channels = keep_channels
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
+        if self.keep_channels is not None:  # a split (not a slice), which torch-pruning maps through the concat
+            rest = hidden_states.shape[1] - self.keep_channels
+            hidden_states = torch.split(hidden_states, [self.keep_channels, rest], dim=1)[0]
         return (hidden_states,) if self.returns_tuple else hidden_states
 
 
@@ -166,6 +172,10 @@ class Adapter(ABC):
     def layer_returns_tuple(self, name: str) -> bool:
         """Whether the layer's caller expects a tuple (so its stand-in must return one)."""
 
+    def stand_in(self, name: str) -> SkippedLayer:
+        """The identity that replaces layer `name` when it is removed."""
+        return SkippedLayer(returns_tuple=self.layer_returns_tuple(name))
+
     def remove_layer(self, name: str) -> None:
         """Replace a removable layer by an identity so the model stays runnable (LAPTOP-Diff)."""
         layer = next((layer for layer in self.layers() if layer.name == name), None)
@@ -174,7 +184,7 @@ class Adapter(ABC):
             raise SlimdiffError(f"'{name}' is not a layer of this model; removable layers: {valid}")
         if not layer.removable:
             raise SlimdiffError(f"layer '{name}' cannot be removed: {layer.reason}")
-        set_submodule(self.model, name, SkippedLayer(returns_tuple=self.layer_returns_tuple(name)))
+        set_submodule(self.model, name, self.stand_in(name))
 
     def dependency_graph(self) -> tp.DependencyGraph:
         """torch-pruning's dependency graph of the model, traced on the example inputs."""

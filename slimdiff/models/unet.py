@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from slimdiff.models.base import Adapter, Block, Layer, count_params
+from slimdiff.models.base import Adapter, Block, Layer, SkippedLayer, count_params
 
 
 class _UNetAdapter(Adapter):
@@ -41,10 +42,16 @@ class _UNetAdapter(Adapter):
 
     def layers(self) -> list[Layer]:
         layers: list[Layer] = []
+        hidden = self._up_hidden_channels()
         for name, module in self.model.named_modules():
             if isinstance(module, ResnetBlock2D):
-                if module.conv1.in_channels != module.conv2.out_channels:
-                    reason = f"changes channels ({module.conv1.in_channels} → {module.conv2.out_channels})"
+                # An up-block resnet reads [hidden state, skip]: it is removable with its skip when the hidden
+                # part already has the output's channels.
+                kept = hidden.get(name, module.conv1.in_channels)
+                if kept != module.conv2.out_channels:
+                    reason = f"changes channels ({kept} → {module.conv2.out_channels})"
+                    if name in hidden:
+                        reason += f" besides its {module.conv1.in_channels - kept}-channel skip input"
                 elif module.up or module.down:
                     reason = "changes resolution"
                 else:
@@ -53,6 +60,37 @@ class _UNetAdapter(Adapter):
             elif isinstance(module, (Attention, Transformer2DModel)) and self._is_block_layer(name):
                 layers.append(Layer(name, "attention", count_params(module), True))
         return layers
+
+    def _up_hidden_channels(self) -> dict[str, int]:
+        """Channels of the hidden-state part of each up-block resnet's input (the rest is a concatenated skip)."""
+        model = self.model
+
+        def after(resnet: nn.Module, channels: int) -> int:
+            return resnet.conv2.out_channels if isinstance(resnet, ResnetBlock2D) else channels  # a stand-in keeps
+
+        channels = model.conv_in.out_channels
+        for down in model.down_blocks:
+            for resnet in down.resnets:
+                channels = after(resnet, channels)
+        for resnet in model.mid_block.resnets if model.mid_block is not None else []:
+            channels = after(resnet, channels)
+        hidden: dict[str, int] = {}
+        for j, up in enumerate(model.up_blocks):
+            for k, resnet in enumerate(up.resnets):
+                hidden[f"up_blocks.{j}.resnets.{k}"] = channels
+                channels = after(resnet, channels)
+        return hidden
+
+    def fix_after_surgery(self, heads: Mapping[nn.Module, int] | None = None) -> None:
+        super().fix_after_surgery(heads)
+        for name, channels in self._up_hidden_channels().items():  # channel surgery narrows the hidden state too
+            stand_in = self.model.get_submodule(name)
+            if isinstance(stand_in, SkippedLayer) and stand_in.keep_channels is not None:
+                stand_in.keep_channels = channels
+
+    def stand_in(self, name: str) -> SkippedLayer:
+        hidden = self._up_hidden_channels()
+        return SkippedLayer(returns_tuple=self.layer_returns_tuple(name), keep_channels=hidden.get(name))
 
     @staticmethod
     def _is_block_layer(name: str) -> bool:
