@@ -145,7 +145,9 @@ BUILTIN_ENGINES: dict[str, str] = {
     "channels": "slimdiff.engines.channels",
 }
 #: Artifacts that `slimdiff.load` knows how to re-attach: artifact name → the module that defines `attach`.
-BUILTIN_ARTIFACTS: dict[str, str] = {}
+BUILTIN_ARTIFACTS: dict[str, str] = {
+    "skip_table": "slimdiff.engines.skip",
+}
 
 _engines: dict[str, Engine] = {}
 _artifacts: dict[str, Callable[[nn.Module, Any], None]] = {}

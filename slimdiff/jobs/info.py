@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimdiff.export import load_architecture, read_provenance
+from slimdiff.export import load_architecture, read_artifact, read_provenance, read_spec
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import adapter_for
 
@@ -15,7 +15,7 @@ def model_info(model_dir: str | Path) -> dict[str, Any]:
     model = load_architecture(model_dir)
     adapter = adapter_for(model)
     macs = count_macs(model)
-    return {
+    report = {
         "path": str(model_dir),
         "family": adapter.family,
         "class": type(model).__name__,
@@ -35,3 +35,8 @@ def model_info(model_dir: str | Path) -> dict[str, Any]:
         ],
         "provenance": vars(read_provenance(model_dir)),
     }
+    if "skip_table" in (read_spec(model_dir) or {}).get("artifacts", []):
+        from slimdiff.engines.skip import SkipTable, sampling_summary
+
+        report |= sampling_summary(model, SkipTable.from_json(read_artifact(model_dir, "skip_table")))
+    return report

@@ -59,18 +59,32 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
-def count_macs(model: nn.Module, inputs: dict[str, Any] | None = None, *, batch_size: int = 1) -> MacCount:
-    """MACs of `model(**inputs)` (default: the adapter's example inputs at batch `batch_size`), on the meta device."""
+def _flop_counts(model: nn.Module, inputs: dict[str, Any] | None, batch_size: int) -> dict[str, dict[str, int]]:
+    """FLOPs of `model(**inputs)` on the meta device, per op, for the whole call ("Global") and per module."""
     if inputs is None:
         inputs = adapter_for(model).example_inputs(batch_size, device="meta")
     tensors = {name: _to_meta(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
     meta_inputs = {key: _to_meta(value) for key, value in inputs.items()}
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         functional_call(model, tensors, args=(), kwargs=meta_inputs, strict=False)
-    per_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    return {name: {str(op): flops for op, flops in ops.items()} for name, ops in counter.get_flop_counts().items()}
+
+
+def count_macs(model: nn.Module, inputs: dict[str, Any] | None = None, *, batch_size: int = 1) -> MacCount:
+    """MACs of `model(**inputs)` (default: the adapter's example inputs at batch `batch_size`), on the meta device."""
+    per_op = _flop_counts(model, inputs, batch_size)["Global"]
     total = sum(per_op.values())
     attention = sum(flops for op, flops in per_op.items() if op in ATTENTION_OPS)
     return MacCount(total=total // 2, attention=attention // 2)
+
+
+def module_macs(
+    model: nn.Module, names: Sequence[str], inputs: dict[str, Any] | None = None, *, batch_size: int = 1
+) -> dict[str, int]:
+    """MACs spent inside each named submodule during one `model(**inputs)` call (0 for a module that never ran)."""
+    counts = _flop_counts(model, inputs, batch_size)
+    prefix = type(model).__name__
+    return {name: sum(counts.get(f"{prefix}.{name}", {}).values()) // 2 for name in names}
 
 
 def sampling_macs(
