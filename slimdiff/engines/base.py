@@ -143,6 +143,7 @@ class Engine:
 #: Built-in engines: name → the module that defines `ENGINE` (imported on first use, so the CLI starts fast).
 BUILTIN_ENGINES: dict[str, str] = {
     "channels": "slimdiff.engines.channels",
+    "skip": "slimdiff.engines.skip",
 }
 #: Artifacts that `slimdiff.load` knows how to re-attach: artifact name → the module that defines `attach`.
 BUILTIN_ARTIFACTS: dict[str, str] = {

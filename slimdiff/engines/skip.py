@@ -30,17 +30,23 @@ each unit is computed or reused at each step.
 
 from __future__ import annotations
 
+import copy
+import math
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 from torch.utils._pytree import tree_map
+from torchmetrics.functional import structural_similarity_index_measure
 
-from slimdiff.engines.base import register_artifact
+from slimdiff.diffusion import SAMPLERS, guided, make_scheduler, null_condition
+from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, no_log, register, register_artifact
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, module_macs
 from slimdiff.models import Adapter, adapter_for
@@ -456,4 +462,346 @@ def full_compute(model: nn.Module) -> Iterator[None]:
         state.paused = False
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the engine
+# ----------------------------------------------------------------------------------------------------------------
+Method = Literal["dip-go", "deepcache", "step-reuse"]
+METHODS: tuple[str, ...] = ("dip-go", "deepcache", "step-reuse")
+SCHEDULES: tuple[str, ...] = ("uniform", "non-uniform")
+LOSSES: tuple[str, ...] = ("ssim", "mse")
+
+FEWER_STEPS_ADVICE = (
+    "A table is worth shipping only where it beats the same sampler with fewer steps at equal sampling MACs: for "
+    "DDIM, whole-step reuse (--method step-reuse) IS a DDIM sampler with fewer steps, and small models are often as "
+    "good or better at 10-20 DDIM steps than at 50. Measure the teacher's FID against its step count first "
+    "(benchmarks/skipping.py); if DDIM with target-macs x steps steps is as good as the table, sample with fewer "
+    "steps instead."
+)
+
+
+@dataclass
+class SkipConfig(EngineConfig):
+    """Which sampler the table is for, what fraction of its MACs to keep, and how to find the table."""
+
+    target_macs: float = field(
+        default=0.5, metadata={"help": "Keep this fraction of the MACs of a full sampling run (e.g. 0.25)."}
+    )
+    steps: int = field(default=50, metadata={"help": "Sampling steps the table is made for."})
+    scheduler: Literal["ddim", "dpm", "ddpm"] = field(
+        default="ddim", metadata={"help": "Sampler the table is made for: ddim, dpm or ddpm."}
+    )
+    method: Method = field(default="dip-go", metadata={"help": "dip-go (learned), deepcache or step-reuse."})
+    granularity: Granularity = field(
+        default="block", metadata={"help": "block (U-Net/DiT blocks) or layer (resnets/attentions; DiT attn/MLP)."}
+    )
+    schedule: Literal["uniform", "non-uniform"] = field(
+        default="uniform", metadata={"help": "Baselines: full steps at a uniform or non-uniform (DeepCache) interval."}
+    )
+    iterations: int = field(default=200, metadata={"help": "dip-go: optimizer steps of the pruner network."})
+    lr: float = field(default=0.001, metadata={"help": "dip-go: Adam learning rate of the pruner network."})
+    batch_size: int = field(default=8, metadata={"help": "dip-go: noises per optimizer step.", "flag": "--batch"})
+    noises: int = field(default=32, metadata={"help": "dip-go: fixed noises (and conditions) the search uses."})
+    loss: Literal["ssim", "mse"] = field(default="ssim", metadata={"help": "dip-go consistency: ssim or mse."})
+    alpha: float = field(default=1.0, metadata={"help": "dip-go: weight of the expected-MACs (sparsity) term."})
+    guidance_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance during the search."})
+    threshold: float = field(default=0.95, metadata={"help": "dip-go post-processing: first skip threshold."})
+    tolerance: float = field(
+        default=0.01, metadata={"help": "Accept tables keeping up to target_macs × (1 + tolerance)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed (noises, conditions, pruner init)."})
+
+    def validate(self) -> None:
+        if not 0 < self.target_macs < 1:
+            raise SlimdiffError(f"target_macs {self.target_macs} must be a fraction of a full run's MACs in (0, 1)")
+        if self.steps < 2:
+            raise SlimdiffError(f"steps must be ≥ 2 (got {self.steps})")
+        for name, value, valid in (
+            ("scheduler", self.scheduler, tuple(SAMPLERS)),
+            ("method", self.method, METHODS),
+            ("granularity", self.granularity, GRANULARITIES),
+            ("schedule", self.schedule, SCHEDULES),
+            ("loss", self.loss, LOSSES),
+        ):
+            if value not in valid:
+                raise SlimdiffError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
+        if self.iterations < 1 or self.batch_size < 1 or self.noises < self.batch_size:
+            raise SlimdiffError("iterations and batch_size must be ≥ 1, and noises ≥ batch_size")
+        if self.lr <= 0 or self.alpha < 0 or not 0 < self.threshold <= 1 or not 0 <= self.tolerance < 0.5:
+            raise SlimdiffError("lr must be > 0, alpha ≥ 0, threshold in (0, 1] and tolerance in [0, 0.5)")
+
+    def budget(self) -> dict[str, float]:
+        return {"sampling_macs": self.target_macs}
+
+    @property
+    def limit(self) -> float:
+        """The most a table may keep: the target and its tolerance (the always-run stem and head cost a little)."""
+        return self.target_macs * (1 + self.tolerance)
+
+
+def _timesteps(config: SkipConfig, schedule: dict[str, Any]) -> tuple[str, list[float]]:
+    sched = make_scheduler(config.scheduler, schedule)
+    sched.set_timesteps(config.steps)
+    return type(sched).__name__, [float(t) for t in sched.timesteps]
+
+
+def _full_steps(steps: int, count: int, schedule: str, center: float = 0.3, power: float = 1.4) -> list[int]:
+    """`count` steps (step 0 and the last among them) that compute everything: evenly spaced, or — DeepCache's
+    non-uniform schedule, reconstructed — denser around `center` (a fraction of the run), by a power law."""
+    if count >= steps:
+        return list(range(steps))
+    if schedule == "uniform" or count < 3:
+        return sorted({math.floor(i * steps / count) for i in range(count)})
+    middle = round(center * (steps - 1))
+    while power > 1.0:
+        xs = torch.linspace(-1, 1, count).tolist()
+        picked = {
+            round(middle + math.copysign(abs(x) ** power, x) * (middle if x < 0 else steps - 1 - middle)) for x in xs
+        }
+        if len(picked) == count:
+            return sorted(picked)
+        power -= 0.05  # too dense to stay distinct: flatten the law
+    return sorted({math.floor(i * steps / count) for i in range(count)})
+
+
+def _interval_table(base: SkipTable, full: list[int], partial: list[bool]) -> SkipTable:
+    table = copy.deepcopy(base)
+    table.compute = [[True] * len(base.units) if s in full else list(partial) for s in range(len(base.timesteps))]
+    return table
+
+
+def _baseline(adapter: Adapter, config: SkipConfig, base: SkipTable, costs: UnitCosts) -> tuple[SkipTable, str]:
+    """The deepcache or step-reuse table that keeps the most MACs at or below the target."""
+    steps, names = len(base.timesteps), base.units
+    partials: dict[str, list[bool]] = {"whole step": [False] * len(names)}
+    if config.method == "deepcache":
+        if adapter.family == "dit":
+            raise SlimdiffError(
+                "deepcache needs a U-Net (its cache sits on the skip branches); for a DiT use step-reuse or dip-go"
+            )
+        units = base.skip_units
+        down = [i for i, n in enumerate(names) if n.startswith("down_blocks")]
+        partials = {}
+        for k in range(1, len(down) + 1):
+            shallow = {names[i] for i in down[:k]}
+            first = min(i for i, u in enumerate(units) if u.name.startswith("up_blocks") and shallow & set(u.inputs))
+            computed = shallow | {n for n in names[first:] if n.startswith("up_blocks")}
+            partials[f"branch {k - 1}"] = [n in computed for n in names]
+    best: tuple[float, SkipTable, str] | None = None
+    least = 1.0
+    for label, partial in partials.items():
+        for count in range(1, steps + 1):
+            full = _full_steps(steps, count, config.schedule)
+            table = _interval_table(base, full, partial)
+            kept = kept_fraction(table, costs)
+            least = min(least, kept)
+            if kept <= config.limit and (best is None or kept > best[0]):
+                best = (kept, table, f"{label}, {len(full)} full steps of {steps} ({config.schedule})")
+    if best is None:
+        raise SlimdiffError(
+            f"{config.method} cannot keep as little as {config.target_macs} of the sampling MACs of {steps} steps "
+            f"(its least is {least:.3f}); raise target_macs"
+        )
+    return best[1], best[2]
+
+
+class Pruner(nn.Module):
+    """DiP-GO's pruner: learnable queries, one per (step, unit), through self-attention and an MLP head to
+    (skip, keep) logits; the keep logit starts high so the search starts from the full model."""
+
+    def __init__(self, steps: int, units: int, dim: int = 64, heads: int = 4, keep_logit: float = 3.0) -> None:
+        super().__init__()
+        self.steps, self.units = steps, units
+        self.queries = nn.Parameter(torch.randn(steps * units, dim))  # distinct from the start
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 2))
+        nn.init.normal_(self.head[-1].weight, std=1e-3)
+        with torch.no_grad():
+            self.head[-1].bias.copy_(torch.tensor([0.0, keep_logit]))
+
+    def forward(self) -> torch.Tensor:
+        """Keep probabilities, `(steps, units)`."""
+        logits = self.head(self.encoder(self.queries[None]))[0]
+        return logits.softmax(-1)[:, 1].view(self.steps, self.units)
+
+
+def expected_kept(keep: torch.Tensor, table: SkipTable, costs: UnitCosts) -> torch.Tensor:
+    """Expected kept fraction of the sampling MACs for keep probabilities `(steps, units)`; a unit runs only if it
+    is kept and some consumer runs (step 0 runs everything)."""
+    users = consumers(table.skip_units)
+    index = {name: i for i, name in enumerate(table.units)}
+    macs = torch.tensor([costs.units[n] for n in table.units], dtype=keep.dtype) / costs.total
+    live: list[torch.Tensor] = [keep[1:, 0]] * len(table.units)
+    for i in reversed(range(len(table.units))):
+        feeds = users[table.units[i]]
+        needed = 1 - torch.stack([1 - live[index[c]] for c in feeds]).prod(0) if feeds else 1.0
+        live[i] = keep[1:, i] * needed
+    per_step = costs.rest / costs.total + (torch.stack(live, dim=1) * macs).sum(1)
+    return (1 + per_step.sum()) / keep.shape[0]
+
+
+def _trajectory(
+    adapter: Adapter,
+    config: SkipConfig,
+    schedule: dict[str, Any],
+    noise: torch.Tensor,
+    cond: torch.Tensor | None,
+    null: torch.Tensor | None,
+    seed: int,
+    gates: torch.Tensor | None = None,
+    units: Sequence[str] = (),
+) -> torch.Tensor:
+    """The final sample of one sampling run from `noise` (gated by `gates[step, unit]` when given)."""
+    state = _state_of(adapter.model)
+    sched = make_scheduler(config.scheduler, schedule)
+    sched.set_timesteps(config.steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = noise * sched.init_noise_sigma
+    if state is not None:
+        state.reset()
+    for step, t in enumerate(sched.timesteps):
+        if state is not None and gates is not None:
+            state.gates = {name: gates[step, i] for i, name in enumerate(units)}
+        eps = guided(adapter, sched.scale_model_input(x, t), t.expand(x.shape[0]), cond, null, config.guidance_scale)
+        x = sched.step(eps, t, x, generator=generator).prev_sample
+    if state is not None:
+        state.gates = None
+        state.reset()
+    return x.clamp(-1, 1)
+
+
+def postprocess(
+    skip_probs: torch.Tensor, base: SkipTable, costs: UnitCosts, limit: float, threshold: float
+) -> SkipTable:
+    """METHODS §4: from the output side to the input side, skip each unit's steps with the highest skip probability
+    above the threshold (never step 0), lowering the threshold by 0.05 per sweep, until the target is met."""
+    table = copy.deepcopy(base)
+    while threshold > -0.05:
+        for i in reversed(range(len(table.units))):
+            for step in sorted(range(1, len(table.timesteps)), key=lambda s: -float(skip_probs[s, i])):
+                if float(skip_probs[step, i]) < threshold:
+                    break
+                table.compute[step][i] = False
+                if kept_fraction(table, costs) <= limit:
+                    return table
+        threshold -= 0.05
+    raise SlimdiffError(f"no table keeps as little as {limit:.3f} of the sampling MACs; raise target_macs")
+
+
+def _search(
+    adapter: Adapter, config: SkipConfig, data: Calibration, base: SkipTable, costs: UnitCosts, log: Log
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Train the pruner on the gated vs full trajectories; returns the skip probabilities `(steps, units)`."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    size = adapter.sample_size
+    noise = torch.randn(config.noises, adapter.in_channels, size, size, generator=generator)
+    cond = null = None
+    if adapter.cond_kind != "none":
+        picks = torch.randint(0, len(data.dataset), (config.noises,), generator=generator)
+        cond = data.cond_for(torch.tensor([data.dataset[int(i)][1] for i in picks]))
+        if config.guidance_scale != 1.0:
+            null = null_condition(adapter, cond, None)
+    batches = [
+        slice(i, i + config.batch_size) for i in range(0, config.noises - config.batch_size + 1, config.batch_size)
+    ]
+
+    def part(value: torch.Tensor | None, batch: slice) -> torch.Tensor | None:
+        return None if value is None else value[batch]
+
+    with torch.no_grad():
+        references = [
+            _trajectory(adapter, config, data.schedule, noise[b], part(cond, b), part(null, b), config.seed + k)
+            for k, b in enumerate(batches)
+        ]
+    model = copy.deepcopy(adapter.model).eval().requires_grad_(False)
+    attach(model, base)
+    gated = adapter_for(model)
+    pruner = Pruner(len(base.timesteps), len(base.units))
+    optimizer = torch.optim.Adam(pruner.parameters(), lr=config.lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations)
+    history: list[dict[str, float]] = []
+    for it in range(config.iterations):
+        k = it % len(batches)
+        b = batches[k]
+        keep = pruner()
+        hard = (keep > 0.5).to(keep.dtype)
+        gates = hard + keep - keep.detach()  # straight-through: hard forward, soft gradient
+        gates = torch.cat([torch.ones_like(gates[:1]), gates[1:]])
+        final = _trajectory(
+            gated, config, data.schedule, noise[b], part(cond, b), part(null, b), config.seed + k, gates, base.units
+        )
+        if config.loss == "ssim":
+            consistency = 1 - structural_similarity_index_measure(final, references[k], data_range=2.0)
+        else:
+            consistency = F.mse_loss(final, references[k])
+        expected = expected_kept(keep, base, costs)
+        loss = consistency + (config.alpha * expected if expected.item() > config.target_macs else 0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        cosine.step()
+        if it % 10 == 0 or it == config.iterations - 1:
+            row = {
+                "iteration": it,
+                "consistency": float(consistency),
+                "expected_kept": float(expected),
+                "hard_skipped": int((hard[1:] == 0).sum()),
+            }
+            history.append(row)
+            log(f"search {it:4d}: 1-ssim/mse {row['consistency']:.4f}, expected kept {row['expected_kept']:.3f}")
+    with torch.no_grad():
+        skip_probs = 1 - pruner()
+    return skip_probs, history
+
+
+def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Log = no_log) -> Result:
+    """Find a skip table for the configured sampler; the model is returned untouched, the table as an artifact."""
+    config.validate()
+    if config.method == "dip-go" and config.guidance_scale != 1.0 and adapter.cond_kind == "text":
+        raise SlimdiffError(
+            "a guided dip-go search on a text model needs the empty prompt's embedding, which the "
+            "calibration does not carry; search with guidance_scale 1"
+        )
+    start = time.perf_counter()
+    scheduler, timesteps = _timesteps(config, data.schedule)
+    units = skip_units(adapter, config.granularity)
+    base = SkipTable.full(scheduler, timesteps, units, config.granularity)
+    costs = unit_costs(adapter.model, base.units)
+    record: dict[str, Any] = {"method": config.method, "granularity": config.granularity, "units": len(units)}
+    if config.method == "dip-go":
+        skip_probs, history = _search(adapter, config, data, base, costs, log)
+        table = postprocess(skip_probs, base, costs, config.limit, config.threshold)
+        record |= {
+            "search_history": history,
+            "skip_probabilities": [[round(float(p), 4) for p in row] for row in skip_probs],
+        }
+        how = f"dip-go search, {config.iterations} iterations"
+    else:
+        table, how = _baseline(adapter, config, base, costs)
+    kept = kept_fraction(table, costs)
+    seconds = time.perf_counter() - start
+    per_step = ["".join("1" if c else "." for c in row) for row in table.effective()]
+    record |= {"kept_sampling_macs": kept, "how": how, "search_seconds": round(seconds, 1), "effective": per_step}
+    log(f"{how}: keeps {kept:.3f} of the sampling MACs of {table.described()}")
+    return Result(
+        model=adapter.model,
+        achieved={"sampling_macs": kept},
+        record=record,
+        summary=f"skip table ({config.method}, {config.granularity}): {kept:.1%} of the sampling MACs of "
+        f"{scheduler} with {config.steps} steps; {how}",
+        artifacts={ARTIFACT: table.to_json()},
+        seconds=seconds,
+    )
+
+
 register_artifact(ARTIFACT, attach)
+ENGINE = register(
+    Engine(
+        "skip",
+        SkipConfig,
+        compress,
+        help="Timestep-wise block skipping (DiP-GO, DeepCache, step reuse): a skip table for one sampler, saved with "
+        "the model and honoured by diffusers pipelines. " + FEWER_STEPS_ADVICE,
+    )
+)
