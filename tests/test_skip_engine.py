@@ -77,7 +77,7 @@ def test_postprocess_skips_from_the_output_side_by_probability_and_never_step_0(
     probs[:, base.units.index("mid_block")] = torch.tensor([1.0, 0.97, 0.99, 0.5])
     probs[:, base.units.index("down_blocks.0")] = torch.tensor([1.0, 0.2, 0.96, 0.1])
     limit = skip.kept_fraction(base, costs) - 1e-6
-    table = skip.postprocess(probs, base, costs, limit, 0.95)
+    table = skip.postprocess(probs, base, costs, limit, 0.0, 0.95)
     skipped = {(s, n) for s, row in enumerate(table.compute) for n, c in zip(base.units, row, strict=True) if not c}
     assert skipped == {(2, "mid_block")}  # the first candidate met the limit
     strict = skip.kept_fraction(
@@ -87,7 +87,7 @@ def test_postprocess_skips_from_the_output_side_by_probability_and_never_step_0(
         ),
         costs,
     )
-    table = skip.postprocess(probs, base, costs, strict, 0.95)
+    table = skip.postprocess(probs, base, costs, strict, 0.0, 0.95)
     assert all(table.compute[0]) and not table.compute[3][base.units.index("mid_block")]
     assert skip.kept_fraction(table, costs) <= strict
 

@@ -671,24 +671,35 @@ def _trajectory(
 
 
 def postprocess(
-    skip_probs: torch.Tensor, base: SkipTable, costs: UnitCosts, limit: float, threshold: float
+    skip_probs: torch.Tensor, base: SkipTable, costs: UnitCosts, target: float, tolerance: float, threshold: float
 ) -> SkipTable:
     """METHODS §4: from the output side to the input side, skip each unit's steps with the highest skip probability
-    above the threshold (never step 0), lowering the threshold by 0.05 per sweep, until the target is met."""
+    above the threshold (never step 0), lowering the threshold by 0.05 per sweep, until the table keeps at most
+    `target × (1 + tolerance)` of the sampling MACs. A skip that would undershoot `target × (1 − tolerance)` is
+    passed over (a smaller unit may land closer); only if no table lands in that band is the first one below taken.
+    """
     table = copy.deepcopy(base)
-    while threshold > -0.05:
-        for i in reversed(range(len(table.units))):
-            for step in sorted(range(1, len(table.timesteps)), key=lambda s: -float(skip_probs[s, i])):
-                if float(skip_probs[step, i]) < threshold:
-                    break
-                table.compute[step][i] = False
-                if kept_fraction(table, costs) <= limit:
-                    return table
-        threshold -= 0.05
+    limit, floor = target * (1 + tolerance), target * (1 - tolerance)
+    for strict in (True, False):
+        sweep = threshold
+        while sweep > -0.05:
+            for i in reversed(range(len(table.units))):
+                for step in sorted(range(1, len(table.timesteps)), key=lambda s: -float(skip_probs[s, i])):
+                    if float(skip_probs[step, i]) < sweep:
+                        break
+                    if not table.compute[step][i]:
+                        continue
+                    table.compute[step][i] = False
+                    kept = kept_fraction(table, costs)
+                    if kept <= limit and (kept >= floor or not strict):
+                        return table
+                    if strict and kept < floor:
+                        table.compute[step][i] = True
+            sweep -= 0.05
     raise SlimdiffError(f"no table keeps as little as {limit:.3f} of the sampling MACs; raise target_macs")
 
 
-def _search(
+def search(
     adapter: Adapter, config: SkipConfig, data: Calibration, base: SkipTable, costs: UnitCosts, log: Log
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Train the pruner on the gated vs full trajectories; returns the skip probabilities `(steps, units)`."""
@@ -770,8 +781,8 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
     costs = unit_costs(adapter.model, base.units)
     record: dict[str, Any] = {"method": config.method, "granularity": config.granularity, "units": len(units)}
     if config.method == "dip-go":
-        skip_probs, history = _search(adapter, config, data, base, costs, log)
-        table = postprocess(skip_probs, base, costs, config.limit, config.threshold)
+        skip_probs, history = search(adapter, config, data, base, costs, log)
+        table = postprocess(skip_probs, base, costs, config.target_macs, config.tolerance, config.threshold)
         record |= {
             "search_history": history,
             "skip_probabilities": [[round(float(p), 4) for p in row] for row in skip_probs],
