@@ -39,6 +39,8 @@ from slimdiff.metrics.features import digits_feature_extractor
 from slimdiff.metrics.quality import compute_quality, reference_features
 from slimdiff.models import adapter_for
 
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
 
 class Bench:
     """The teacher, the reference features, and the rows measured so far (persisted after each one)."""
@@ -198,9 +200,50 @@ def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
             bench.table_row(keys[fraction], out, ref_steps, fraction, how)
 
 
+def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]:
+    """Sampling MACs of DeepCache (uniform N = 5, branch 0, layer units) and of 20 %-MACs tables (step reuse,
+    deepcache) for DDIM-`steps` on a reference architecture (counted on the meta device: random weights, none read)."""
+    import tempfile
+
+    from diffusers import DDIMScheduler
+
+    from slimdiff.export import load_architecture
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(config_path.read_text())
+        model = load_architecture(folder)
+    sched = DDIMScheduler(steps_offset=1)
+    sched.set_timesteps(steps)
+    units = skip.skip_units(adapter_for(model), "layer")
+    base = skip.SkipTable.full("DDIMScheduler", sched.timesteps.tolist(), units, "layer")
+    costs = skip.unit_costs(model, base.units)
+    deepcache = skip.interval_table(
+        base, skip.full_steps(steps, steps // 5, "uniform"), skip.deepcache_branches(base)["branch 0"]
+    )
+    report = {
+        "architecture": config_path.name,
+        "sampler": f"DDIM-{steps}",
+        "macs_per_call": costs.total,
+        "sampling_macs_full": costs.total * steps,
+        "deepcache_N5_branch0": skip.kept_fraction(deepcache, costs) * costs.total * steps,
+    }
+    engine = get_engine("skip")
+    for method in ("step-reuse", "deepcache"):
+        config = engine.make_config(method=method, granularity="layer", steps=steps, target_macs=0.2)
+        try:
+            table, how = skip._baseline(adapter_for(model), config, base, costs)
+            report[f"{method}_0.2"] = {
+                "sampling_macs": skip.kept_fraction(table, costs) * costs.total * steps,
+                "how": how,
+            }
+        except SlimdiffError as error:
+            report[f"{method}_0.2"] = {"infeasible": str(error)}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, required=True)
+    parser.add_argument("--teacher", type=Path, help="teacher model directory (all stages but reference)")
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=[4, 6, 8, 10, 12, 16, 25, 50, 100])
     parser.add_argument("--dpm-steps", type=int, nargs="+", default=[4, 6, 8, 12, 16, 25])
@@ -209,10 +252,16 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=60, help="dip-go optimizer steps per search")
     parser.add_argument("--search-batch", type=int, default=4)
     parser.add_argument("--search-noises", type=int, default=16)
-    parser.add_argument("--stage", choices=["curve", "tables", "all"], default="all")
+    parser.add_argument("--stage", choices=["curve", "tables", "all", "reference"], default="all")
+    parser.add_argument("--reference-config", type=Path, default=REFERENCE / "sd-1.5.unet.json")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-skipping"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/skipping.json"))
     args = parser.parse_args()
+    if args.stage == "reference":
+        report = reference_architecture(args.reference_config)
+        atomic_write_json(args.out, report)
+        print(json.dumps(report, indent=2))
+        return
     bench = Bench(args)
     if args.stage in ("curve", "all"):
         for steps in args.ddim_steps:
@@ -220,11 +269,13 @@ def main() -> None:
         for steps in args.dpm_steps:
             bench.sampler_row("dpm", steps)
     if args.stage in ("tables", "all"):
-        curve = [r for r in bench.results["rows"] if r["kind"] == "sampler" and r["scheduler"] == "ddim"]
-        nstar = min(curve, key=lambda r: r["fid"])["steps"]
-        bench.results["nstar"] = nstar
         for ref in args.refs:
-            run_tables(bench, nstar if ref == "nstar" else int(ref), args.fractions)
+            if ref == "nstar":
+                curve = [r for r in bench.results["rows"] if r["kind"] == "sampler" and r["scheduler"] == "ddim"]
+                if not curve:
+                    raise SystemExit("--refs nstar needs the curve first (--stage curve or all)")
+                bench.results["nstar"] = min(curve, key=lambda r: r["fid"])["steps"]
+            run_tables(bench, bench.results["nstar"] if ref == "nstar" else int(ref), args.fractions)
     atomic_write_json(args.out, bench.results)
 
 

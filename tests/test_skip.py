@@ -322,3 +322,20 @@ def test_info_reports_the_tables_sampling_macs(tmp_path: Path) -> None:
     assert info["sampling_macs"] == round(sum(skip.kept_fractions(table, costs)) * costs.total)
     assert info["sampling_macs"] < info["sampling_macs_full"]
     assert info["sampler"]["scheduler"] == "DDIMScheduler" and info["sampler"]["steps"] == 6
+
+
+def test_eval_counts_the_tables_sampling_macs_and_times_it(tmp_path: Path) -> None:
+    from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
+
+    model = build_tiny("tiny-unet").eval()
+    sched = make_scheduler("ddim")
+    table = _sparse_table(model, sched, 4, "block")
+    save(model, tmp_path / "m", artifacts={"skip_table": table.to_json()}, scheduler_config=dict(sched.config))
+    settings = EvalSettings(metrics=("macs", "latency"), steps=4, batch_size=2)
+    report = evaluate_model(tmp_path / "m", settings, progress=False)
+    costs = skip.unit_costs(model, table.units)
+    assert report["metrics"]["sampling_macs"]["value"] == round(sum(skip.kept_fractions(table, costs)) * costs.total)
+    assert "skip table" in report["metrics"]["sampling_macs"]["counts"]
+    assert report["metrics"]["sampling_latency_ms"]["value"] > 0
+    with pytest.raises(SlimdiffError, match="evaluate it with those steps"):
+        evaluate_model(tmp_path / "m", EvalSettings(metrics=("macs",), steps=5), progress=False)

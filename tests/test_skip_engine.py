@@ -35,8 +35,8 @@ def test_expected_kept_matches_the_table_for_hard_gates() -> None:
 
 
 def test_full_step_schedules() -> None:
-    assert skip._full_steps(10, 5, "uniform") == [0, 2, 4, 6, 8]
-    steps = skip._full_steps(50, 10, "non-uniform")
+    assert skip.full_steps(10, 5, "uniform") == [0, 2, 4, 6, 8]
+    steps = skip.full_steps(50, 10, "non-uniform")
     assert len(steps) == 10 and steps[0] == 0 and steps[-1] == 49
     gaps = [b - a for a, b in zip(steps, steps[1:])]
     assert min(gaps) < 50 / 10 < max(gaps)  # denser around the centre than uniform

@@ -544,7 +544,7 @@ def _timesteps(config: SkipConfig, schedule: dict[str, Any]) -> tuple[str, list[
     return type(sched).__name__, [float(t) for t in sched.timesteps]
 
 
-def _full_steps(steps: int, count: int, schedule: str, center: float = 0.3, power: float = 1.4) -> list[int]:
+def full_steps(steps: int, count: int, schedule: str, center: float = 0.3, power: float = 1.4) -> list[int]:
     """`count` steps (step 0 and the last among them) that compute everything: evenly spaced, or — DeepCache's
     non-uniform schedule, reconstructed — denser around `center` (a fraction of the run), by a power law."""
     if count >= steps:
@@ -563,35 +563,45 @@ def _full_steps(steps: int, count: int, schedule: str, center: float = 0.3, powe
     return sorted({math.floor(i * steps / count) for i in range(count)})
 
 
-def _interval_table(base: SkipTable, full: list[int], partial: list[bool]) -> SkipTable:
+def interval_table(base: SkipTable, full: list[int], partial: list[bool]) -> SkipTable:
     table = copy.deepcopy(base)
     table.compute = [[True] * len(base.units) if s in full else list(partial) for s in range(len(base.timesteps))]
     return table
 
 
+def deepcache_branches(base: SkipTable) -> dict[str, list[bool]]:
+    """DeepCache's partial steps, one per skip branch k: the down-side units up to the k-th one whose output is a skip
+    tensor, and the up-side units from the first one that consumes one of them onward; everything deeper is reused
+    from the last full step."""
+    names, units = base.units, base.skip_units
+    down = [i for i, n in enumerate(names) if n.startswith("down_blocks")]
+    up = [u for u in units if u.name.startswith("up_blocks")]
+    producers = [i for i in down if any(names[i] in u.inputs for u in up)]  # the units whose output is a skip tensor
+    branches = {}
+    for k, last in enumerate(producers):
+        shallow = {names[i] for i in down if i <= last}
+        first = min(i for i, u in enumerate(units) if u in up and shallow & set(u.inputs))
+        computed = shallow | {n for n in names[first:] if n.startswith("up_blocks")}
+        branches[f"branch {k}"] = [n in computed for n in names]
+    return branches
+
+
 def _baseline(adapter: Adapter, config: SkipConfig, base: SkipTable, costs: UnitCosts) -> tuple[SkipTable, str]:
     """The deepcache or step-reuse table that keeps the most MACs at or below the target."""
-    steps, names = len(base.timesteps), base.units
-    partials: dict[str, list[bool]] = {"whole step": [False] * len(names)}
+    steps = len(base.timesteps)
+    partials: dict[str, list[bool]] = {"whole step": [False] * len(base.units)}
     if config.method == "deepcache":
         if adapter.family == "dit":
             raise SlimdiffError(
                 "deepcache needs a U-Net (its cache sits on the skip branches); for a DiT use step-reuse or dip-go"
             )
-        units = base.skip_units
-        down = [i for i, n in enumerate(names) if n.startswith("down_blocks")]
-        partials = {}
-        for k in range(1, len(down) + 1):
-            shallow = {names[i] for i in down[:k]}
-            first = min(i for i, u in enumerate(units) if u.name.startswith("up_blocks") and shallow & set(u.inputs))
-            computed = shallow | {n for n in names[first:] if n.startswith("up_blocks")}
-            partials[f"branch {k - 1}"] = [n in computed for n in names]
+        partials = deepcache_branches(base)
     best: tuple[float, SkipTable, str] | None = None
     least = 1.0
     for label, partial in partials.items():
         for count in range(1, steps + 1):
-            full = _full_steps(steps, count, config.schedule)
-            table = _interval_table(base, full, partial)
+            full = full_steps(steps, count, config.schedule)
+            table = interval_table(base, full, partial)
             kept = kept_fraction(table, costs)
             least = min(least, kept)
             if kept <= config.limit and (best is None or kept > best[0]):
