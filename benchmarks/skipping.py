@@ -38,6 +38,7 @@ from slimdiff.metrics.cost import count_macs, sampling_latency
 from slimdiff.metrics.features import digits_feature_extractor
 from slimdiff.metrics.quality import compute_quality, reference_features
 from slimdiff.models import adapter_for
+from slimdiff.report import markdown_table
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
@@ -241,6 +242,71 @@ def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]
     return report
 
 
+def markdown(paths: list[Path]) -> str:
+    """The curve and the tables of one or more result files, as Markdown."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        rows |= {row["key"]: row for row in json.loads(path.read_text())["rows"]}
+    samplers = sorted((r for r in rows.values() if r["kind"] == "sampler"), key=lambda r: (r["scheduler"], r["steps"]))
+    curve = [
+        {
+            "sampler": r["scheduler"],
+            "steps": r["steps"],
+            "FID": r["fid"],
+            "KID×100": 100 * r["kid_mean"],
+            "sampling GMACs": r["sampling_macs"] / 1e9,
+        }
+        for r in samplers
+    ]
+    out = ["### The teacher's curve", "", markdown_table(curve), ""]
+    for ref in sorted({r["ref_steps"] for r in rows.values() if r["kind"] == "table"}):
+        full = rows.get(f"ddim-{ref}", {})
+        table = []
+        for fraction in sorted({r["fraction"] for r in rows.values() if r.get("ref_steps") == ref}, reverse=True):
+            equal = max(1, round(fraction * ref))
+            for name in (f"ddim-{equal}", f"dpm-{equal}"):
+                if name in rows:
+                    r = rows[name]
+                    table.append(
+                        {
+                            "fraction": fraction,
+                            "row": f"{r['scheduler']} {equal} steps (fewer steps)",
+                            "kept MACs": equal / ref,
+                            "FID": r["fid"],
+                            "KID×100": 100 * r["kid_mean"],
+                            "wall s (b64)": r.get("wall_s_batch64"),
+                        }
+                    )
+            for r in rows.values():
+                if r["kind"] == "table" and r["ref_steps"] == ref and r["fraction"] == fraction:
+                    name = f"{r['method']} ({r.get('granularity', '')})"
+                    if "infeasible" in r:
+                        table.append(
+                            {
+                                "fraction": fraction,
+                                "row": name,
+                                "kept MACs": None,
+                                "FID": None,
+                                "KID×100": None,
+                                "wall s (b64)": "infeasible: " + r["infeasible"],
+                            }
+                        )
+                        continue
+                    table.append(
+                        {
+                            "fraction": fraction,
+                            "row": name,
+                            "kept MACs": r["kept_sampling_macs"],
+                            "FID": r["fid"],
+                            "KID×100": 100 * r["kid_mean"],
+                            "wall s (b64)": r["wall_s_batch64"],
+                        }
+                    )
+        head = f"### From DDIM-{ref} (FID {full.get('fid', float('nan')):.3f}, wall {full.get('wall_s_batch64')} s)"
+        out += [head, "", markdown_table(table), ""]
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, help="teacher model directory (all stages but reference)")
@@ -252,11 +318,15 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=60, help="dip-go optimizer steps per search")
     parser.add_argument("--search-batch", type=int, default=4)
     parser.add_argument("--search-noises", type=int, default=16)
-    parser.add_argument("--stage", choices=["curve", "tables", "all", "reference"], default="all")
+    parser.add_argument("--stage", choices=["curve", "tables", "all", "reference", "report"], default="all")
+    parser.add_argument("--report", type=Path, nargs="+", help="--stage report: result files to print as Markdown")
     parser.add_argument("--reference-config", type=Path, default=REFERENCE / "sd-1.5.unet.json")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-skipping"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/skipping.json"))
     args = parser.parse_args()
+    if args.stage == "report":
+        print(markdown(args.report))
+        return
     if args.stage == "reference":
         report = reference_architecture(args.reference_config)
         atomic_write_json(args.out, report)

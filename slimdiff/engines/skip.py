@@ -289,7 +289,11 @@ def sampling_summary(model: nn.Module, table: SkipTable) -> dict[str, Any]:
         "sampling_macs": round(sum(kept) * costs.total),
         "sampling_macs_full": costs.total * len(kept),
         "sampling_macs_fraction": sum(kept) / len(kept),
-        "sampler": {"scheduler": table.scheduler, "steps": table.num_inference_steps, "timesteps": table.timesteps},
+        "sampler": {
+            "scheduler": table.scheduler,
+            "steps": table.num_inference_steps,
+            "timesteps": table.to_json()["timesteps"],
+        },
         "skip_granularity": table.granularity,
         "sampling_macs_counts": "one image, one denoiser call per step (×2 with classifier-free guidance)",
     }
@@ -342,7 +346,7 @@ class _RunState:
                 where = f"after the last step expected the first, {self.table.timesteps[0]:g}"
             raise SlimdiffError(
                 f"this model's skip table was made for {self.table.described()}; got timestep {t:g} ({where}) — "
-                "sample with that sampler, or load the model with artifacts=False"
+                "sample with that sampler and step count, or load the model with artifacts=False (no skipping)"
             )
         while len(self.caches) <= self.slot:
             self.caches.append({})
