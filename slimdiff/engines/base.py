@@ -144,9 +144,12 @@ class Engine:
 BUILTIN_ENGINES: dict[str, str] = {
     "channels": "slimdiff.engines.channels",
     "layers": "slimdiff.engines.layers",
+    "skip": "slimdiff.engines.skip",
 }
 #: Artifacts that `slimdiff.load` knows how to re-attach: artifact name → the module that defines `attach`.
-BUILTIN_ARTIFACTS: dict[str, str] = {}
+BUILTIN_ARTIFACTS: dict[str, str] = {
+    "skip_table": "slimdiff.engines.skip",
+}
 
 _engines: dict[str, Engine] = {}
 _artifacts: dict[str, Callable[[nn.Module, Any], None]] = {}

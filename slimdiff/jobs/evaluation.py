@@ -12,6 +12,8 @@ import torch
 
 from slimdiff.data import load_data
 from slimdiff.diffusion import sample
+from slimdiff.engines.skip import full_compute, kept_fractions, unit_costs
+from slimdiff.engines.skip import table_of as skip_table_of
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config, read_spec
 from slimdiff.io import atomic_write_json, read_json
@@ -111,16 +113,23 @@ def evaluate_model(
     if "macs" in settings.metrics:
         per_call = count_macs(model)
         guided = settings.guidance_scale != 1.0 and adapter.cond_kind != "none"
-        run = sampling_macs(per_call, settings.steps, guidance=guided)
+        table = skip_table_of(model)
+        skipped = None if table is None else [1 - f for f in kept_fractions(table, unit_costs(model, table.units))]
+        if skipped is not None and len(skipped) != settings.steps:
+            raise SlimdiffError(f"the model's skip table is for {table.described()}; evaluate it with those steps")
+        run = sampling_macs(per_call, settings.steps, guidance=guided, skipped_fraction_per_step=skipped)
         counts = "per denoiser call, batch 1"
         report["metrics"]["macs"] = {"value": per_call.total, "counts": counts + ", attention matmuls included"}
         report["metrics"]["macs_no_attn"] = {"value": per_call.without_attention, "counts": counts}
-        steps = f"one image, {settings.steps} {settings.scheduler} steps" + (
-            ", guided (2 calls a step)" if guided else ""
+        steps = (
+            f"one image, {settings.steps} {settings.scheduler} steps"
+            + (", guided (2 calls a step)" if guided else "")
+            + ("" if table is None else ", with its skip table")
         )
         report["metrics"]["sampling_macs"] = {"value": run.total, "counts": steps}
     if "latency" in settings.metrics:
-        call = denoiser_latency(model, batch_size=settings.batch_size, device=settings.device)
+        with full_compute(model):  # one call outside a sampling run computes everything
+            call = denoiser_latency(model, batch_size=settings.batch_size, device=settings.device)
         run = sampling_latency(
             adapter,
             steps=settings.steps,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimdiff.export import load_architecture, read_provenance
+from slimdiff.export import load_architecture, read_artifact, read_provenance, read_spec
 from slimdiff.metrics.cost import count_macs, count_params, macs_by_module
 from slimdiff.models import adapter_for
 
@@ -18,7 +18,7 @@ def model_info(model_dir: str | Path) -> dict[str, Any]:
     macs = count_macs(model)
     blocks = adapter.blocks()
     block_macs = macs_by_module(model, [block.name for block in blocks])
-    return {
+    report = {
         "path": str(model_dir),
         "family": adapter.family,
         "class": type(model).__name__,
@@ -41,3 +41,8 @@ def model_info(model_dir: str | Path) -> dict[str, Any]:
         "chain": [provenance.source or "?", *provenance.chain()],
         "provenance": vars(provenance),
     }
+    if "skip_table" in (read_spec(model_dir) or {}).get("artifacts", []):
+        from slimdiff.engines.skip import SkipTable, sampling_summary
+
+        report |= sampling_summary(model, SkipTable.from_json(read_artifact(model_dir, "skip_table")))
+    return report

@@ -1,0 +1,354 @@
+"""Skip tables vs sampling with fewer steps, on a digits teacher: the teacher's own quality-vs-steps curve first.
+
+    OMP_NUM_THREADS=1 python benchmarks/skipping.py --teacher /work/runs/demo/teacher --n 500 \
+        --out benchmarks/results/skipping_demo.json --work /tmp/bench-skipping-demo
+
+1. The curve: FID/KID (digits features, `--n` samples, seed 0) of the teacher with DDIM and DPM-Solver++ at each
+   step count in `--ddim-steps` / `--dpm-steps`.
+2. For each reference sampler (DDIM at `--refs` steps; `nstar` = the DDIM step count with the best FID on the curve)
+   and each fraction in `--fractions` of its sampling MACs: dip-go (block and layer granularity), deepcache (layer),
+   step-reuse, and the free alternatives at equal sampling MACs — DDIM and DPM-Solver++ with fraction × steps
+   steps (read from the curve when it has that step count). Each dip-go search runs once per reference and
+   granularity, at the smallest fraction; the tables for the larger fractions are post-processed from the same
+   skip probabilities.
+3. Wall time of one whole sampling run at batch 64 (CPU, the threads the process has) for the reference sampler
+   and each table.
+
+Rows are appended to the JSON as they finish; a rerun with the same `--out` skips rows it already has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimdiff.data import load_data
+from slimdiff.diffusion import sample
+from slimdiff.engines import get_engine, skip
+from slimdiff.errors import SlimdiffError
+from slimdiff.export import load, load_scheduler_config, save
+from slimdiff.io import atomic_write_json
+from slimdiff.jobs.compression import compress_model
+from slimdiff.metrics.cost import count_macs, sampling_latency
+from slimdiff.metrics.features import digits_feature_extractor
+from slimdiff.metrics.quality import compute_quality, reference_features
+from slimdiff.models import adapter_for
+from slimdiff.report import markdown_table
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+class Bench:
+    """The teacher, the reference features, and the rows measured so far (persisted after each one)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.teacher = load(args.teacher, artifacts=False)
+        self.schedule = load_scheduler_config(args.teacher)
+        self.per_call = count_macs(self.teacher).total
+        self.extractor = digits_feature_extractor()
+        size = adapter_for(self.teacher).sample_size
+        channels = adapter_for(self.teacher).in_channels
+        reference = load_data("digits", size=size, channels=channels, split="train")
+        self.real = reference_features(reference, self.extractor, split="train")
+        self.results: dict[str, Any] = {"rows": []}
+        if args.out.is_file():
+            self.results = json.loads(args.out.read_text())
+        self.results |= {
+            "teacher": str(args.teacher),
+            "n": args.n,
+            "extractor": self.extractor.name,
+            "threads": torch.get_num_threads(),
+            "macs_per_call": self.per_call,
+        }
+
+    def done(self, key: str) -> dict[str, Any] | None:
+        return next((row for row in self.results["rows"] if row["key"] == key), None)
+
+    def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.results["rows"].append(row)
+        atomic_write_json(self.args.out, self.results)
+        print(json.dumps({k: v for k, v in row.items() if k != "table"}), flush=True)
+        return row
+
+    def quality(self, model: torch.nn.Module, scheduler: str, steps: int) -> dict[str, float]:
+        images = sample(
+            adapter_for(model),
+            n=self.args.n,
+            steps=steps,
+            scheduler=scheduler,
+            schedule=self.schedule,
+            seed=0,
+            batch_size=64,
+            progress=False,
+        )
+        return compute_quality(images, self.real, self.extractor, metrics=("fid", "kid"), seed=0)
+
+    def wall(self, model: torch.nn.Module, scheduler: str, steps: int) -> float:
+        stats = sampling_latency(
+            adapter_for(model), steps=steps, batch_size=64, scheduler=scheduler, warmup=0, repeats=1
+        )
+        return stats.median_ms / 1000
+
+    def sampler_row(self, scheduler: str, steps: int, *, timed: bool = False) -> dict[str, Any]:
+        key = f"{scheduler}-{steps}"
+        row = self.done(key)
+        if row is None:
+            start = time.perf_counter()
+            row = {"key": key, "kind": "sampler", "scheduler": scheduler, "steps": steps}
+            row |= self.quality(self.teacher, scheduler, steps)
+            row |= {"sampling_macs": steps * self.per_call, "eval_seconds": round(time.perf_counter() - start, 1)}
+            self.add(row)
+        if timed and "wall_s_batch64" not in row:
+            row["wall_s_batch64"] = self.wall(self.teacher, scheduler, steps)
+            atomic_write_json(self.args.out, self.results)
+        return row
+
+    def table_row(self, key: str, model_dir: Path, ref_steps: int, fraction: float, how: dict) -> dict[str, Any]:
+        model = load(model_dir)
+        table = skip.table_of(model)
+        costs = skip.unit_costs(model, table.units)
+        kept = skip.kept_fraction(table, costs)
+        row = {"key": key, "kind": "table", "ref_steps": ref_steps, "fraction": fraction, **how}
+        row |= self.quality(model, "ddim", ref_steps)
+        row |= {
+            "kept_sampling_macs": kept,
+            "sampling_macs": round(kept * costs.total * ref_steps),
+            "wall_s_batch64": self.wall(model, "ddim", ref_steps),
+            "table": ["".join("1" if c else "." for c in r) for r in table.effective()],
+        }
+        return self.add(row)
+
+
+def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
+    args = bench.args
+    engine = get_engine("skip")
+    work = args.work / f"ddim{ref_steps}"
+    bench.sampler_row("ddim", ref_steps, timed=True)
+    for fraction in fractions:
+        equal = max(1, round(fraction * ref_steps))
+        bench.sampler_row("ddim", equal)
+        bench.sampler_row("dpm", equal)
+    for method, granularity in (("step-reuse", "block"), ("deepcache", "layer")):
+        for fraction in fractions:
+            key = f"ddim{ref_steps}-{method}-{granularity}-{fraction}"
+            if bench.done(key):
+                continue
+            config = engine.make_config(method=method, granularity=granularity, steps=ref_steps, target_macs=fraction)
+            out = work / key
+            try:
+                result = compress_model("skip", args.teacher, "digits", out, config)
+            except SlimdiffError as error:
+                bench.add(
+                    {
+                        "key": key,
+                        "kind": "table",
+                        "ref_steps": ref_steps,
+                        "fraction": fraction,
+                        "method": method,
+                        "infeasible": str(error),
+                    }
+                )
+                continue
+            bench.table_row(
+                key,
+                out,
+                ref_steps,
+                fraction,
+                {"method": method, "granularity": granularity, "how": result.record["how"]},
+            )
+    smallest = min(fractions)
+    for granularity in ("block", "layer"):
+        keys = {f: f"ddim{ref_steps}-dip-go-{granularity}-{f}" for f in fractions}
+        if all(bench.done(k) for k in keys.values()):
+            continue
+        config = engine.make_config(
+            method="dip-go",
+            granularity=granularity,
+            steps=ref_steps,
+            target_macs=smallest,
+            iterations=args.iterations,
+            batch_size=args.search_batch,
+            noises=args.search_noises,
+        )
+        searched = work / keys[smallest]
+        start = time.perf_counter()
+        result = compress_model("skip", args.teacher, "digits", searched, config, log=print)
+        search_seconds = time.perf_counter() - start
+        probs = torch.tensor(result.record["skip_probabilities"])
+        made = skip.table_of(load(searched))
+        units = skip.skip_units(adapter_for(bench.teacher), granularity)
+        base = skip.SkipTable.full(made.scheduler, made.timesteps, units, granularity)
+        costs = skip.unit_costs(bench.teacher, base.units)
+        for fraction in fractions:
+            out = searched if fraction == smallest else work / keys[fraction]
+            if fraction != smallest:
+                table = skip.postprocess(probs, base, costs, fraction, config.tolerance, config.threshold)
+                save(bench.teacher, out, artifacts={"skip_table": table.to_json()})
+            how = {
+                "method": "dip-go",
+                "granularity": granularity,
+                "search_seconds": round(search_seconds, 1),
+                "searched_at": smallest,
+                "iterations": args.iterations,
+                "final_search": result.record["search_history"][-1],
+            }
+            bench.table_row(keys[fraction], out, ref_steps, fraction, how)
+
+
+def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]:
+    """Sampling MACs of DeepCache (uniform N = 5, branch 0, layer units) and of 20 %-MACs tables (step reuse,
+    deepcache) for DDIM-`steps` on a reference architecture (counted on the meta device: random weights, none read)."""
+    import tempfile
+
+    from diffusers import DDIMScheduler
+
+    from slimdiff.export import load_architecture
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(config_path.read_text())
+        model = load_architecture(folder)
+    sched = DDIMScheduler(steps_offset=1)
+    sched.set_timesteps(steps)
+    units = skip.skip_units(adapter_for(model), "layer")
+    base = skip.SkipTable.full("DDIMScheduler", sched.timesteps.tolist(), units, "layer")
+    costs = skip.unit_costs(model, base.units)
+    deepcache = skip.interval_table(
+        base, skip.full_steps(steps, steps // 5, "uniform"), skip.deepcache_branches(base)["branch 0"]
+    )
+    report = {
+        "architecture": config_path.name,
+        "sampler": f"DDIM-{steps}",
+        "macs_per_call": costs.total,
+        "sampling_macs_full": costs.total * steps,
+        "deepcache_N5_branch0": skip.kept_fraction(deepcache, costs) * costs.total * steps,
+    }
+    engine = get_engine("skip")
+    for method in ("step-reuse", "deepcache"):
+        config = engine.make_config(method=method, granularity="layer", steps=steps, target_macs=0.2)
+        try:
+            table, how = skip._baseline(adapter_for(model), config, base, costs)
+            report[f"{method}_0.2"] = {
+                "sampling_macs": skip.kept_fraction(table, costs) * costs.total * steps,
+                "how": how,
+            }
+        except SlimdiffError as error:
+            report[f"{method}_0.2"] = {"infeasible": str(error)}
+    return report
+
+
+def markdown(paths: list[Path]) -> str:
+    """The curve and the tables of one or more result files, as Markdown."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        rows |= {row["key"]: row for row in json.loads(path.read_text())["rows"]}
+    samplers = sorted((r for r in rows.values() if r["kind"] == "sampler"), key=lambda r: (r["scheduler"], r["steps"]))
+    curve = [
+        {
+            "sampler": r["scheduler"],
+            "steps": r["steps"],
+            "FID": r["fid"],
+            "KID×100": 100 * r["kid_mean"],
+            "sampling GMACs": r["sampling_macs"] / 1e9,
+        }
+        for r in samplers
+    ]
+    out = ["### The teacher's curve", "", markdown_table(curve), ""]
+    for ref in sorted({r["ref_steps"] for r in rows.values() if r["kind"] == "table"}):
+        full = rows.get(f"ddim-{ref}", {})
+        table = []
+        for fraction in sorted({r["fraction"] for r in rows.values() if r.get("ref_steps") == ref}, reverse=True):
+            equal = max(1, round(fraction * ref))
+            for name in (f"ddim-{equal}", f"dpm-{equal}"):
+                if name in rows:
+                    r = rows[name]
+                    table.append(
+                        {
+                            "fraction": fraction,
+                            "row": f"{r['scheduler']} {equal} steps (fewer steps)",
+                            "kept MACs": equal / ref,
+                            "FID": r["fid"],
+                            "KID×100": 100 * r["kid_mean"],
+                            "wall s (b64)": r.get("wall_s_batch64"),
+                        }
+                    )
+            for r in rows.values():
+                if r["kind"] == "table" and r["ref_steps"] == ref and r["fraction"] == fraction:
+                    name = f"{r['method']} ({r.get('granularity', '')})"
+                    if "infeasible" in r:
+                        table.append(
+                            {
+                                "fraction": fraction,
+                                "row": name,
+                                "kept MACs": None,
+                                "FID": None,
+                                "KID×100": None,
+                                "wall s (b64)": "infeasible: " + r["infeasible"],
+                            }
+                        )
+                        continue
+                    table.append(
+                        {
+                            "fraction": fraction,
+                            "row": name,
+                            "kept MACs": r["kept_sampling_macs"],
+                            "FID": r["fid"],
+                            "KID×100": 100 * r["kid_mean"],
+                            "wall s (b64)": r["wall_s_batch64"],
+                        }
+                    )
+        head = f"### From DDIM-{ref} (FID {full.get('fid', float('nan')):.3f}, wall {full.get('wall_s_batch64')} s)"
+        out += [head, "", markdown_table(table), ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, help="teacher model directory (all stages but reference)")
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--ddim-steps", type=int, nargs="+", default=[4, 6, 8, 10, 12, 16, 25, 50, 100])
+    parser.add_argument("--dpm-steps", type=int, nargs="+", default=[4, 6, 8, 12, 16, 25])
+    parser.add_argument("--refs", nargs="+", default=["50", "nstar"], help="reference DDIM step counts, or nstar")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.33, 0.25])
+    parser.add_argument("--iterations", type=int, default=60, help="dip-go optimizer steps per search")
+    parser.add_argument("--search-batch", type=int, default=4)
+    parser.add_argument("--search-noises", type=int, default=16)
+    parser.add_argument("--stage", choices=["curve", "tables", "all", "reference", "report"], default="all")
+    parser.add_argument("--report", type=Path, nargs="+", help="--stage report: result files to print as Markdown")
+    parser.add_argument("--reference-config", type=Path, default=REFERENCE / "sd-1.5.unet.json")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-skipping"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/skipping.json"))
+    args = parser.parse_args()
+    if args.stage == "report":
+        print(markdown(args.report))
+        return
+    if args.stage == "reference":
+        report = reference_architecture(args.reference_config)
+        atomic_write_json(args.out, report)
+        print(json.dumps(report, indent=2))
+        return
+    bench = Bench(args)
+    if args.stage in ("curve", "all"):
+        for steps in args.ddim_steps:
+            bench.sampler_row("ddim", steps)
+        for steps in args.dpm_steps:
+            bench.sampler_row("dpm", steps)
+    if args.stage in ("tables", "all"):
+        for ref in args.refs:
+            if ref == "nstar":
+                curve = [r for r in bench.results["rows"] if r["kind"] == "sampler" and r["scheduler"] == "ddim"]
+                if not curve:
+                    raise SystemExit("--refs nstar needs the curve first (--stage curve or all)")
+                bench.results["nstar"] = min(curve, key=lambda r: r["fid"])["steps"]
+            run_tables(bench, bench.results["nstar"] if ref == "nstar" else int(ref), args.fractions)
+    atomic_write_json(args.out, bench.results)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

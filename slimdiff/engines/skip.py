@@ -1,0 +1,832 @@
+"""DiP-GO: learned, timestep-wise block skipping — a static skip table that plain diffusers pipelines honour.
+
+Zhu et al., *DiP-GO: A Diffusion Pruner via Few-step Gradient Optimization* (NeurIPS 2024); ../shared/METHODS.md §4.
+
+The product is a table, not new weights: for one sampler (scheduler class, number of steps, its timesteps), whether
+each unit is computed or reused at each step.
+
+1. Runtime. `attach(model, table)` registers `diffusers.hooks` hooks: one on the model, which works out the step
+   from the timestep it is called with, and one per unit, which returns the unit's output from the last step it
+   ran when the table says "reuse". Step 0 computes everything; a unit whose every consumer is skipped at a step is
+   dead and skipped too. Several calls at one timestep (separate conditional and unconditional calls) each get
+   their own cache slot; a doubled guidance batch is one call. A new sampling run starts whenever the table's
+   first timestep comes again; a timestep the table was not made for is refused.
+2. Units. `block` = `Adapter.blocks()`; `layer` = every resnet, attention and up/down-sampler inside the U-Net's
+   blocks (DeepCache's branches), or the attention and the MLP of every DiT block (Learning-to-Cache; a DiT layer
+   unit caches its branch output, the residual add and adaLN gate stay fresh).
+3. Search (`dip-go`). A pruner network maps N×S learnable queries (units × steps) through self-attention and an MLP
+   to keep/skip logits (keep initialised high). Gates are hard with a straight-through gradient; every unit runs
+   and returns `g·fresh + (1−g)·cache`, so the gated trajectory from fixed noise is differentiable in the gates.
+   Loss = 1 − SSIM (or MSE) between the final samples of the gated and the full trajectory + α · the expected kept
+   fraction of the sampling MACs (dead units counted as dead), the sparsity term dropped once below the target.
+   The denoiser is frozen. Post-processing (METHODS §4): from the output side to the input side, skip the steps
+   with the highest skip probability above a threshold (0.95, lowered by 0.05 per sweep, never step 0) until the
+   table keeps at most the target fraction of the sampling MACs.
+4. Baselines through the same runtime: `deepcache` (full steps at a uniform or non-uniform interval, otherwise
+   only the shallow branch — the first units and the up-side units that consume them) and `step-reuse` (full steps
+   at an interval, otherwise the whole step's output reused). For DDIM, step reuse is the same sampler with fewer
+   steps on a shifted grid: a table is only worth shipping where it beats sampling with fewer steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+from torch.utils._pytree import tree_map
+from torchmetrics.functional import structural_similarity_index_measure
+
+from slimdiff.diffusion import SAMPLERS, guided, make_scheduler, null_condition
+from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, no_log, register, register_artifact
+from slimdiff.errors import SlimdiffError
+from slimdiff.metrics.cost import count_macs, macs_by_module
+from slimdiff.models import Adapter, adapter_for
+from slimdiff.models.base import count_params, get_submodule
+
+Granularity = Literal["block", "layer"]
+GRANULARITIES: tuple[str, ...] = ("block", "layer")
+ARTIFACT = "skip_table"
+STEP_HOOK = "slimdiff_skip_step"
+UNIT_HOOK = "slimdiff_skip_unit"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# units
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SkipUnit:
+    """A module whose output can be reused. `inputs` are the units whose outputs it consumes; a unit no other unit
+    consumes feeds the model's output (directly or through a residual stream) and is never dead."""
+
+    name: str
+    inputs: tuple[str, ...] = ()
+
+
+def skip_units(adapter: Adapter, granularity: str) -> list[SkipUnit]:
+    """The units of a model at `granularity` (`block` or `layer`), in execution order."""
+    if granularity not in GRANULARITIES:
+        raise SlimdiffError(f"unknown granularity '{granularity}'; valid: {', '.join(GRANULARITIES)}")
+    if granularity == "block":
+        blocks = adapter.blocks()
+        names = {b.name for b in blocks}  # conv_in / pos_embed are no units: they always run
+        return [SkipUnit(b.name, tuple(i for i in b.inputs if i in names)) for b in blocks]
+    if adapter.family == "dit":
+        units = []
+        for i, block in enumerate(adapter.model.transformer_blocks):
+            for part in ("attn1", "ff"):
+                if getattr(block, part, None) is None:
+                    raise SlimdiffError(f"transformer_blocks.{i} has no {part}; use granularity 'block'")
+                units.append(SkipUnit(f"transformer_blocks.{i}.{part}"))
+        return units
+    return _unet_layer_units(adapter.model)
+
+
+def _unet_layer_units(model: nn.Module) -> list[SkipUnit]:
+    """Every resnet, attention and sampler of a U-Net's blocks, wired as the blocks' forwards wire them."""
+    units: list[SkipUnit] = []
+    skips: list[str] = ["conv_in"]  # producers of the skip tensors, in push order
+    previous = "conv_in"
+
+    def add(name: str, *inputs: str) -> str:
+        units.append(SkipUnit(name, tuple(dict.fromkeys(inputs))))
+        return name
+
+    def check_covered(block_name: str, names: list[str]) -> None:
+        block = get_submodule(model, block_name)
+        covered = sum(count_params(get_submodule(model, name)) for name in names)
+        if covered != count_params(block):
+            raise SlimdiffError(
+                f"{block_name} ({type(block).__name__}) has layers outside its resnets, attentions and "
+                "samplers; layer granularity cannot skip it — use granularity 'block'"
+            )
+
+    for i, down in enumerate(model.down_blocks):
+        start = len(units)
+        attentions = getattr(down, "attentions", None) or [None] * len(down.resnets)
+        for k, attention in enumerate(attentions):
+            previous = add(f"down_blocks.{i}.resnets.{k}", previous)
+            if attention is not None:
+                previous = add(f"down_blocks.{i}.attentions.{k}", previous)
+            skips.append(previous)
+        for k, _ in enumerate(down.downsamplers or []):
+            previous = add(f"down_blocks.{i}.downsamplers.{k}", previous)
+            skips.append(previous)
+        check_covered(f"down_blocks.{i}", [u.name for u in units[start:]])
+    if model.mid_block is not None:
+        start = len(units)
+        mid = model.mid_block
+        previous = add("mid_block.resnets.0", previous)
+        for k, attention in enumerate(getattr(mid, "attentions", [])):
+            if attention is not None:
+                previous = add(f"mid_block.attentions.{k}", previous)
+            previous = add(f"mid_block.resnets.{k + 1}", previous)
+        check_covered("mid_block", [u.name for u in units[start:]])
+    for j, up in enumerate(model.up_blocks):
+        start = len(units)
+        attentions = getattr(up, "attentions", None) or [None] * len(up.resnets)
+        for k, attention in enumerate(attentions):
+            previous = add(f"up_blocks.{j}.resnets.{k}", previous, skips.pop())
+            if attention is not None:
+                previous = add(f"up_blocks.{j}.attentions.{k}", previous)
+        for k, _ in enumerate(up.upsamplers or []):
+            previous = add(f"up_blocks.{j}.upsamplers.{k}", previous)
+        check_covered(f"up_blocks.{j}", [u.name for u in units[start:]])
+    names = {u.name for u in units}  # conv_in is no unit: it always runs
+    return [SkipUnit(u.name, tuple(i for i in u.inputs if i in names)) for u in units]
+
+
+def consumers(units: Sequence[SkipUnit]) -> dict[str, list[str]]:
+    """Unit name → the units that consume its output."""
+    out: dict[str, list[str]] = {u.name: [] for u in units}
+    for unit in units:
+        for source in unit.inputs:
+            out[source].append(unit.name)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the table
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class SkipTable:
+    """Which unit is computed (True) or reused (False) at each step of one sampler; JSON-able via `to_json`.
+
+    `timesteps` are the sampler's timesteps, one per step; `compute[step][unit]` follows `units`; `inputs` records
+    what each unit consumes (for dead-unit propagation at run time).
+    """
+
+    scheduler: str
+    num_inference_steps: int
+    timesteps: list[float]
+    granularity: str
+    units: list[str]
+    inputs: list[list[str]]
+    compute: list[list[bool]]
+
+    def __post_init__(self) -> None:
+        steps, width = len(self.timesteps), len(self.units)
+        if steps < 2:
+            raise SlimdiffError(f"a skip table needs at least 2 steps (got {steps})")
+        if len(self.compute) != steps or any(len(row) != width for row in self.compute):
+            raise SlimdiffError(f"skip table: compute must be {steps} rows (steps) of {width} booleans (units)")
+        if len(self.inputs) != width or any(src not in self.units for row in self.inputs for src in row):
+            raise SlimdiffError("skip table: inputs must list, for each unit, units of the table")
+        if not all(self.compute[0]):
+            raise SlimdiffError("skip table: step 0 must compute every unit (there is nothing to reuse yet)")
+
+    @classmethod
+    def from_json(cls, payload: Any) -> SkipTable:
+        """A table from its JSON payload; malformed payloads are refused with what is missing."""
+        needed = ("scheduler", "num_inference_steps", "timesteps", "granularity", "units", "inputs", "compute")
+        if not isinstance(payload, dict) or any(key not in payload for key in needed):
+            raise SlimdiffError(f"a skip table is a JSON object with the keys {', '.join(needed)}")
+        return cls(
+            scheduler=str(payload["scheduler"]),
+            num_inference_steps=int(payload["num_inference_steps"]),
+            timesteps=[float(t) for t in payload["timesteps"]],
+            granularity=str(payload["granularity"]),
+            units=[str(u) for u in payload["units"]],
+            inputs=[[str(i) for i in row] for row in payload["inputs"]],
+            compute=[[bool(c) for c in row] for row in payload["compute"]],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler,
+            "num_inference_steps": self.num_inference_steps,
+            "timesteps": [int(t) if float(t).is_integer() else t for t in self.timesteps],
+            "granularity": self.granularity,
+            "units": self.units,
+            "inputs": self.inputs,
+            "compute": self.compute,
+        }
+
+    @classmethod
+    def full(cls, scheduler: str, timesteps: Sequence[float], units: Sequence[SkipUnit], granularity: str) -> SkipTable:
+        """The table that computes every unit at every step."""
+        return cls(
+            scheduler=scheduler,
+            num_inference_steps=len(timesteps),
+            timesteps=[float(t) for t in timesteps],
+            granularity=granularity,
+            units=[u.name for u in units],
+            inputs=[list(u.inputs) for u in units],
+            compute=[[True] * len(units) for _ in timesteps],
+        )
+
+    @property
+    def skip_units(self) -> list[SkipUnit]:
+        return [SkipUnit(name, tuple(inputs)) for name, inputs in zip(self.units, self.inputs, strict=True)]
+
+    def effective(self) -> list[list[bool]]:
+        """What actually runs: the table with dead units (every consumer skipped) switched off too."""
+        users = consumers(self.skip_units)
+        index = {name: i for i, name in enumerate(self.units)}
+        result = []
+        for row in self.compute:
+            live = list(row)
+            for i in reversed(range(len(self.units))):
+                feeds = users[self.units[i]]
+                live[i] = row[i] and (not feeds or any(live[index[c]] for c in feeds))
+            result.append(live)
+        return result
+
+    def described(self) -> str:
+        """The sampler the table was made for, in words."""
+        ts = self.timesteps
+        shown = ", ".join(f"{t:g}" for t in ts[:3]) + (f", …, {ts[-1]:g}" if len(ts) > 3 else "")
+        return f"{self.scheduler} with {self.num_inference_steps} steps (timesteps {shown})"
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """MACs of one denoiser call at batch 1: per unit, and the part no unit covers (embeddings, stem, head)."""
+
+    units: dict[str, int]
+    total: int
+
+    @property
+    def rest(self) -> int:
+        return self.total - sum(self.units.values())
+
+
+def unit_costs(model: nn.Module, units: Sequence[str]) -> UnitCosts:
+    """Per-unit MACs of one full call (counted on the meta device with `metrics.cost`)."""
+    with full_compute(model):
+        per_unit = macs_by_module(model, units)
+        total = count_macs(model).total
+    return UnitCosts(per_unit, total)
+
+
+def kept_fractions(table: SkipTable, costs: UnitCosts) -> list[float]:
+    """Per step, the fraction of a full call's MACs the table runs (dead units included as skipped)."""
+    return [
+        (costs.rest + sum(costs.units[name] for name, live in zip(table.units, row, strict=True) if live)) / costs.total
+        for row in table.effective()
+    ]
+
+
+def kept_fraction(table: SkipTable, costs: UnitCosts) -> float:
+    """The fraction of a full sampling run's MACs the table runs."""
+    fractions = kept_fractions(table, costs)
+    return sum(fractions) / len(fractions)
+
+
+def sampling_summary(model: nn.Module, table: SkipTable) -> dict[str, Any]:
+    """MACs of one sampling run for one image with the table and without it, and the sampler it is for."""
+    costs = unit_costs(model, table.units)
+    kept = kept_fractions(table, costs)
+    return {
+        "sampling_macs": round(sum(kept) * costs.total),
+        "sampling_macs_full": costs.total * len(kept),
+        "sampling_macs_fraction": sum(kept) / len(kept),
+        "sampler": {
+            "scheduler": table.scheduler,
+            "steps": table.num_inference_steps,
+            "timesteps": table.to_json()["timesteps"],
+        },
+        "skip_granularity": table.granularity,
+        "sampling_macs_counts": "one image, one denoiser call per step (×2 with classifier-free guidance)",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the runtime: diffusers hooks
+# ----------------------------------------------------------------------------------------------------------------
+class _RunState:
+    """Where the sampling run is: step, call slot within the step, what runs, and each slot's cached outputs."""
+
+    def __init__(self, table: SkipTable) -> None:
+        self.table = table
+        self.live = table.effective()
+        self.step = -1
+        self.slot = 0
+        self.slots: int | None = None  # calls per step, known once step 1 is reached
+        self.caches: list[dict[str, Any]] = []
+        self.active = False
+        self.paused = False
+        #: search mode: unit name → gate tensor for the current call (None: follow the table)
+        self.gates: dict[str, torch.Tensor] | None = None
+
+    def reset(self) -> None:
+        self.step, self.slot, self.slots, self.caches = -1, 0, None, []
+
+    def _matches(self, step: int, t: float) -> bool:
+        return 0 <= step < len(self.table.timesteps) and abs(self.table.timesteps[step] - t) < 1e-3
+
+    def advance(self, t: float) -> None:
+        """Move to the step (and call slot) that a call at timestep `t` belongs to."""
+        if self.step == 0 and self.slots is None and self._matches(0, t):
+            self.slot += 1  # another call at the first timestep: separate cond/uncond calls
+        elif self.slots is not None and self.slot + 1 < self.slots and self._matches(self.step, t):
+            self.slot += 1
+        elif self._matches(self.step + 1, t) and (self.step < 0 or self.slots is None or self.slot + 1 == self.slots):
+            if self.step == 0:
+                self.slots = self.slot + 1
+            self.step += 1
+            self.slot = 0
+        elif self._matches(0, t):
+            self.reset()
+            self.step = 0
+        else:
+            if self.step < 0:
+                where = f"expected the first, {self.table.timesteps[0]:g}"
+            elif self.step + 1 < len(self.table.timesteps):
+                where = f"after step {self.step} expected timestep {self.table.timesteps[self.step + 1]:g}"
+            else:
+                where = f"after the last step expected the first, {self.table.timesteps[0]:g}"
+            raise SlimdiffError(
+                f"this model's skip table was made for {self.table.described()}; got timestep {t:g} ({where}) — "
+                "sample with that sampler and step count, or load the model with artifacts=False (no skipping)"
+            )
+        while len(self.caches) <= self.slot:
+            self.caches.append({})
+
+
+def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+    """The timestep of a denoiser call (every supported family takes it second, or as `timestep=`); None on meta."""
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if t is None:
+        raise SlimdiffError("a model with a skip table must be called with its timestep")
+    if not isinstance(t, torch.Tensor):
+        return float(t)
+    if t.device.type == "meta":
+        return None
+    flat = t.detach().flatten()
+    if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+        raise SlimdiffError("a model with a skip table must be called with one timestep for the whole batch")
+    return float(flat[0])
+
+
+class _StepHook(ModelHook):
+    """On the model: sets the step and call slot from the timestep, for the unit hooks to read."""
+
+    def __init__(self, state: _RunState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        t = None if state.paused else _timestep_value(args, kwargs)
+        if t is None:  # paused, or counting on the meta device: a plain full call
+            return self.fn_ref.original_forward(*args, **kwargs)
+        state.advance(t)
+        state.active = True
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            state.active = False
+
+
+class _UnitHook(ModelHook):
+    """On a unit: compute, or return the output of the last step the unit ran (per call slot)."""
+
+    def __init__(self, state: _RunState, name: str, index: int) -> None:
+        super().__init__()
+        self.state, self.name, self.index = state, name, index
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        if not state.active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        cache = state.caches[state.slot]
+        if state.gates is not None:  # search: always compute, blend with the cache by the gate
+            fresh = self.fn_ref.original_forward(*args, **kwargs)
+            if self.name in cache:
+                gate = state.gates[self.name]
+                fresh = tree_map(lambda f, c: gate * f + (1 - gate) * c, fresh, cache[self.name])
+            cache[self.name] = fresh
+            return fresh
+        if state.live[state.step][self.index] or self.name not in cache:
+            cache[self.name] = self.fn_ref.original_forward(*args, **kwargs)
+        return cache[self.name]
+
+
+def _state_of(model: nn.Module) -> _RunState | None:
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = registry.get_hook(STEP_HOOK) if registry is not None else None
+    return hook.state if hook is not None else None
+
+
+def table_of(model: nn.Module) -> SkipTable | None:
+    """The skip table attached to a model, if any."""
+    state = _state_of(model)
+    return state.table if state is not None else None
+
+
+def attach(model: nn.Module, payload: SkipTable | dict[str, Any]) -> None:
+    """Attach a skip table to a diffusers model through `diffusers.hooks` (replacing any table attached before)."""
+    table = payload if isinstance(payload, SkipTable) else SkipTable.from_json(payload)
+    adapter = adapter_for(model)
+    valid = [u.name for u in skip_units(adapter, table.granularity)]
+    unknown = [name for name in table.units if name not in valid]
+    if unknown:
+        raise SlimdiffError(f"the skip table names '{unknown[0]}', which is no {table.granularity} unit of this model")
+    detach(model)
+    state = _RunState(table)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(_StepHook(state), STEP_HOOK)
+    for index, name in enumerate(table.units):
+        unit = get_submodule(model, name)
+        HookRegistry.check_if_exists_or_initialize(unit).register_hook(_UnitHook(state, name, index), UNIT_HOOK)
+
+
+def detach(model: nn.Module) -> None:
+    """Remove a skip table's hooks (the model computes everything again)."""
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is None or registry.get_hook(STEP_HOOK) is None:
+        return
+    registry.remove_hook(STEP_HOOK, recurse=False)
+    for module in model.modules():
+        child = getattr(module, "_diffusers_hook", None)
+        if child is not None and child.get_hook(UNIT_HOOK) is not None:
+            child.remove_hook(UNIT_HOOK, recurse=False)
+
+
+@contextmanager
+def full_compute(model: nn.Module) -> Iterator[None]:
+    """Inside the block, a model with a skip table computes every unit and keeps no state (e.g. for timing one
+    call, or counting)."""
+    state = _state_of(model)
+    if state is None:
+        yield
+        return
+    state.paused = True
+    try:
+        yield
+    finally:
+        state.paused = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engine
+# ----------------------------------------------------------------------------------------------------------------
+Method = Literal["dip-go", "deepcache", "step-reuse"]
+METHODS: tuple[str, ...] = ("dip-go", "deepcache", "step-reuse")
+SCHEDULES: tuple[str, ...] = ("uniform", "non-uniform")
+LOSSES: tuple[str, ...] = ("ssim", "mse")
+
+FEWER_STEPS_ADVICE = (
+    "A table is worth shipping only where it beats the same sampler with fewer steps at equal sampling MACs: for "
+    "DDIM, whole-step reuse (--method step-reuse) IS a DDIM sampler with fewer steps, and small models are often as "
+    "good or better at 10-20 DDIM steps than at 50. Measure the teacher's FID against its step count first "
+    "(benchmarks/skipping.py); if DDIM with target-macs x steps steps is as good as the table, sample with fewer "
+    "steps instead."
+)
+
+
+@dataclass
+class SkipConfig(EngineConfig):
+    """Which sampler the table is for, what fraction of its MACs to keep, and how to find the table."""
+
+    target_macs: float = field(
+        default=0.5, metadata={"help": "Keep this fraction of the MACs of a full sampling run (e.g. 0.25)."}
+    )
+    steps: int = field(default=50, metadata={"help": "Sampling steps the table is made for."})
+    scheduler: Literal["ddim", "dpm", "ddpm"] = field(
+        default="ddim", metadata={"help": "Sampler the table is made for: ddim, dpm or ddpm."}
+    )
+    method: Method = field(default="dip-go", metadata={"help": "dip-go (learned), deepcache or step-reuse."})
+    granularity: Granularity = field(
+        default="block", metadata={"help": "block (U-Net/DiT blocks) or layer (resnets/attentions; DiT attn/MLP)."}
+    )
+    schedule: Literal["uniform", "non-uniform"] = field(
+        default="uniform", metadata={"help": "Baselines: full steps at a uniform or non-uniform (DeepCache) interval."}
+    )
+    iterations: int = field(default=200, metadata={"help": "dip-go: optimizer steps of the pruner network."})
+    lr: float = field(default=0.001, metadata={"help": "dip-go: Adam learning rate of the pruner network."})
+    batch_size: int = field(default=8, metadata={"help": "dip-go: noises per optimizer step.", "flag": "--batch"})
+    noises: int = field(default=32, metadata={"help": "dip-go: fixed noises (and conditions) the search uses."})
+    loss: Literal["ssim", "mse"] = field(default="ssim", metadata={"help": "dip-go consistency: ssim or mse."})
+    alpha: float = field(default=1.0, metadata={"help": "dip-go: weight of the expected-MACs (sparsity) term."})
+    guidance_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance during the search."})
+    threshold: float = field(default=0.95, metadata={"help": "dip-go post-processing: first skip threshold."})
+    tolerance: float = field(
+        default=0.01, metadata={"help": "Accept tables keeping up to target_macs × (1 + tolerance)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed (noises, conditions, pruner init)."})
+
+    def validate(self) -> None:
+        if not 0 < self.target_macs < 1:
+            raise SlimdiffError(f"target_macs {self.target_macs} must be a fraction of a full run's MACs in (0, 1)")
+        if self.steps < 2:
+            raise SlimdiffError(f"steps must be ≥ 2 (got {self.steps})")
+        for name, value, valid in (
+            ("scheduler", self.scheduler, tuple(SAMPLERS)),
+            ("method", self.method, METHODS),
+            ("granularity", self.granularity, GRANULARITIES),
+            ("schedule", self.schedule, SCHEDULES),
+            ("loss", self.loss, LOSSES),
+        ):
+            if value not in valid:
+                raise SlimdiffError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
+        if self.iterations < 1 or self.batch_size < 1 or self.noises < self.batch_size:
+            raise SlimdiffError("iterations and batch_size must be ≥ 1, and noises ≥ batch_size")
+        if self.lr <= 0 or self.alpha < 0 or not 0 < self.threshold <= 1 or not 0 <= self.tolerance < 0.5:
+            raise SlimdiffError("lr must be > 0, alpha ≥ 0, threshold in (0, 1] and tolerance in [0, 0.5)")
+
+    def budget(self) -> dict[str, float]:
+        return {"sampling_macs": self.target_macs}
+
+    @property
+    def limit(self) -> float:
+        """The most a table may keep: the target and its tolerance (the always-run stem and head cost a little)."""
+        return self.target_macs * (1 + self.tolerance)
+
+
+def _timesteps(config: SkipConfig, schedule: dict[str, Any]) -> tuple[str, list[float]]:
+    sched = make_scheduler(config.scheduler, schedule)
+    sched.set_timesteps(config.steps)
+    return type(sched).__name__, [float(t) for t in sched.timesteps]
+
+
+def full_steps(steps: int, count: int, schedule: str, center: float = 0.3, power: float = 1.4) -> list[int]:
+    """`count` steps (step 0 and the last among them) that compute everything: evenly spaced, or — DeepCache's
+    non-uniform schedule, reconstructed — denser around `center` (a fraction of the run), by a power law."""
+    if count >= steps:
+        return list(range(steps))
+    if schedule == "uniform" or count < 3:
+        return sorted({math.floor(i * steps / count) for i in range(count)})
+    middle = round(center * (steps - 1))
+    while power > 1.0:
+        xs = torch.linspace(-1, 1, count).tolist()
+        picked = {
+            round(middle + math.copysign(abs(x) ** power, x) * (middle if x < 0 else steps - 1 - middle)) for x in xs
+        }
+        if len(picked) == count:
+            return sorted(picked)
+        power -= 0.05  # too dense to stay distinct: flatten the law
+    return sorted({math.floor(i * steps / count) for i in range(count)})
+
+
+def interval_table(base: SkipTable, full: list[int], partial: list[bool]) -> SkipTable:
+    table = copy.deepcopy(base)
+    table.compute = [[True] * len(base.units) if s in full else list(partial) for s in range(len(base.timesteps))]
+    return table
+
+
+def deepcache_branches(base: SkipTable) -> dict[str, list[bool]]:
+    """DeepCache's partial steps, one per skip branch k: the down-side units up to the k-th one whose output is a skip
+    tensor, and the up-side units from the first one that consumes one of them onward; everything deeper is reused
+    from the last full step."""
+    names, units = base.units, base.skip_units
+    down = [i for i, n in enumerate(names) if n.startswith("down_blocks")]
+    up = [u for u in units if u.name.startswith("up_blocks")]
+    producers = [i for i in down if any(names[i] in u.inputs for u in up)]  # the units whose output is a skip tensor
+    branches = {}
+    for k, last in enumerate(producers):
+        shallow = {names[i] for i in down if i <= last}
+        first = min(i for i, u in enumerate(units) if u in up and shallow & set(u.inputs))
+        computed = shallow | {n for n in names[first:] if n.startswith("up_blocks")}
+        branches[f"branch {k}"] = [n in computed for n in names]
+    return branches
+
+
+def _baseline(adapter: Adapter, config: SkipConfig, base: SkipTable, costs: UnitCosts) -> tuple[SkipTable, str]:
+    """The deepcache or step-reuse table that keeps the most MACs at or below the target."""
+    steps = len(base.timesteps)
+    partials: dict[str, list[bool]] = {"whole step": [False] * len(base.units)}
+    if config.method == "deepcache":
+        if adapter.family == "dit":
+            raise SlimdiffError(
+                "deepcache needs a U-Net (its cache sits on the skip branches); for a DiT use step-reuse or dip-go"
+            )
+        partials = deepcache_branches(base)
+    best: tuple[float, SkipTable, str] | None = None
+    least = 1.0
+    for label, partial in partials.items():
+        for count in range(1, steps + 1):
+            full = full_steps(steps, count, config.schedule)
+            table = interval_table(base, full, partial)
+            kept = kept_fraction(table, costs)
+            least = min(least, kept)
+            if kept <= config.limit and (best is None or kept > best[0]):
+                best = (kept, table, f"{label}, {len(full)} full steps of {steps} ({config.schedule})")
+    if best is None:
+        raise SlimdiffError(
+            f"{config.method} cannot keep as little as {config.target_macs} of the sampling MACs of {steps} steps "
+            f"(its least is {least:.3f}); raise target_macs"
+        )
+    return best[1], best[2]
+
+
+class Pruner(nn.Module):
+    """DiP-GO's pruner: learnable queries, one per (step, unit), through self-attention and an MLP head to
+    (skip, keep) logits; the keep logit starts high so the search starts from the full model."""
+
+    def __init__(self, steps: int, units: int, dim: int = 64, heads: int = 4, keep_logit: float = 3.0) -> None:
+        super().__init__()
+        self.steps, self.units = steps, units
+        self.queries = nn.Parameter(torch.randn(steps * units, dim))  # distinct from the start
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 2))
+        nn.init.normal_(self.head[-1].weight, std=1e-3)
+        with torch.no_grad():
+            self.head[-1].bias.copy_(torch.tensor([0.0, keep_logit]))
+
+    def forward(self) -> torch.Tensor:
+        """Keep probabilities, `(steps, units)`."""
+        logits = self.head(self.encoder(self.queries[None]))[0]
+        return logits.softmax(-1)[:, 1].view(self.steps, self.units)
+
+
+def expected_kept(keep: torch.Tensor, table: SkipTable, costs: UnitCosts) -> torch.Tensor:
+    """Expected kept fraction of the sampling MACs for keep probabilities `(steps, units)`; a unit runs only if it
+    is kept and some consumer runs (step 0 runs everything)."""
+    users = consumers(table.skip_units)
+    index = {name: i for i, name in enumerate(table.units)}
+    macs = torch.tensor([costs.units[n] for n in table.units], dtype=keep.dtype) / costs.total
+    live: list[torch.Tensor] = [keep[1:, 0]] * len(table.units)
+    for i in reversed(range(len(table.units))):
+        feeds = users[table.units[i]]
+        needed = 1 - torch.stack([1 - live[index[c]] for c in feeds]).prod(0) if feeds else 1.0
+        live[i] = keep[1:, i] * needed
+    per_step = costs.rest / costs.total + (torch.stack(live, dim=1) * macs).sum(1)
+    return (1 + per_step.sum()) / keep.shape[0]
+
+
+def _trajectory(
+    adapter: Adapter,
+    config: SkipConfig,
+    schedule: dict[str, Any],
+    noise: torch.Tensor,
+    cond: torch.Tensor | None,
+    null: torch.Tensor | None,
+    seed: int,
+    gates: torch.Tensor | None = None,
+    units: Sequence[str] = (),
+) -> torch.Tensor:
+    """The final sample of one sampling run from `noise` (gated by `gates[step, unit]` when given)."""
+    state = _state_of(adapter.model)
+    sched = make_scheduler(config.scheduler, schedule)
+    sched.set_timesteps(config.steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = noise * sched.init_noise_sigma
+    if state is not None:
+        state.reset()
+    for step, t in enumerate(sched.timesteps):
+        if state is not None and gates is not None:
+            state.gates = {name: gates[step, i] for i, name in enumerate(units)}
+        eps = guided(adapter, sched.scale_model_input(x, t), t.expand(x.shape[0]), cond, null, config.guidance_scale)
+        x = sched.step(eps, t, x, generator=generator).prev_sample
+    if state is not None:
+        state.gates = None
+        state.reset()
+    return x.clamp(-1, 1)
+
+
+def postprocess(
+    skip_probs: torch.Tensor, base: SkipTable, costs: UnitCosts, target: float, tolerance: float, threshold: float
+) -> SkipTable:
+    """METHODS §4: from the output side to the input side, skip each unit's steps with the highest skip probability
+    above the threshold (never step 0), lowering the threshold by 0.05 per sweep, until the table keeps at most
+    `target × (1 + tolerance)` of the sampling MACs. A skip that would undershoot `target × (1 − tolerance)` is
+    passed over (a smaller unit may land closer); only if no table lands in that band is the first one below taken.
+    """
+    table = copy.deepcopy(base)
+    limit, floor = target * (1 + tolerance), target * (1 - tolerance)
+    for strict in (True, False):
+        sweep = threshold
+        while sweep > -0.05:
+            for i in reversed(range(len(table.units))):
+                for step in sorted(range(1, len(table.timesteps)), key=lambda s: -float(skip_probs[s, i])):
+                    if float(skip_probs[step, i]) < sweep:
+                        break
+                    if not table.compute[step][i]:
+                        continue
+                    table.compute[step][i] = False
+                    kept = kept_fraction(table, costs)
+                    if kept <= limit and (kept >= floor or not strict):
+                        return table
+                    if strict and kept < floor:
+                        table.compute[step][i] = True
+            sweep -= 0.05
+    raise SlimdiffError(f"no table keeps as little as {limit:.3f} of the sampling MACs; raise target_macs")
+
+
+def search(
+    adapter: Adapter, config: SkipConfig, data: Calibration, base: SkipTable, costs: UnitCosts, log: Log
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Train the pruner on the gated vs full trajectories; returns the skip probabilities `(steps, units)`."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    size = adapter.sample_size
+    noise = torch.randn(config.noises, adapter.in_channels, size, size, generator=generator)
+    cond = null = None
+    if adapter.cond_kind != "none":
+        picks = torch.randint(0, len(data.dataset), (config.noises,), generator=generator)
+        cond = data.cond_for(torch.tensor([data.dataset[int(i)][1] for i in picks]))
+        if config.guidance_scale != 1.0:
+            null = null_condition(adapter, cond, None)
+    batches = [
+        slice(i, i + config.batch_size) for i in range(0, config.noises - config.batch_size + 1, config.batch_size)
+    ]
+
+    def part(value: torch.Tensor | None, batch: slice) -> torch.Tensor | None:
+        return None if value is None else value[batch]
+
+    with torch.no_grad():
+        references = [
+            _trajectory(adapter, config, data.schedule, noise[b], part(cond, b), part(null, b), config.seed + k)
+            for k, b in enumerate(batches)
+        ]
+    model = copy.deepcopy(adapter.model).eval().requires_grad_(False)
+    attach(model, base)
+    gated = adapter_for(model)
+    pruner = Pruner(len(base.timesteps), len(base.units))
+    optimizer = torch.optim.Adam(pruner.parameters(), lr=config.lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations)
+    history: list[dict[str, float]] = []
+    for it in range(config.iterations):
+        k = it % len(batches)
+        b = batches[k]
+        keep = pruner()
+        hard = (keep > 0.5).to(keep.dtype)
+        gates = hard + keep - keep.detach()  # straight-through: hard forward, soft gradient
+        gates = torch.cat([torch.ones_like(gates[:1]), gates[1:]])
+        final = _trajectory(
+            gated, config, data.schedule, noise[b], part(cond, b), part(null, b), config.seed + k, gates, base.units
+        )
+        if config.loss == "ssim":
+            consistency = 1 - structural_similarity_index_measure(final, references[k], data_range=2.0)
+        else:
+            consistency = F.mse_loss(final, references[k])
+        expected = expected_kept(keep, base, costs)
+        loss = consistency + (config.alpha * expected if expected.item() > config.target_macs else 0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        cosine.step()
+        if it % 10 == 0 or it == config.iterations - 1:
+            row = {
+                "iteration": it,
+                "consistency": float(consistency),
+                "expected_kept": float(expected),
+                "hard_skipped": int((hard[1:] == 0).sum()),
+            }
+            history.append(row)
+            log(f"search {it:4d}: 1-ssim/mse {row['consistency']:.4f}, expected kept {row['expected_kept']:.3f}")
+    with torch.no_grad():
+        skip_probs = 1 - pruner()
+    return skip_probs, history
+
+
+def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Log = no_log) -> Result:
+    """Find a skip table for the configured sampler; the model is returned untouched, the table as an artifact."""
+    config.validate()
+    if config.method == "dip-go" and config.guidance_scale != 1.0 and adapter.cond_kind == "text":
+        raise SlimdiffError(
+            "a guided dip-go search on a text model needs the empty prompt's embedding, which the "
+            "calibration does not carry; search with guidance_scale 1"
+        )
+    start = time.perf_counter()
+    scheduler, timesteps = _timesteps(config, data.schedule)
+    units = skip_units(adapter, config.granularity)
+    base = SkipTable.full(scheduler, timesteps, units, config.granularity)
+    costs = unit_costs(adapter.model, base.units)
+    record: dict[str, Any] = {"method": config.method, "granularity": config.granularity, "units": len(units)}
+    if config.method == "dip-go":
+        skip_probs, history = search(adapter, config, data, base, costs, log)
+        table = postprocess(skip_probs, base, costs, config.target_macs, config.tolerance, config.threshold)
+        record |= {
+            "search_history": history,
+            "skip_probabilities": [[round(float(p), 4) for p in row] for row in skip_probs],
+        }
+        how = f"dip-go search, {config.iterations} iterations"
+    else:
+        table, how = _baseline(adapter, config, base, costs)
+    kept = kept_fraction(table, costs)
+    seconds = time.perf_counter() - start
+    per_step = ["".join("1" if c else "." for c in row) for row in table.effective()]
+    record |= {"kept_sampling_macs": kept, "how": how, "search_seconds": round(seconds, 1), "effective": per_step}
+    log(f"{how}: keeps {kept:.3f} of the sampling MACs of {table.described()}")
+    return Result(
+        model=adapter.model,
+        achieved={"sampling_macs": kept},
+        record=record,
+        summary=f"skip table ({config.method}, {config.granularity}): {kept:.1%} of the sampling MACs of "
+        f"{scheduler} with {config.steps} steps; {how}",
+        artifacts={ARTIFACT: table.to_json()},
+        seconds=seconds,
+    )
+
+
+register_artifact(ARTIFACT, attach)
+ENGINE = register(
+    Engine(
+        "skip",
+        SkipConfig,
+        compress,
+        help="Timestep-wise block skipping (DiP-GO, DeepCache, step reuse): a skip table for one sampler, saved with "
+        "the model and honoured by diffusers pipelines. " + FEWER_STEPS_ADVICE,
+    )
+)

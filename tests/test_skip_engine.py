@@ -1,0 +1,134 @@
+"""The skip engine: baselines, the DiP-GO search and its post-processing, the CLI."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimdiff.cli import main
+from slimdiff.diffusion import make_scheduler, sample
+from slimdiff.engines import get_engine, skip
+from slimdiff.errors import SlimdiffError
+from slimdiff.export import load, read_provenance, save
+from slimdiff.models import adapter_for, build_tiny
+
+
+def _base(model: torch.nn.Module, granularity: str, steps: int = 8) -> skip.SkipTable:
+    sched = make_scheduler("ddim")
+    sched.set_timesteps(steps)
+    units = skip.skip_units(adapter_for(model), granularity)
+    return skip.SkipTable.full("DDIMScheduler", sched.timesteps.tolist(), units, granularity)
+
+
+def test_expected_kept_matches_the_table_for_hard_gates() -> None:
+    model = build_tiny("tiny-unet").eval()
+    base = _base(model, "layer")
+    costs = skip.unit_costs(model, base.units)
+    generator = torch.Generator().manual_seed(0)
+    keep = (torch.rand(len(base.timesteps), len(base.units), generator=generator) < 0.6).float()
+    keep[0] = 1
+    table = skip.SkipTable.from_json(base.to_json() | {"compute": keep.bool().tolist()})
+    assert skip.expected_kept(keep, base, costs).item() == pytest.approx(skip.kept_fraction(table, costs), rel=1e-5)
+
+
+def test_full_step_schedules() -> None:
+    assert skip.full_steps(10, 5, "uniform") == [0, 2, 4, 6, 8]
+    steps = skip.full_steps(50, 10, "non-uniform")
+    assert len(steps) == 10 and steps[0] == 0 and steps[-1] == 49
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert min(gaps) < 50 / 10 < max(gaps)  # denser around the centre than uniform
+
+
+def test_step_reuse_and_deepcache_tables() -> None:
+    model = build_tiny("tiny-unet").eval()
+    adapter = adapter_for(model)
+    base = _base(model, "layer")
+    costs = skip.unit_costs(model, base.units)
+    engine = get_engine("skip")
+    config = engine.make_config(method="step-reuse", steps=8, target_macs=0.5)
+    table, how = skip._baseline(adapter, config, base, costs)
+    assert [all(row) for row in table.compute] == [s in (0, 2, 4, 6) for s in range(8)]
+    assert not any(any(row) for row in table.effective()[1::2]) and "4 full steps" in how
+    config = engine.make_config(method="deepcache", steps=8, target_macs=0.6, granularity="layer")
+    table, how = skip._baseline(adapter, config, base, costs)
+    partial = next(row for row in table.compute if not all(row))
+    # branch 0: the first down resnet and the up-side layers from the one that consumes its skip tensor
+    assert {n for n, c in zip(base.units, partial, strict=True) if c} == {
+        "down_blocks.0.resnets.0",
+        "up_blocks.2.resnets.0",
+        "up_blocks.2.resnets.1",
+    }
+    assert skip.kept_fraction(table, costs) <= config.limit
+    with pytest.raises(SlimdiffError, match="least is"):
+        skip._baseline(adapter, engine.make_config(method="deepcache", steps=8, target_macs=0.2), base, costs)
+    dit = build_tiny("tiny-dit").eval()
+    with pytest.raises(SlimdiffError, match="needs a U-Net"):
+        skip._baseline(adapter_for(dit), config, _base(dit, "block"), skip.unit_costs(dit, _base(dit, "block").units))
+
+
+def test_postprocess_skips_from_the_output_side_by_probability_and_never_step_0() -> None:
+    model = build_tiny("tiny-unet").eval()
+    base = _base(model, "block", steps=4)
+    costs = skip.unit_costs(model, base.units)
+    probs = torch.zeros(4, len(base.units))
+    probs[:, base.units.index("mid_block")] = torch.tensor([1.0, 0.97, 0.99, 0.5])
+    probs[:, base.units.index("down_blocks.0")] = torch.tensor([1.0, 0.2, 0.96, 0.1])
+    limit = skip.kept_fraction(base, costs) - 1e-6
+    table = skip.postprocess(probs, base, costs, limit, 0.0, 0.95)
+    skipped = {(s, n) for s, row in enumerate(table.compute) for n, c in zip(base.units, row, strict=True) if not c}
+    assert skipped == {(2, "mid_block")}  # the first candidate met the limit
+    strict = skip.kept_fraction(
+        skip.SkipTable.from_json(
+            base.to_json()
+            | {"compute": [[n not in ("mid_block", "down_blocks.0") or s == 0 for n in base.units] for s in range(4)]}
+        ),
+        costs,
+    )
+    table = skip.postprocess(probs, base, costs, strict, 0.0, 0.95)
+    assert all(table.compute[0]) and not table.compute[3][base.units.index("mid_block")]
+    assert skip.kept_fraction(table, costs) <= strict
+
+
+def test_dip_go_search_makes_a_table_at_the_target(tmp_path: Path) -> None:
+    model = build_tiny("tiny-unet").eval()
+    save(model, tmp_path / "m")
+    from slimdiff.jobs.compression import compress_model
+
+    config = get_engine("skip").make_config(
+        target_macs=0.5, steps=4, iterations=3, noises=4, batch_size=2, granularity="layer"
+    )
+    result = compress_model("skip", tmp_path / "m", "digits", tmp_path / "out", config)
+    assert result.achieved["sampling_macs"] <= config.limit
+    assert len(result.record["search_history"]) == 2 and result.record["search_seconds"] > 0
+    loaded = load(tmp_path / "out")
+    table = skip.table_of(loaded)
+    assert table is not None and table.num_inference_steps == 4 and not all(map(all, table.compute))
+    assert torch.equal(next(loaded.parameters()), next(model.parameters()))  # the weights are untouched
+    assert read_provenance(tmp_path / "out").engine == "skip"
+    images = sample(adapter_for(loaded), n=2, steps=4, progress=False)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+def test_cli_compress_skip_and_its_help(tmp_path: Path, monkeypatch, capsys) -> None:
+    save(build_tiny("tiny-unet").eval(), tmp_path / "m")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["slimdiff", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("compress", "skip", "--help")
+    assert code == 0 and "fewer steps" in out and "--target-macs" in out and "--method" in out
+    args = ["compress", "skip", tmp_path / "m", "--data", "digits", "--steps", "6", "--target-macs", "0.5"]
+    code, _, _ = run(*args, "--method", "step-reuse", "--out", tmp_path / "o")
+    assert code == 0 and skip.table_of(load(tmp_path / "o")).num_inference_steps == 6
+    code, _, err = run(*args, "--method", "magic", "--out", tmp_path / "bad")
+    assert code == 2 and "method" in err and "dip-go" in err and len(err.strip().splitlines()) == 1
