@@ -106,7 +106,8 @@ class ChannelPruningResult(Result):
 # ----------------------------------------------------------------------------------------------------------------
 # importance
 # ----------------------------------------------------------------------------------------------------------------
-def _calibration(adapter: Adapter, data: ImageDataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_batch(data: ImageDataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` images (and their labels) drawn without replacement from `data`, seeded."""
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(data), generator=generator)[: min(size, len(data))]
     images, labels = zip(*(data[int(i)] for i in indices), strict=True)
@@ -118,7 +119,7 @@ def accumulate_gradients(adapter: Adapter, data: Calibration, config: ChannelPru
     model = adapter.model
     scheduler = make_scheduler("ddpm", data.schedule)
     device = next(model.parameters()).device
-    x0, labels = _calibration(adapter, data.dataset, config.calibration_size, config.seed)
+    x0, labels = calibration_batch(data.dataset, config.calibration_size, config.seed)
     x0, cond = x0.to(device), data.cond_for(labels)
     generator = torch.Generator().manual_seed(config.seed + 1)
     noise = torch.randn(x0.shape, generator=generator).to(device)
@@ -143,7 +144,9 @@ def accumulate_gradients(adapter: Adapter, data: Calibration, config: ChannelPru
     return used
 
 
-def _importance(name: str) -> tp.importance.Importance:
+def _importance(name: Importance | tp.importance.Importance) -> tp.importance.Importance:
+    if isinstance(name, tp.importance.Importance):
+        return name
     if name in ("diff-pruning", "taylor"):
         return tp.importance.GroupTaylorImportance()
     if name == "magnitude":
@@ -169,10 +172,37 @@ def _copy_with_grads(model: nn.Module) -> nn.Module:
     return clone
 
 
+def make_pruner(
+    model: nn.Module,
+    importance: Importance | tp.importance.Importance,
+    ratio: float,
+    *,
+    attention: Literal["head-dim", "heads"] = "head-dim",
+    ratios: dict[str, float] | None = None,
+) -> tp.pruner.MetaPruner:
+    """torch-pruning's `MetaPruner` over `model` as slimdiff prunes: the adapter's ignored layers, attention heads
+    and chunked roots; `ratios` maps layer names to a ratio other than `ratio` for the group they root."""
+    adapter = adapter_for(model)
+    modules = dict(model.named_modules())
+    return tp.pruner.MetaPruner(
+        model,
+        adapter.example_inputs(1, next(model.parameters()).device),
+        importance=_importance(importance),
+        pruning_ratio=ratio,
+        pruning_ratio_dict={modules[name]: r for name, r in (ratios or {}).items()},
+        ignored_layers=adapter.pruning_ignored(),
+        num_heads=adapter.attention_heads(),
+        prune_head_dims=attention == "head-dim",
+        prune_num_heads=attention == "heads",
+        head_pruning_ratio=ratio if attention == "heads" else 0.0,
+        out_channel_groups=dict(adapter.chunked_outputs()),  # a copy: MetaPruner adds the heads to it
+    )
+
+
 def prune_copy(
     model: nn.Module,
     ratio: float,
-    importance: Importance,
+    importance: Importance | tp.importance.Importance,
     *,
     attention: Literal["head-dim", "heads"] = "head-dim",
     boosted: dict[str, float] | None = None,
@@ -180,29 +210,16 @@ def prune_copy(
 ) -> _Pruned:
     """Prune a copy of `model` (whose `.grad` holds Taylor gradients when needed) at a uniform `ratio`.
 
-    `boosted` maps group-root layer names to a different ratio (used by the budget search).
+    `importance` is a name or a torch-pruning importance object; `boosted` maps group-root layer names to a
+    different ratio (used by the budget search, and by OFA's per-group allocation).
     """
     clone = _copy_with_grads(model)
     adapter = adapter_for(clone)
-    modules = dict(clone.named_modules())
-    names = {module: name for name, module in modules.items()}
-    heads = adapter.attention_heads()
+    names = {module: name for name, module in clone.named_modules()}
     kept: dict[tuple[str, str], list[int]] = {}
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # RandomImportance draws from the global RNG
-        pruner = tp.pruner.MetaPruner(
-            clone,
-            adapter.example_inputs(1, next(clone.parameters()).device),
-            importance=_importance(importance),
-            pruning_ratio=ratio,
-            pruning_ratio_dict={modules[name]: r for name, r in (boosted or {}).items()},
-            ignored_layers=adapter.pruning_ignored(),
-            num_heads=heads,
-            prune_head_dims=attention == "head-dim",
-            prune_num_heads=attention == "heads",
-            head_pruning_ratio=ratio if attention == "heads" else 0.0,
-            out_channel_groups=dict(adapter.chunked_outputs()),  # a copy: MetaPruner adds the heads to it
-        )
+        pruner = make_pruner(clone, importance, ratio, attention=attention, ratios=boosted)
         for group in pruner.step(interactive=True):
             for dep, idxs in group:
                 layer = dep.target.module
