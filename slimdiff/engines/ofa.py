@@ -315,6 +315,16 @@ class _Candidate:
     held_back: tuple[str, ...] = ()  # groups grown past a coarser one the formula would grow first
 
 
+def _next_point(lo: float, hi: float, f_lo: float, f_hi: float, target: float, bisect: bool) -> float:
+    """Where to look next for `target` between two evaluated points: interpolated, or the midpoint when asked
+    (regula falsi stalls when one end sticks) or when the ends do not rise."""
+    if bisect or f_hi <= f_lo:
+        return (lo + hi) / 2
+    guess = lo + (target - f_lo) / (f_hi - f_lo) * (hi - lo)
+    margin = (hi - lo) / 20  # never the ends themselves
+    return min(max(guess, lo + margin), hi - margin)
+
+
 class _Search:
     """Prunes copies at a keep ratio and measures them, each distinct allocation once.
 
@@ -386,7 +396,7 @@ class _Search:
         return current
 
     def find(self, target: float) -> tuple[_Candidate, int]:
-        """The candidate within tolerance of `target`, and the ladder rung below it."""
+        """The candidate within tolerance of `target`, and the ladder rung at or below its keep ratio."""
         tol = self.config.tolerance * target
         rungs = ladder(full_ratio(self.groups, self.shares))
         low = self.at(rungs[0])
@@ -395,32 +405,45 @@ class _Search:
                 f"size {target}: the smallest subnet (keep ratio {rungs[0]}, floor {self.config.floor}) keeps "
                 f"{low.fraction:.3f} of the {self.config.unit}; ask for ≥ {low.fraction:.2f} or lower --floor"
             )
+
+        def distance(candidate: _Candidate) -> float:
+            return abs(candidate.fraction - target)
+
+        # 1. the ladder: narrow the two rungs that bracket the target (interpolating; bisecting when the same end
+        #    moved twice, where regula falsi stalls) until a rung lands within tolerance or the two are adjacent
         lo, hi = 0, len(rungs) - 1
-        while hi - lo > 1:  # the two adjacent rungs that bracket the target
-            mid = (lo + hi) // 2
-            if self.at(rungs[mid]).fraction <= target:
-                lo = mid
-            else:
-                hi = mid
-        below, above = self.at(rungs[lo]), self.at(rungs[hi])
-        best = min((below, above), key=lambda c: abs(c.fraction - target))
+        below, above = low, self.at(rungs[hi])
+        best, last_side, stuck = min((below, above), key=distance), "", False
+        while hi - lo > 1 and distance(best) > tol:
+            guess = _next_point(lo, hi, below.fraction, above.fraction, target, stuck)
+            mid = min(max(round(guess), lo + 1), hi - 1)
+            candidate = self.at(rungs[mid])
+            side = "below" if candidate.fraction <= target else "above"
+            lo, below = (mid, candidate) if side == "below" else (lo, below)
+            hi, above = (mid, candidate) if side == "above" else (hi, above)
+            best, stuck, last_side = min((best, candidate), key=distance), side == last_side, side
+        # 2. between the two rungs, the same on a continuous keep ratio
         for _ in range(REFINE_STEPS):
-            if abs(best.fraction - target) <= tol or above.fraction <= below.fraction:
+            if distance(best) <= tol or above.fraction <= below.fraction:
                 break
-            mid = self.at((below.keep_ratio + above.keep_ratio) / 2)
-            below, above = (mid, above) if mid.fraction <= target else (below, mid)
-            best = min((best, mid), key=lambda c: abs(c.fraction - target))
+            guess = _next_point(below.keep_ratio, above.keep_ratio, below.fraction, above.fraction, target, stuck)
+            candidate = self.at(guess)
+            side = "below" if candidate.fraction <= target else "above"
+            below = candidate if side == "below" else below
+            above = candidate if side == "above" else above
+            best, stuck, last_side = min((best, candidate), key=distance), side == last_side, side
         if abs(best.fraction - target) > tol and below.fraction <= target:
             best = min((best, self.hold_back(below, target, tol)), key=lambda c: abs(c.fraction - target))
+        rung = int((best.keep_ratio - LADDER_START) / LADDER_STEP + 1e-9)  # the rung at or below the ratio found
         held = f", {len(best.held_back)} groups grown past a coarser one" if best.held_back else ""
-        self.log(f"size {target}: keep ratio {best.keep_ratio:.4f} (rung {lo}{held}) → {best.fraction:.4f}")
+        self.log(f"size {target}: keep ratio {best.keep_ratio:.4f} (rung {rung}{held}) → {best.fraction:.4f}")
         if abs(best.fraction - target) > tol:
             raise SlimdiffError(
                 f"size {target}: the closest subnet keeps {best.fraction:.4f} of the {self.config.unit}, outside "
                 f"the {self.config.tolerance:.0%} tolerance (the model's channel granularity); raise --tolerance"
             )
         self.minimum = best.counts
-        return best, lo
+        return best, rung
 
 
 # ----------------------------------------------------------------------------------------------------------------
