@@ -64,7 +64,7 @@ SAMPLINGS: tuple[str, ...] = ("reweighted", "uniform", "sandwich")
 UNITS: tuple[str, ...] = ("macs", "params")
 #: The ladder of keep ratios of the reference code: P_i = LADDER_START + LADDER_STEP · i.
 LADDER_START, LADDER_STEP = 0.25, 0.025
-#: Bisection steps between two rungs before the closest subnet found is taken.
+#: Interpolation steps between two rungs before the closest subnet found is taken.
 REFINE_STEPS = 12
 #: Single-group steps tried when the formula's next step jumps over a size.
 HOLD_BACK_TRIALS = 12
@@ -112,35 +112,22 @@ class OFAConfig(EngineConfig):
             raise SlimdiffError(f"unknown unit '{self.unit}'; valid: {', '.join(UNITS)}")
         if self.sampling not in SAMPLINGS:
             raise SlimdiffError(f"unknown sampling rule '{self.sampling}'; valid: {', '.join(SAMPLINGS)}")
-        checks = {
-            "steps": self.steps >= 1,
-            "smallest_weight": self.smallest_weight >= 1,
-            "floor": 0 < self.floor <= LADDER_START,
-            "importance_samples": self.importance_samples >= 1,
-            "tolerance": 0 < self.tolerance < 0.5,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "warmup": 0 <= self.warmup <= self.steps,
-            "ema_decay": 0 <= self.ema_decay < 1,
-            "teacher_kd": self.teacher_kd >= 0,
-            "checkpoint_every": self.checkpoint_every >= 1,
+        rules = {
+            "steps": (self.steps >= 1, "≥ 1"),
+            "smallest_weight": (self.smallest_weight >= 1, "≥ 1 (1 = uniform)"),
+            "floor": (0 < self.floor <= LADDER_START, f"in (0, {LADDER_START}] (the ladder starts there)"),
+            "importance_samples": (self.importance_samples >= 1, "≥ 1"),
+            "tolerance": (0 < self.tolerance < 0.5, "in (0, 0.5)"),
+            "batch_size": (self.batch_size >= 1, "≥ 1"),
+            "lr": (self.lr > 0, "> 0"),
+            "warmup": (0 <= self.warmup <= self.steps, "in [0, steps]"),
+            "ema_decay": (0 <= self.ema_decay < 1, "in [0, 1)"),
+            "teacher_kd": (self.teacher_kd >= 0, "≥ 0"),
+            "checkpoint_every": (self.checkpoint_every >= 1, "≥ 1"),
         }
-        valid = {
-            "steps": "≥ 1",
-            "smallest_weight": "≥ 1 (1 = uniform)",
-            "floor": f"in (0, {LADDER_START}] (the ladder starts at {LADDER_START})",
-            "importance_samples": "≥ 1",
-            "tolerance": "in (0, 0.5)",
-            "batch_size": "≥ 1",
-            "lr": "> 0",
-            "warmup": "in [0, steps]",
-            "ema_decay": "in [0, 1)",
-            "teacher_kd": "≥ 0",
-            "checkpoint_every": "≥ 1",
-        }
-        for name, ok in checks.items():
+        for name, (ok, valid) in rules.items():
             if not ok:
-                raise SlimdiffError(f"{name}={getattr(self, name)!r} is invalid; it must be {valid[name]}")
+                raise SlimdiffError(f"{name}={getattr(self, name)!r} is invalid; it must be {valid}")
 
     def budget(self) -> dict[str, Any]:
         return {self.unit: sorted(self.sizes)}
@@ -459,7 +446,6 @@ class Subnet:
     rung: int
     skeleton: nn.Module
     index: dict[str, dict[int, torch.Tensor]]  # tensor name → {dim: kept indices along dim}
-    channels: int  # channels kept over all groups
     record: dict[str, Any] = field(default_factory=dict)
 
     def kept(self, name: str, dim: int, full: int) -> set[int]:
@@ -634,7 +620,6 @@ def compress(adapter: Adapter, config: OFAConfig, data: Calibration, *, log: Log
                 rung=rung,
                 skeleton=copy.deepcopy(candidate.pruned.model).to("meta"),
                 index=index,
-                channels=sum(candidate.counts.values()),
                 record={
                     "size": size,
                     "unit": config.unit,
