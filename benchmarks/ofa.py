@@ -157,6 +157,46 @@ def dedicated_row(args: argparse.Namespace, bench: Bench, key: str, size: float,
     return tuned
 
 
+def table(data: dict[str, Any], sizes: list[float], eval_steps: list[int]) -> str:
+    """The Markdown table of one results file: FID (KID) per row and size at each DDIM step count, and the cost."""
+    evals, runs = data["evals"], data["runs"]
+
+    def cell(key: str, steps: int) -> str:
+        entry = evals.get(f"{key}@{steps}")
+        return f"{entry['fid']:.2f} ({entry['kid']:.3f})" if entry else "—"
+
+    head = " | ".join(f"FID (KID) DDIM {k}" for k in eval_steps)
+    lines = [f"| row | size | MACs | {head} | train steps | train MACs (×10¹²) |", "|---" * (5 + len(eval_steps)) + "|"]
+    for row in ("ofa-reweighted", "ofa-uniform", "ofa-sandwich", "dedicated", "equal-cost"):
+        for size in sizes:
+            key = f"{row}-{size:g}"
+            if not any(f"{key}@{k}" in evals for k in eval_steps):
+                continue
+            if row.startswith("ofa"):
+                run = runs[row]
+                macs, steps = (
+                    run["sizes"][f"{size:g}"]["macs_fraction"],
+                    f"{run['sizes'][f'{size:g}']['steps_trained']}",
+                )
+                steps += f" of {run['optimizer_steps']} shared"
+                cost = run["train_macs"] / 1e12
+                cost_text = f"{cost:.2f} (whole run)"
+            else:
+                run = runs[key]
+                macs, steps, cost_text = (
+                    run["macs_fraction"],
+                    str(run["optimizer_steps"]),
+                    f"{run['train_macs'] / 1e12:.2f}",
+                )
+            cells = " | ".join(cell(key, k) for k in eval_steps)
+            lines.append(f"| {row} | {size:g} | {macs:.3f} | {cells} | {steps} | {cost_text} |")
+    for size in [1.0, *sizes]:
+        cells = " | ".join(cell("teacher", max(round(size * k), 1)) for k in eval_steps)
+        steps = "/".join(str(max(round(size * k), 1)) for k in eval_steps)
+        lines.append(f"| teacher at DDIM {steps} (= {size:g} × the sampling MACs) | 1 | 1.000 | {cells} | — | — |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=Path("/work/runs/demo/teacher"))
@@ -173,7 +213,11 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ofa.json"))
+    parser.add_argument("--table", action="store_true", help="only print the Markdown table of --out")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text()), sorted(args.sizes), args.eval_steps))
+        return
     torch.set_num_threads(1)
     sizes = sorted(args.sizes)
     teacher_macs = count_macs(load(args.teacher)).total

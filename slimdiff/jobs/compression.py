@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.distill import KDConfig
@@ -101,7 +102,8 @@ def compress_model(
         product_provenance = copy.deepcopy(provenance)
         product_provenance.metrics.update({f"{unit}_fraction": value for unit, value in product.achieved.items()})
         product_provenance.history.append({**entry, "product": name, "achieved": product.achieved, **product.record})
-        product.save(out_dir / name, provenance=product_provenance, **save_kwargs)
+        if PartialState().is_main_process:  # under `accelerate launch` every process made the same products
+            product.save(out_dir / name, provenance=product_provenance, **save_kwargs)
         log(product.summary)
     return dataclasses.replace(
         result,
