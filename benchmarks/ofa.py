@@ -29,15 +29,19 @@ from typing import Any
 
 import torch
 
+from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.distill import KDConfig
+from slimdiff.engines.base import Calibration
 from slimdiff.engines.channels import ChannelPruningConfig
-from slimdiff.engines.ofa import OFAConfig
-from slimdiff.export import load, read_provenance
+from slimdiff.engines.ofa import OFAConfig, compress, extract_all
+from slimdiff.export import load, read_provenance, save
 from slimdiff.io import atomic_write_json
 from slimdiff.jobs.compression import compress_model
+from slimdiff.jobs.conditioning import training_data
 from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
 from slimdiff.jobs.training import finetune_model
 from slimdiff.metrics.cost import count_macs
+from slimdiff.models import adapter_for
 from slimdiff.train import TrainConfig
 
 
@@ -83,10 +87,12 @@ def train_settings(args: argparse.Namespace, steps: int) -> TrainConfig:
     )
 
 
-def ofa_row(args: argparse.Namespace, bench: Bench, sampling: str, teacher_macs: int) -> dict[str, Path]:
+def ofa_row(
+    args: argparse.Namespace, bench: Bench, sampling: str, teacher_macs: int, allocation: str = "importance"
+) -> dict[str, Path]:
     """One shared run; returns size → product dir."""
-    work = args.work / f"ofa-{sampling}"
-    key = f"ofa-{sampling}"
+    key = f"ofa-{sampling}" + ("" if allocation == "importance" else f"-{allocation}-alloc")
+    work = args.work / key
     names = {size: work / f"macs-{size:g}" for size in args.sizes}
     if key not in bench.data["runs"]:
         start = time.perf_counter()
@@ -94,6 +100,7 @@ def ofa_row(args: argparse.Namespace, bench: Bench, sampling: str, teacher_macs:
             sizes=tuple(args.sizes),
             steps=args.steps,
             sampling=sampling,
+            allocation=allocation,
             importance_samples=64,
             batch_size=64,
             lr=args.lr,
@@ -167,7 +174,8 @@ def table(data: dict[str, Any], sizes: list[float], eval_steps: list[int]) -> st
 
     head = " | ".join(f"FID (KID) DDIM {k}" for k in eval_steps)
     lines = [f"| row | size | MACs | {head} | train steps | train MACs (×10¹²) |", "|---" * (5 + len(eval_steps)) + "|"]
-    for row in ("ofa-reweighted", "ofa-uniform", "ofa-sandwich", "dedicated", "equal-cost"):
+    rows = ("ofa-reweighted", "ofa-uniform", "ofa-sandwich", "ofa-reweighted-uniform-alloc", "dedicated", "equal-cost")
+    for row in rows:
         for size in sizes:
             key = f"{row}-{size:g}"
             if not any(f"{key}@{k}" in evals for k in eval_steps):
@@ -195,6 +203,24 @@ def table(data: dict[str, Any], sizes: list[float], eval_steps: list[int]) -> st
         steps = "/".join(str(max(round(size * k), 1)) for k in eval_steps)
         lines.append(f"| teacher at DDIM {steps} (= {size:g} × the sampling MACs) | 1 | 1.000 | {cells} | — | — |")
     return "\n".join(lines)
+
+
+def untrained_ofa(args: argparse.Namespace, allocation: str) -> dict[float, Path]:
+    """OFA's sizes extracted straight from the teacher's weights (the engine and `finish`, no shared run)."""
+    work = args.work / ("ofa-init" if allocation == "importance" else f"ofa-init-{allocation}-alloc")
+    paths = {size: work / f"macs-{size:g}" for size in args.sizes}
+    if all((path / "slimdiff.json").is_file() for path in paths.values()):
+        return paths
+    model = load(args.teacher)
+    adapter = adapter_for(model)
+    if adapter.cond_kind != "none":
+        raise SystemExit("the 'init' row supports unconditional teachers only")
+    data = Calibration(training_data(adapter, "digits", args.seed), lambda labels: None, DEFAULT_SCHEDULE)
+    config = OFAConfig(sizes=tuple(args.sizes), allocation=allocation, importance_samples=64, seed=args.seed)
+    result = compress(adapter, config, data)
+    for name, product in extract_all(result.model).items():
+        save(product.model, work / name, scheduler_config=dict(DEFAULT_SCHEDULE))
+    return paths
 
 
 def main() -> None:
@@ -250,6 +276,18 @@ def main() -> None:
             for size in sizes:
                 for steps in args.eval_steps:
                     bench.evaluate("teacher", args.teacher, max(round(size * steps), 1), args.n)
+        elif row == "uniform-alloc":  # the allocation ablation: every group keeps the same ratio P
+            for size, path in ofa_row(args, bench, "reweighted", teacher_macs, "uniform").items():
+                for steps in args.eval_steps:
+                    bench.evaluate(f"ofa-reweighted-uniform-alloc-{size:g}", path, steps, args.n)
+        elif row == "init":  # before any training: OFA's extracted sizes and the Diff-Pruning models
+            paths = untrained_ofa(args, "importance")
+            uniform = untrained_ofa(args, "uniform")
+            for size in sizes:
+                bench.evaluate(f"init-ofa-{size:g}", paths[size], args.eval_steps[0], args.n)
+                bench.evaluate(f"init-ofa-uniform-alloc-{size:g}", uniform[size], args.eval_steps[0], args.n)
+                pruned = args.work / "dedicated" / f"macs-{size:g}" / "pruned"
+                bench.evaluate(f"init-diff-pruning-{size:g}", pruned, args.eval_steps[0], args.n)
         elif row == "ablation":
             for sampling in args.samplings:
                 paths = ofa_row(args, bench, sampling, teacher_macs)

@@ -205,6 +205,7 @@ def test_cli_run_makes_one_loadable_model_per_size_and_resumes_exactly(tmp_path:
         (["--sizes", "0.5,0.5"], "repeats a size"),
         (["--sampling", "greedy"], "unknown sampling rule 'greedy'; valid: reweighted, uniform, sandwich"),
         (["--unit", "latency"], "unknown unit 'latency'; valid: macs, params"),
+        (["--allocation", "even"], "unknown allocation 'even'; valid: importance, uniform"),
         (["--smallest-weight", "0.5"], "smallest_weight=0.5 is invalid"),
     ],
 )

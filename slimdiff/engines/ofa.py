@@ -17,7 +17,8 @@ returns an elastic model and a `Training` that the compression job runs through 
    whole GroupNorm groups / heads / chunks. Resolution groups: for a U-Net, stage s = down block s, up block
    n−1−s (they run at the same resolution) and, for the deepest stage, the mid block; the stem (conv_in, time
    embedding, output norm) is one more group. For a DiT every transformer block sees the same tokens, so all
-   blocks form one group, and the residual stream (it runs through every block) is the stem.
+   blocks form one group, and the residual stream (it runs through every block) is the stem. `allocation=uniform`
+   (an ablation) gives every group the same share, i.e. a uniform keep ratio P, as Diff-Pruning prunes.
 3. Sizes. The keep ratio P walks the ladder P_i = 0.25 + 0.025 i; each requested size (a fraction of the MACs or
    params) is bracketed by two rungs, then P is bisected between them until the subnet lands within `tolerance`.
 4. Elastic model: slicing, not masking. The subnet of a step runs the pruned architecture with weights gathered
@@ -85,6 +86,10 @@ class OFAConfig(EngineConfig):
     smallest_weight: float = field(
         default=3.0, metadata={"help": "Reweighted: the smallest size is this many times as likely as the largest."}
     )
+    allocation: Literal["importance", "uniform"] = field(
+        default="importance",
+        metadata={"help": "importance (METHODS §2's proportional widths) or uniform (every group keeps P)."},
+    )
     floor: float = field(default=0.25, metadata={"help": "P_0: every group keeps at least this fraction."})
     importance_samples: int = field(
         default=64, metadata={"help": "Single-sample backward passes averaged for the importance."}
@@ -110,6 +115,8 @@ class OFAConfig(EngineConfig):
             raise SlimdiffError(f"sizes: {list(self.sizes)} repeats a size")
         if self.unit not in UNITS:
             raise SlimdiffError(f"unknown unit '{self.unit}'; valid: {', '.join(UNITS)}")
+        if self.allocation not in ("importance", "uniform"):
+            raise SlimdiffError(f"unknown allocation '{self.allocation}'; valid: importance, uniform")
         if self.sampling not in SAMPLINGS:
             raise SlimdiffError(f"unknown sampling rule '{self.sampling}'; valid: {', '.join(SAMPLINGS)}")
         rules = {
@@ -328,7 +335,8 @@ class _Search:
         log: Log,
     ) -> None:
         self.model, self.groups, self.config, self.log = model, groups, config, log
-        self.shares = importance_shares(groups, scores)
+        uniform = config.allocation == "uniform"
+        self.shares = {g.key: 1.0 for g in groups} if uniform else importance_shares(groups, scores)
         self.importance = _FixedScores(scores)
         self.original = count_macs(model).total if config.unit == "macs" else count_params(model)
         self.cache: dict[tuple[int, ...], _Pruned] = {}
