@@ -126,13 +126,14 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _stream_seed(*parts: int) -> int:
+def stream_seed(*parts: int) -> int:
+    """A 32-bit seed derived from integer parts (seed, step, …): independent streams that need no saved state."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 @lru_cache(maxsize=4)
 def _epoch_order(n_items: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n_items, generator=torch.Generator().manual_seed(_stream_seed(seed, epoch)))
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(stream_seed(seed, epoch)))
 
 
 def batch_indices(n_items: int, batch: int, seed: int, first: int) -> list[int]:
@@ -439,9 +440,9 @@ def _optimizer_step(
     terms_sum: dict[str, float] = {}
     pair_terms: dict[str, float] = {}
     # Randomness inside the model (dropout, DiT's label dropout) uses the global RNG: seed it per step.
-    torch.manual_seed(_stream_seed(config.seed, step, run.rank, 2))
+    torch.manual_seed(stream_seed(config.seed, step, run.rank, 2))
     for micro in range(config.grad_accumulation):
-        generator = torch.Generator().manual_seed(_stream_seed(config.seed, step, micro, run.rank, 1))
+        generator = torch.Generator().manual_seed(stream_seed(config.seed, step, micro, run.rank, 1))
         first = (step * config.grad_accumulation + micro) * config.batch_size + run.rank * run.local_batch
         items = [run.data[i] for i in batch_indices(len(run.data), run.local_batch, config.seed, first)]
         x0 = torch.stack([image for image, _ in items]).to(device)

@@ -83,13 +83,16 @@ class Training:
 
     `model` is trained in place (its forward is whatever the engine arranged, e.g. the subnet drawn for the step);
     `before_step(step)` runs before every optimizer step; `finish(trained)` returns the products, one `Result` per
-    name, each saved to `out/<name>/`.
+    name, each saved to `out/<name>/`. `settings` are further `TrainConfig` fields (lr, batch_size, …);
+    `teacher_kd` > 0 adds output distillation from the uncompressed model with that weight.
     """
 
     model: nn.Module
     steps: int
     finish: Callable[[nn.Module], dict[str, Result]]
     before_step: Callable[[int], None] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    teacher_kd: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -145,6 +148,7 @@ BUILTIN_ENGINES: dict[str, str] = {
     "channels": "slimdiff.engines.channels",
     "layers": "slimdiff.engines.layers",
     "skip": "slimdiff.engines.skip",
+    "ofa": "slimdiff.engines.ofa",
 }
 #: Artifacts that `slimdiff.load` knows how to re-attach: artifact name → the module that defines `attach`.
 BUILTIN_ARTIFACTS: dict[str, str] = {

@@ -109,7 +109,8 @@ class ChannelPruningResult(Result):
 # ----------------------------------------------------------------------------------------------------------------
 # importance
 # ----------------------------------------------------------------------------------------------------------------
-def _calibration(adapter: Adapter, data: ImageDataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_batch(data: ImageDataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` images (and their labels) drawn without replacement from `data`, seeded."""
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(data), generator=generator)[: min(size, len(data))]
     images, labels = zip(*(data[int(i)] for i in indices), strict=True)
@@ -121,7 +122,7 @@ def accumulate_gradients(adapter: Adapter, data: Calibration, config: ChannelPru
     model = adapter.model
     scheduler = make_scheduler("ddpm", data.schedule)
     device = next(model.parameters()).device
-    x0, labels = _calibration(adapter, data.dataset, config.calibration_size, config.seed)
+    x0, labels = calibration_batch(data.dataset, config.calibration_size, config.seed)
     x0, cond = x0.to(device), data.cond_for(labels)
     generator = torch.Generator().manual_seed(config.seed + 1)
     noise = torch.randn(x0.shape, generator=generator).to(device)
@@ -198,13 +199,16 @@ class _Replay(tp.importance.Importance):
         return self.scores.scores[key]
 
 
-def _pruner(
+def make_pruner(
     model: nn.Module,
-    importance: _Replay,
+    importance: tp.importance.Importance,
     ratio: float,
-    attention: Literal["head-dim", "heads"],
-    boosted: dict[str, float] | None,
+    *,
+    attention: Literal["head-dim", "heads"] = "head-dim",
+    ratios: dict[str, float] | None = None,
 ) -> tp.pruner.MetaPruner:
+    """torch-pruning's `MetaPruner` over `model` as slimdiff prunes: the adapter's ignored layers, attention heads
+    and chunked roots; `ratios` maps layer names to another ratio than `ratio` for the group they root."""
     adapter = adapter_for(model)
     modules = dict(model.named_modules())
     pruner = tp.pruner.MetaPruner(
@@ -212,7 +216,7 @@ def _pruner(
         adapter.example_inputs(1, next(model.parameters()).device),
         importance=importance,
         pruning_ratio=ratio,
-        pruning_ratio_dict={modules[name]: r for name, r in (boosted or {}).items()},
+        pruning_ratio_dict={modules[name]: r for name, r in (ratios or {}).items()},
         ignored_layers=adapter.pruning_ignored(),
         num_heads=adapter.attention_heads(),
         prune_head_dims=attention == "head-dim",
@@ -220,7 +224,8 @@ def _pruner(
         head_pruning_ratio=ratio if attention == "heads" else 0.0,
         out_channel_groups=dict(adapter.chunked_outputs()),  # a copy: MetaPruner adds the heads to it
     )
-    importance.graph = pruner.DG
+    if isinstance(importance, _Replay):
+        importance.graph = pruner.DG
     return pruner
 
 
@@ -234,7 +239,7 @@ def channel_scores(
     recorder = _Replay(scores, names, source=_importance(importance))
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # RandomImportance draws from the global RNG
-        for _ in _pruner(model, recorder, 0.5, attention, None).step(interactive=True):
+        for _ in make_pruner(model, recorder, 0.5, attention=attention).step(interactive=True):
             raise SlimdiffError("internal: recording channel scores must not prune")  # every score answered None
     return scores
 
@@ -270,7 +275,7 @@ def _weightless_copy(model: nn.Module) -> nn.Module:
 def prune_copy(
     model: nn.Module,
     ratio: float,
-    importance: Importance | ChannelScores,
+    importance: Importance | ChannelScores | tp.importance.Importance,
     *,
     attention: Literal["head-dim", "heads"] = "head-dim",
     boosted: dict[str, float] | None = None,
@@ -283,16 +288,17 @@ def prune_copy(
     `boosted` maps group-root layer names to a different ratio (used by the budget search). `weightless=True` prunes
     a meta-device copy: the same architecture, kept indices, MACs and params, without copying a single weight.
     """
-    scores = (
-        importance
-        if isinstance(importance, ChannelScores)
-        else channel_scores(model, importance, seed=seed, attention=attention)
-    )
     clone = _weightless_copy(model) if weightless else _copy_with_grads(model)
     adapter = adapter_for(clone)
     names = {module: name for name, module in clone.named_modules()}
     kept: dict[tuple[str, str], list[int]] = {}
-    pruner = _pruner(clone, _Replay(scores, names), ratio, attention, boosted)
+    if isinstance(importance, tp.importance.Importance):
+        ranking = importance  # the caller's own fixed ranking (OFA's averaged Taylor scores)
+    elif isinstance(importance, ChannelScores):
+        ranking = _Replay(importance, names)
+    else:
+        ranking = _Replay(channel_scores(model, importance, seed=seed, attention=attention), names)
+    pruner = make_pruner(clone, ranking, ratio, attention=attention, ratios=boosted)
     for group in pruner.step(interactive=True):
         for dep, idxs in group:
             layer = dep.target.module

@@ -1,19 +1,36 @@
-"""Compress a saved model with any registered engine and save the result with its provenance."""
+"""Compress a saved model with any registered engine and save the result with its provenance.
+
+An engine whose product needs training (`Result.training`, e.g. OFA) gets its run here: the one training loop
+trains the engine's model into `out/shared/` (always resumable: rerunning the same command continues it), then
+`finish` makes the products, each saved to `out/<name>/` with the provenance of the whole chain.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from slimdiff.diffusion import DEFAULT_SCHEDULE
+from slimdiff.distill import KDConfig
 from slimdiff.engines import Calibration, EngineConfig, Result, get_engine
-from slimdiff.engines.base import Log, no_log
+from slimdiff.engines.base import Log, Training, no_log
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config, read_provenance
+from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.conditioning import training_conditioning, training_data
 from slimdiff.models import adapter_for
+from slimdiff.train import Conditioning, TrainConfig, TrainResult, train
+
+#: Where a training engine's shared run lives inside `--out`.
+SHARED_RUN = "shared"
+#: The engine settings a shared run was started with (a rerun with other settings must not continue it).
+RUN_SETTINGS = "engine.json"
 
 
 def compress_model(
@@ -24,11 +41,13 @@ def compress_model(
     config: EngineConfig,
     *,
     log: Log = no_log,
+    progress: bool = True,
 ) -> Result:
     """Run engine `engine_name` with `config` on a saved model; saves the compressed model to `out_dir`.
 
     The provenance gains the engine, its budget and what was achieved, and one history entry with the whole config
-    and the engine's record, so a chain of engines reads as a chain of entries.
+    and the engine's record, so a chain of engines reads as a chain of entries. An engine that needs a training
+    run gets it (see the module docstring); then `out_dir` holds one directory per product.
     """
     engine = get_engine(engine_name)
     if not isinstance(config, engine.config):
@@ -37,6 +56,7 @@ def compress_model(
     out_dir = Path(out_dir)
     if out_dir.resolve() == Path(model_dir).resolve():
         raise SlimdiffError("--out must differ from the model directory (the source is never overwritten)")
+    _refuse_other_run(out_dir, engine.name, config)
     # the bare denoiser: a skip table the source may carry belongs to the old model, not to its compressed copy
     model = load(model_dir, artifacts=False)
     adapter = adapter_for(model)
@@ -52,17 +72,97 @@ def compress_model(
     provenance = read_provenance(model_dir)
     provenance.engine = engine.name
     provenance.budget = config.budget()
-    provenance.metrics.update({f"{unit}_fraction": value for unit, value in result.achieved.items()})
-    provenance.history.append(
-        {
-            "job": f"compress {engine.name}",
-            "source": str(model_dir),
-            "config": dataclasses.asdict(config),
-            "target": config.budget(),
-            "achieved": result.achieved,
-            "seconds": round(result.seconds, 1),
-            **result.record,
-        }
+    entry = {
+        "job": f"compress {engine.name}",
+        "source": str(model_dir),
+        "config": dataclasses.asdict(config),
+        "target": config.budget(),
+        "seconds": round(result.seconds, 1),
+        **result.record,
+    }
+    save_kwargs = {"scheduler_config": dict(schedule), "conditioning": recorded}
+    if result.training is None:
+        provenance.metrics.update({f"{unit}_fraction": value for unit, value in result.achieved.items()})
+        provenance.history.append({**entry, "achieved": result.achieved})
+        result.save(out_dir, provenance=provenance, **save_kwargs)
+        return result
+
+    run = _shared_run(
+        result.training, engine.name, config, Path(model_dir), dataset, conditioning, schedule, out_dir, progress
     )
-    result.save(out_dir, provenance=provenance, scheduler_config=dict(schedule), conditioning=recorded)
-    return result
+    products = result.training.finish(run.model)
+    entry["shared_run"] = {
+        "dir": str(out_dir / SHARED_RUN),
+        "steps": run.steps,
+        "final_loss": run.final_loss,
+        "seconds": round(run.seconds, 1),
+        "teacher_kd": result.training.teacher_kd,
+    }
+    for name, product in products.items():
+        product_provenance = copy.deepcopy(provenance)
+        product_provenance.metrics.update({f"{unit}_fraction": value for unit, value in product.achieved.items()})
+        product_provenance.history.append({**entry, "product": name, "achieved": product.achieved, **product.record})
+        if PartialState().is_main_process:  # under `accelerate launch` every process made the same products
+            product.save(out_dir / name, provenance=product_provenance, **save_kwargs)
+        log(product.summary)
+    return dataclasses.replace(
+        result,
+        record={**result.record, "products": {name: product.achieved for name, product in products.items()}},
+        summary=f"{len(products)} models from one {run.steps}-step run: {', '.join(products)}",
+    )
+
+
+def _run_settings(engine_name: str, config: EngineConfig) -> dict[str, Any]:
+    """What a shared run must keep across reruns: the engine and its settings (it may go on for more steps)."""
+    growable = {"steps", "checkpoint_every"}
+    config_values = {k: v for k, v in dataclasses.asdict(config).items() if k not in growable}
+    return json.loads(json.dumps({"engine": engine_name, "config": config_values}))  # as read back from disk
+
+
+def _refuse_other_run(out_dir: Path, engine_name: str, config: EngineConfig) -> None:
+    """Refuse, before any work, to continue a shared run in `out_dir` that other settings started."""
+    marker = out_dir / SHARED_RUN / RUN_SETTINGS
+    if not marker.is_file():
+        return
+    started, settings = read_json(marker, "shared-run settings"), _run_settings(engine_name, config)
+    if started != settings:
+        before = started.get("config", {})
+        differs = sorted(k for k in settings["config"] if before.get(k) != settings["config"][k]) or ["engine"]
+        raise SlimdiffError(
+            f"{marker.parent} holds a shared run started with other settings ({', '.join(differs)}); use a new "
+            "--out or the same settings"
+        )
+
+
+def _shared_run(
+    training: Training,
+    engine_name: str,
+    config: EngineConfig,
+    model_dir: Path,
+    dataset: Any,
+    conditioning: Conditioning,
+    schedule: dict[str, Any],
+    out_dir: Path,
+    progress: bool,
+) -> TrainResult:
+    """Train the engine's model in `out/shared/`, continuing a run of the same settings if one is there."""
+    shared_dir = out_dir / SHARED_RUN
+    shared_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(shared_dir / RUN_SETTINGS, _run_settings(engine_name, config))
+    teacher, kd = None, None
+    if training.teacher_kd > 0:
+        teacher = load(model_dir, artifacts=False)
+        kd = KDConfig(output_weight=training.teacher_kd, feature_weight=0.0)
+    return train(
+        training.model,
+        dataset,
+        shared_dir,
+        TrainConfig(steps=training.steps, **training.settings),
+        conditioning=conditioning,
+        schedule=schedule,
+        teacher=teacher,
+        kd=kd,
+        resume=True,
+        progress=progress,
+        before_step=training.before_step,
+    )

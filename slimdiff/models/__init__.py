@@ -118,8 +118,12 @@ def build_tiny(name: str, **overrides: Any) -> nn.Module:
 
 
 def adapter_for(model: nn.Module, forward_module: nn.Module | None = None) -> Adapter:
-    """The adapter for a diffusers model instance; calls may go through a wrapper of it (`forward_module`)."""
-    name = type(model).__name__
+    """The adapter for a diffusers model instance; calls may go through a wrapper of it (`forward_module`).
+
+    A module that computes like a diffusers model without being one (OFA's elastic model) names the class it
+    stands for in `diffusers_class` and exposes its `config`.
+    """
+    name = getattr(model, "diffusers_class", None) or type(model).__name__
     if name not in ADAPTERS:
         raise SlimdiffError(f"unsupported model class {name}; supported: {', '.join(ADAPTERS)}")
     return ADAPTERS[name][1](model, forward_module)

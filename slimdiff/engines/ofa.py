@@ -1,0 +1,694 @@
+"""OFA-Diffusion: one weight-sharing training run yields K nested sizes, each extracted as a plain diffusers model.
+
+Jiang et al., *OFA-Diffusion Compression* (arXiv 2604.12668); ../shared/METHODS.md §2. The engine never trains: it
+returns an elastic model and a `Training` that the compression job runs through the one training loop, then
+`finish` extracts every size.
+
+1. Importance. `I_c = mean_n |Σ_j w_cj g_cj^(n)|` over `importance_samples` single-sample backward passes of the
+   denoising loss (each pass its own image, noise and timestep t ~ U[0, T)), scored on torch-pruning's channel
+   groups exactly as the channels engine prunes them (`make_pruner`: residual adds, skip concatenations, GroupNorm,
+   attention, chunked adaLN roots). Per group, torch-pruning's multivariable Taylor score takes |Σ_j w g| in each
+   coupled layer and averages the layers. Attention groups are ranked per within-head offset (torch-pruning
+   averages the score over the heads and drops the same offsets from each), so every head keeps the same offsets.
+   Channels are ranked once and every subnet keeps the top channels of each group: smaller subnets are nested in
+   larger ones.
+2. Allocation. Within a resolution group B, channel group l of width |l| keeps
+   `C_l = max(min(I_l / Σ_B I · |B| · P · |l|, |l|), P_0 · |l|)` channels, I_l its mean channel score, rounded to
+   whole GroupNorm groups / heads / chunks. Resolution groups: for a U-Net, stage s = down block s, up block
+   n−1−s (they run at the same resolution) and, for the deepest stage, the mid block; the stem (conv_in, time
+   embedding, output norm) is one more group. For a DiT every transformer block sees the same tokens, so all
+   blocks form one group, and the residual stream (it runs through every block) is the stem. `allocation=uniform`
+   (an ablation) gives every group the same share, i.e. a uniform keep ratio P, as Diff-Pruning prunes.
+3. Sizes. The keep ratio P walks the ladder P_i = 0.25 + 0.025 i; each requested size (a fraction of the MACs or
+   params) is bracketed by two rungs, then P is bisected between them until the subnet lands within `tolerance`.
+4. Elastic model: slicing, not masking. The subnet of a step runs the pruned architecture with weights gathered
+   (index_select) from the shared full-width weights, so the trained function *is* the extracted model's —
+   masking would leave GroupNorm statistics and the attention scale those of the full width, and would cost the
+   full MACs every step. DDP stays happy: every shared tensor enters every subnet's graph (through its gather),
+   so every parameter gets a gradient (zero outside the subnet) and none is "unused".
+5. Sampling. Step s trains one subnet drawn from a generator seeded by (seed, s), so a resumed or multi-process run
+   draws the same ones: `reweighted` (weights falling linearly from m for the smallest to 1 for the largest),
+   `uniform`, or `sandwich` (the sandwich rule's largest / smallest / random spread over consecutive steps, so
+   every step still costs one subnet).
+6. EMA. The trainer keeps one EMA of the shared weights. Slicing is linear, so the slice of the EMA is exactly the
+   EMA of the slice: each extracted size gets the EMA of its own weights over the run — the right average, with
+   no per-size copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+from torch.func import functional_call
+
+from slimdiff.diffusion import make_scheduler, training_target
+from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, Training, no_log, register
+from slimdiff.engines.channels import _Pruned, calibration_batch, make_pruner, prune_copy, verify_slices
+from slimdiff.errors import SlimdiffError
+from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.models import Adapter, adapter_for
+from slimdiff.train import stream_seed
+
+Sampling = Literal["reweighted", "uniform", "sandwich"]
+SAMPLINGS: tuple[str, ...] = ("reweighted", "uniform", "sandwich")
+UNITS: tuple[str, ...] = ("macs", "params")
+#: The ladder of keep ratios of the reference code: P_i = LADDER_START + LADDER_STEP · i.
+LADDER_START, LADDER_STEP = 0.25, 0.025
+#: Interpolation steps between two rungs before the closest subnet found is taken.
+REFINE_STEPS = 12
+#: Single-group steps tried when the formula's next step jumps over a size.
+HOLD_BACK_TRIALS = 12
+
+
+@dataclass
+class OFAConfig(EngineConfig):
+    """The sizes to make, how to rank and allocate channels, and the shared run's settings."""
+
+    sizes: tuple[float, ...] = field(
+        default=(0.3, 0.5, 0.75), metadata={"help": "Sizes to extract, fractions of the original (comma-separated)."}
+    )
+    unit: Literal["macs", "params"] = field(default="macs", metadata={"help": "What sizes measure: macs or params."})
+    steps: int = field(default=1000, metadata={"help": "Optimizer steps of the shared run."})
+    sampling: Sampling = field(
+        default="reweighted", metadata={"help": "Subnet of each step: reweighted, uniform or sandwich."}
+    )
+    smallest_weight: float = field(
+        default=3.0, metadata={"help": "Reweighted: the smallest size is this many times as likely as the largest."}
+    )
+    allocation: Literal["importance", "uniform"] = field(
+        default="importance",
+        metadata={"help": "importance (METHODS §2's proportional widths) or uniform (every group keeps P)."},
+    )
+    floor: float = field(default=0.25, metadata={"help": "P_0: every group keeps at least this fraction."})
+    importance_samples: int = field(
+        default=64, metadata={"help": "Single-sample backward passes averaged for the importance."}
+    )
+    tolerance: float = field(default=0.02, metadata={"help": "Relative tolerance of each size."})
+    batch_size: int = field(default=64, metadata={"help": "Batch size of the shared run."})
+    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate of the shared run (AdamW, cosine)."})
+    warmup: int = field(default=0, metadata={"help": "Linear warm-up steps of the shared run."})
+    ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the shared weights."})
+    teacher_kd: float = field(
+        default=0.0, metadata={"help": "Weight of output distillation from the original model (0 = off)."}
+    )
+    checkpoint_every: int = field(default=250, metadata={"help": "Checkpoint the shared run every N steps."})
+    seed: int = field(default=0, metadata={"help": "Random seed (importance samples, subnet draws, training)."})
+
+    def validate(self) -> None:
+        if not self.sizes:
+            raise SlimdiffError("sizes: give at least one size, e.g. 0.3,0.5,0.75")
+        bad = [s for s in self.sizes if not 0.05 <= s < 1]
+        if bad:
+            raise SlimdiffError(f"sizes: {bad[0]} is not a fraction of the original in [0.05, 1)")
+        if len(set(self.sizes)) != len(self.sizes):
+            raise SlimdiffError(f"sizes: {list(self.sizes)} repeats a size")
+        if self.unit not in UNITS:
+            raise SlimdiffError(f"unknown unit '{self.unit}'; valid: {', '.join(UNITS)}")
+        if self.allocation not in ("importance", "uniform"):
+            raise SlimdiffError(f"unknown allocation '{self.allocation}'; valid: importance, uniform")
+        if self.sampling not in SAMPLINGS:
+            raise SlimdiffError(f"unknown sampling rule '{self.sampling}'; valid: {', '.join(SAMPLINGS)}")
+        rules = {
+            "steps": (self.steps >= 1, "≥ 1"),
+            "smallest_weight": (self.smallest_weight >= 1, "≥ 1 (1 = uniform)"),
+            "floor": (0 < self.floor <= LADDER_START, f"in (0, {LADDER_START}] (the ladder starts there)"),
+            "importance_samples": (self.importance_samples >= 1, "≥ 1"),
+            "tolerance": (0 < self.tolerance < 0.5, "in (0, 0.5)"),
+            "batch_size": (self.batch_size >= 1, "≥ 1"),
+            "lr": (self.lr > 0, "> 0"),
+            "warmup": (0 <= self.warmup <= self.steps, "in [0, steps]"),
+            "ema_decay": (0 <= self.ema_decay < 1, "in [0, 1)"),
+            "teacher_kd": (self.teacher_kd >= 0, "≥ 0"),
+            "checkpoint_every": (self.checkpoint_every >= 1, "≥ 1"),
+        }
+        for name, (ok, valid) in rules.items():
+            if not ok:
+                raise SlimdiffError(f"{name}={getattr(self, name)!r} is invalid; it must be {valid}")
+
+    def budget(self) -> dict[str, Any]:
+        return {self.unit: sorted(self.sizes)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# importance on torch-pruning's groups
+# ----------------------------------------------------------------------------------------------------------------
+GroupKey = tuple[tuple[str, str], ...]
+
+
+def _group_key(group: tp.Group) -> GroupKey:
+    """A group's identity that survives copying the model: its (graph node, pruning function) pairs."""
+    return tuple(sorted({(dep.target.name, dep.handler.__name__) for dep, _ in group}))
+
+
+@dataclass(frozen=True)
+class ChannelGroupInfo:
+    """One channel group as MetaPruner sees it: the layers whose outputs it sets, width, equal-sized chunks."""
+
+    key: GroupKey
+    roots: tuple[str, ...]  # layers whose output channels are this group (MetaPruner finds its ratio on any)
+    width: int
+    chunks: int  # GroupNorm groups / attention heads / adaLN chunks: kept channels are a multiple of this
+    stage: str
+
+
+class _TaylorRecorder(tp.importance.Importance):
+    """Sums the per-sample multivariable Taylor score of every group MetaPruner visits, and records the groups."""
+
+    def __init__(self, model: nn.Module, stage_of: Callable[[str], str]) -> None:
+        self.names = {module: name for name, module in model.named_modules()}
+        self.stage_of = stage_of
+        self.taylor = tp.importance.GroupTaylorImportance(multivariable=True, normalizer=None)
+        self.pruner: tp.pruner.MetaPruner | None = None
+        self.sums: dict[GroupKey, torch.Tensor] = {}
+        self.groups: dict[GroupKey, ChannelGroupInfo] = {}
+
+    def __call__(self, group: tp.Group) -> torch.Tensor:
+        graph = self.pruner.DG
+        key = _group_key(group)
+        score = self.taylor(group).double().cpu()
+        self.sums[key] = self.sums.get(key, torch.zeros_like(score)) + score
+        if key not in self.groups:
+            # Conv/Linear outputs belong to one group each (a GroupNorm over a concatenation is in two)
+            outs = [
+                dep
+                for dep, _ in group
+                if graph.is_out_channel_pruning_fn(dep.handler)
+                and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
+            ]
+            chunks = max(
+                [
+                    (
+                        self.pruner.out_channel_groups
+                        if graph.is_out_channel_pruning_fn(dep.handler)
+                        else self.pruner.in_channel_groups
+                    ).get(dep.target.module, 1)
+                    for dep, _ in group
+                ]
+                + [1]
+            )
+            roots = tuple(dict.fromkeys(self.names[d.target.module] for d in outs if d.target.module in self.names))
+            self.groups[key] = ChannelGroupInfo(key, roots, len(score), chunks, self.stage_of(roots[0]))
+        return score
+
+
+class _FixedScores(tp.importance.Importance):
+    """Hands MetaPruner the precomputed score of each group, so every prune of any copy ranks channels the same."""
+
+    def __init__(self, scores: dict[GroupKey, torch.Tensor]) -> None:
+        self.scores = scores
+
+    def __call__(self, group: tp.Group) -> torch.Tensor:
+        key = _group_key(group)
+        if key not in self.scores:
+            raise SlimdiffError(f"internal: channel group {key[:2]}… was not scored")
+        return self.scores[key].float()
+
+
+def _stage_function(adapter: Adapter) -> Callable[[str], str]:
+    """Layer name → the resolution group it belongs to (see the module docstring)."""
+    model = adapter.model
+    if adapter.family == "dit":
+        return lambda name: "blocks" if name.startswith("transformer_blocks.") else "stem"
+    deepest = len(model.down_blocks) - 1
+    ups = len(model.up_blocks)
+
+    def stage(name: str) -> str:
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            return f"stage {int(parts[1])}"
+        if parts[0] == "up_blocks":
+            return f"stage {ups - 1 - int(parts[1])}"
+        if parts[0] == "mid_block":
+            return f"stage {deepest}"
+        return "stem"
+
+    return stage
+
+
+def taylor_importance(
+    adapter: Adapter, data: Calibration, samples: int, seed: int
+) -> tuple[dict[GroupKey, torch.Tensor], list[ChannelGroupInfo]]:
+    """Mean per-sample Taylor score of every channel of every group, and the groups; `adapter.model` untouched."""
+    work = copy.deepcopy(adapter.model).eval()
+    work_adapter = adapter_for(work)
+    recorder = _TaylorRecorder(work, _stage_function(work_adapter))
+    pruner = make_pruner(work, recorder, 0.0)
+    recorder.pruner = pruner
+    scheduler = make_scheduler("ddpm", data.schedule)
+    x0, labels = calibration_batch(data.dataset, samples, seed)
+    generator = torch.Generator().manual_seed(stream_seed(seed, 1))
+    device = next(work.parameters()).device
+    for n in range(samples):
+        image, label = x0[n % len(x0)][None].to(device), labels[n % len(x0)][None]
+        noise = torch.randn(image.shape, generator=generator).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator).to(device)
+        work.zero_grad(set_to_none=True)
+        prediction = work_adapter(scheduler.add_noise(image, noise, t), t, data.cond_for(label))
+        F.mse_loss(prediction, training_target(scheduler, image, noise, t)).backward()
+        pruner.reset()
+        for _ in pruner.step(interactive=True):  # ratio 0: scores every group, prunes nothing
+            pass
+    means = {key: total / samples for key, total in recorder.sums.items()}
+    return means, list(recorder.groups.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# allocation and the size search
+# ----------------------------------------------------------------------------------------------------------------
+def importance_shares(groups: list[ChannelGroupInfo], scores: dict[GroupKey, torch.Tensor]) -> dict[GroupKey, float]:
+    """I_l / Σ_B I · |B| for every group l of its resolution group B (1 everywhere when B scores nothing)."""
+    by_stage: dict[str, list[ChannelGroupInfo]] = {}
+    for group in groups:
+        by_stage.setdefault(group.stage, []).append(group)
+    shares: dict[GroupKey, float] = {}
+    for members in by_stage.values():
+        means = [float(scores[g.key].mean()) for g in members]
+        total = sum(means)
+        shares.update({g.key: m / total * len(members) if total > 0 else 1.0 for g, m in zip(members, means)})
+    return shares
+
+
+def allocate(groups: list[ChannelGroupInfo], shares: dict[GroupKey, float], keep_ratio: float, floor: float) -> dict:
+    """Channels each group keeps at keep ratio P (METHODS §2's importance-proportional formula, floor P_0), in
+    whole chunks and at least one chunk."""
+    counts: dict[GroupKey, int] = {}
+    for group in groups:
+        channels = max(min(shares[group.key] * keep_ratio * group.width, group.width), floor * group.width)
+        per_chunk = group.width // group.chunks
+        counts[group.key] = min(max(round(channels / group.chunks), 1), per_chunk) * group.chunks
+    return counts
+
+
+def full_ratio(groups: list[ChannelGroupInfo], shares: dict[GroupKey, float]) -> float:
+    """The smallest keep ratio at which every group with a positive score keeps all its channels."""
+    return max([1 / shares[g.key] for g in groups if shares[g.key] > 0], default=1.0)
+
+
+def ladder(top: float) -> list[float]:
+    """The rungs P_i = 0.25 + 0.025 i up to the first one ≥ `top`."""
+    return [LADDER_START + LADDER_STEP * i for i in range(max(math.ceil((top - LADDER_START) / LADDER_STEP), 0) + 1)]
+
+
+@dataclass
+class _Candidate:
+    keep_ratio: float
+    counts: dict[GroupKey, int]
+    pruned: _Pruned
+    fraction: float
+    held_back: tuple[str, ...] = ()  # groups grown past a coarser one the formula would grow first
+
+
+def _next_point(lo: float, hi: float, f_lo: float, f_hi: float, target: float, bisect: bool) -> float:
+    """Where to look next for `target` between two evaluated points: interpolated, or the midpoint when asked
+    (regula falsi stalls when one end sticks) or when the ends do not rise."""
+    if bisect or f_hi <= f_lo:
+        return (lo + hi) / 2
+    guess = lo + (target - f_lo) / (f_hi - f_lo) * (hi - lo)
+    margin = (hi - lo) / 20  # never the ends themselves
+    return min(max(guess, lo + margin), hi - margin)
+
+
+class _Search:
+    """Prunes copies at a keep ratio and measures them, each distinct allocation once.
+
+    `minimum` holds the counts of the previous (smaller) size: every count is at least that, so sizes stay nested
+    even where a size needed the hold-back step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: list[ChannelGroupInfo],
+        scores: dict[GroupKey, torch.Tensor],
+        config: OFAConfig,
+        log: Log,
+    ) -> None:
+        self.model, self.groups, self.config, self.log = model, groups, config, log
+        uniform = config.allocation == "uniform"
+        self.shares = {g.key: 1.0 for g in groups} if uniform else importance_shares(groups, scores)
+        self.importance = _FixedScores(scores)
+        self.original = count_macs(model).total if config.unit == "macs" else count_params(model)
+        self.cache: dict[tuple[int, ...], _Pruned] = {}
+        self.minimum: dict[GroupKey, int] = {}
+
+    def ratios(self, counts: dict[GroupKey, int]) -> dict[str, float]:
+        """MetaPruner ratios that keep exactly `counts` (it keeps int(per_chunk · (1 − ratio)) per chunk)."""
+        ratios = {}
+        for group in self.groups:
+            per_chunk = group.width // group.chunks
+            kept = counts[group.key] // group.chunks
+            if kept < per_chunk:
+                ratios.update({root: 1 - (kept + 0.5) / per_chunk for root in group.roots})
+        return ratios
+
+    def prune(self, model: nn.Module, counts: dict[GroupKey, int]) -> _Pruned:
+        return prune_copy(model, 0.0, self.importance, boosted=self.ratios(counts))
+
+    def with_counts(
+        self, keep_ratio: float, counts: dict[GroupKey, int], held_back: tuple[str, ...] = ()
+    ) -> _Candidate:
+        counts = {key: max(n, self.minimum.get(key, 0)) for key, n in counts.items()}
+        signature = tuple(counts[g.key] for g in self.groups)
+        if signature not in self.cache:
+            self.cache[signature] = self.prune(self.model, counts)
+        pruned = self.cache[signature]
+        fraction = (pruned.macs if self.config.unit == "macs" else pruned.params) / self.original
+        return _Candidate(keep_ratio, counts, pruned, fraction, held_back)
+
+    def at(self, keep_ratio: float) -> _Candidate:
+        return self.with_counts(keep_ratio, allocate(self.groups, self.shares, keep_ratio, self.config.floor))
+
+    def hold_back(self, below: _Candidate, target: float, tol: float) -> _Candidate:
+        """Grow groups one chunk at a time in the order the formula would grow them past `below`'s ratio,
+        skipping any whose step overshoots: where one coarse group (e.g. a residual stream) jumps over the
+        target, the finer groups after it fill the gap."""
+
+        def next_ratio(group: ChannelGroupInfo, counts: dict[GroupKey, int]) -> float:
+            chunks = counts[group.key] // group.chunks
+            share = self.shares[group.key]
+            return (chunks + 0.5) * group.chunks / (share * group.width) if share > 0 else math.inf
+
+        current = below
+        growable = [g for g in self.groups if below.counts[g.key] < g.width]
+        for group in sorted(growable, key=lambda g: next_ratio(g, below.counts))[:HOLD_BACK_TRIALS]:
+            counts = {**current.counts, group.key: current.counts[group.key] + group.chunks}
+            trial = self.with_counts(below.keep_ratio, counts, (*current.held_back, group.roots[0]))
+            if trial.fraction <= target + tol:
+                current = trial
+            if abs(current.fraction - target) <= tol:
+                break
+        return current
+
+    def find(self, target: float) -> tuple[_Candidate, int]:
+        """The candidate within tolerance of `target`, and the ladder rung at or below its keep ratio."""
+        tol = self.config.tolerance * target
+        rungs = ladder(full_ratio(self.groups, self.shares))
+        low = self.at(rungs[0])
+        if low.fraction > target + tol:
+            raise SlimdiffError(
+                f"size {target}: the smallest subnet (keep ratio {rungs[0]}, floor {self.config.floor}) keeps "
+                f"{low.fraction:.3f} of the {self.config.unit}; ask for ≥ {low.fraction:.2f} or lower --floor"
+            )
+
+        def distance(candidate: _Candidate) -> float:
+            return abs(candidate.fraction - target)
+
+        # 1. the ladder: narrow the two rungs that bracket the target (interpolating; bisecting when the same end
+        #    moved twice, where regula falsi stalls) until a rung lands within tolerance or the two are adjacent
+        lo, hi = 0, len(rungs) - 1
+        below, above = low, self.at(rungs[hi])
+        best, last_side, stuck = min((below, above), key=distance), "", False
+        while hi - lo > 1 and distance(best) > tol:
+            guess = _next_point(lo, hi, below.fraction, above.fraction, target, stuck)
+            mid = min(max(round(guess), lo + 1), hi - 1)
+            candidate = self.at(rungs[mid])
+            side = "below" if candidate.fraction <= target else "above"
+            lo, below = (mid, candidate) if side == "below" else (lo, below)
+            hi, above = (mid, candidate) if side == "above" else (hi, above)
+            best, stuck, last_side = min((best, candidate), key=distance), side == last_side, side
+        # 2. between the two rungs, the same on a continuous keep ratio
+        for _ in range(REFINE_STEPS):
+            if distance(best) <= tol or above.fraction <= below.fraction:
+                break
+            guess = _next_point(below.keep_ratio, above.keep_ratio, below.fraction, above.fraction, target, stuck)
+            candidate = self.at(guess)
+            side = "below" if candidate.fraction <= target else "above"
+            below = candidate if side == "below" else below
+            above = candidate if side == "above" else above
+            best, stuck, last_side = min((best, candidate), key=distance), side == last_side, side
+        if abs(best.fraction - target) > tol and below.fraction <= target:
+            best = min((best, self.hold_back(below, target, tol)), key=lambda c: abs(c.fraction - target))
+        rung = int((best.keep_ratio - LADDER_START) / LADDER_STEP + 1e-9)  # the rung at or below the ratio found
+        held = f", {len(best.held_back)} groups grown past a coarser one" if best.held_back else ""
+        self.log(f"size {target}: keep ratio {best.keep_ratio:.4f} (rung {rung}{held}) → {best.fraction:.4f}")
+        if abs(best.fraction - target) > tol:
+            raise SlimdiffError(
+                f"size {target}: the closest subnet keeps {best.fraction:.4f} of the {self.config.unit}, outside "
+                f"the {self.config.tolerance:.0%} tolerance (the model's channel granularity); raise --tolerance"
+            )
+        self.minimum = best.counts
+        return best, rung
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the elastic model
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Subnet:
+    """One size: its pruned architecture (on the meta device) and, per tensor, the shared indices it keeps."""
+
+    name: str
+    size: float
+    keep_ratio: float
+    rung: int
+    skeleton: nn.Module
+    index: dict[str, dict[int, torch.Tensor]]  # tensor name → {dim: kept indices along dim}
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def kept(self, name: str, dim: int, full: int) -> set[int]:
+        """The shared indices along `dim` of tensor `name` this subnet keeps."""
+        return set(self.index.get(name, {}).get(dim, torch.arange(full)).tolist())
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    return chain(model.named_parameters(), model.named_buffers())
+
+
+def slice_indices(model: nn.Module, prune: Callable[[nn.Module], _Pruned], pruned: nn.Module) -> dict:
+    """For every tensor of `pruned`, the indices of `model`'s tensor it kept along each shrunk dim.
+
+    Read off probe copies whose entries are their own index along one dim, pruned by the same plan (`prune` ranks
+    with fixed scores, so the weights' values cannot change it).
+    """
+    shared = dict(_named_tensors(model))
+    small = dict(_named_tensors(pruned))
+    dims = sorted({d for n, t in small.items() for d in range(t.ndim) if t.shape[d] != shared[n].shape[d]})
+    index: dict[str, dict[int, torch.Tensor]] = {}
+    for dim in dims:
+        probe = copy.deepcopy(model)
+        with torch.no_grad():
+            for _, tensor in _named_tensors(probe):
+                if tensor.ndim > dim and tensor.is_floating_point():
+                    shape = [1] * tensor.ndim
+                    shape[dim] = tensor.shape[dim]
+                    tensor.copy_(torch.arange(tensor.shape[dim], dtype=tensor.dtype).view(shape).expand_as(tensor))
+        for name, tensor in _named_tensors(prune(probe).model):
+            if tensor.ndim > dim and tensor.shape[dim] != shared[name].shape[dim]:
+                line = [0] * tensor.ndim
+                line[dim] = slice(None)
+                index.setdefault(name, {})[dim] = tensor[tuple(line)].round().long()
+    return index
+
+
+def gather(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The slice of a shared tensor that a subnet keeps (differentiable: gradients flow into the shared tensor)."""
+    for dim, idx in sorted(dims.items()):
+        tensor = tensor.index_select(dim, idx.to(tensor.device))
+    return tensor
+
+
+def subnet_probabilities(sampling: str, count: int, smallest_weight: float) -> list[float]:
+    """Long-run share of the steps each subnet (smallest first) trains under a sampling rule."""
+    if count == 1:
+        return [1.0]
+    if sampling == "uniform":
+        return [1 / count] * count
+    if sampling == "sandwich":
+        shares = [1 / (3 * count)] * count
+        shares[0] += 1 / 3
+        shares[-1] += 1 / 3
+        return shares
+    weights = [smallest_weight - (smallest_weight - 1) * i / (count - 1) for i in range(count)]
+    return [w / sum(weights) for w in weights]
+
+
+def draw_subnet(sampling: str, count: int, smallest_weight: float, seed: int, step: int) -> int:
+    """The subnet (0 = smallest) that step `step` trains: a function of (seed, step) only."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, step, 3))
+    if sampling == "sandwich" and step % 3 < 2:
+        return count - 1 if step % 3 == 0 else 0  # largest, smallest, then one at random
+    probabilities = subnet_probabilities("uniform" if sampling == "sandwich" else sampling, count, smallest_weight)
+    return int(torch.multinomial(torch.tensor(probabilities), 1, generator=generator))
+
+
+class ElasticModel(nn.Module):
+    """Shared full-width weights and K nested subnets; `forward` runs the active subnet with gathered weights.
+
+    It computes like its diffusers model (`diffusers_class`, `config`), so the trainer and adapters take it as one.
+    """
+
+    def __init__(
+        self, shared: nn.Module, subnets: list[Subnet], sampling: str, smallest_weight: float, seed: int
+    ) -> None:
+        super().__init__()
+        self.shared = shared
+        self.subnets = subnets  # a plain list: the meta skeletons hold no state
+        self.sampling, self.smallest_weight, self.seed = sampling, smallest_weight, seed
+        self.diffusers_class = type(shared).__name__
+        self.active = len(subnets) - 1
+
+    @property
+    def config(self) -> Any:
+        return self.shared.config
+
+    def draw_subnet_for_step(self, step: int) -> None:
+        """Activate the subnet of optimizer step `step` (the trainer's `before_step`)."""
+        self.active = draw_subnet(self.sampling, len(self.subnets), self.smallest_weight, self.seed, step)
+
+    def tensors(self, subnet: Subnet) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer of the subnet, gathered from the shared ones."""
+        shared = dict(_named_tensors(self.shared))
+        return {name: gather(shared[name], subnet.index.get(name, {})) for name, _ in _named_tensors(subnet.skeleton)}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        subnet = self.subnets[self.active]
+        subnet.skeleton.train(self.training)
+        return functional_call(subnet.skeleton, self.tensors(subnet), args, kwargs)
+
+    def extract(self, i: int) -> nn.Module:
+        """Subnet `i` as a dense diffusers model whose weights are copies of its slices of the shared weights."""
+        subnet = self.subnets[i]
+        model = copy.deepcopy(subnet.skeleton).to_empty(device="cpu")
+        tensors = self.tensors(subnet)
+        with torch.no_grad():
+            for name, tensor in _named_tensors(model):
+                tensor.copy_(tensors[name])
+        return model.eval()
+
+
+def extract_all(elastic: ElasticModel) -> dict[str, Result]:
+    """Every size as its own dense model, each checked to compute what the elastic model computes for it."""
+    elastic = elastic.cpu().eval()
+    adapter = adapter_for(elastic.shared)
+    inputs = adapter.example_inputs(2)
+    original = {"macs": count_macs(elastic.shared).total, "params": count_params(elastic.shared)}
+    products: dict[str, Result] = {}
+    for i, subnet in enumerate(elastic.subnets):
+        model = elastic.extract(i)
+        elastic.active = i
+        with torch.no_grad():
+            expected = elastic(**inputs, return_dict=False)[0]
+            got = model(**inputs, return_dict=False)[0]
+        if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+            raise SlimdiffError(f"internal: extracted '{subnet.name}' differs from the elastic model's subnet")
+        macs, params = count_macs(model).total, count_params(model)
+        achieved = {"macs": macs / original["macs"], "params": params / original["params"]}
+        products[subnet.name] = Result(
+            model=model,
+            achieved=achieved,
+            record={**subnet.record, "macs": macs, "params": params},
+            summary=f"{subnet.name}: {achieved['macs']:.3f} of the MACs, {achieved['params']:.3f} of the params",
+        )
+    return products
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engine
+# ----------------------------------------------------------------------------------------------------------------
+def _check_nested(subnets: list[Subnet], model: nn.Module) -> None:
+    shared = dict(_named_tensors(model))
+    for small, large in zip(subnets, subnets[1:]):
+        for name, dims in small.index.items():
+            for dim in dims:
+                if not small.kept(name, dim, shared[name].shape[dim]) <= large.kept(name, dim, shared[name].shape[dim]):
+                    raise SlimdiffError(f"internal: '{small.name}' keeps channels of {name} that '{large.name}' drops")
+
+
+def compress(adapter: Adapter, config: OFAConfig, data: Calibration, *, log: Log = no_log) -> Result:
+    """Rank, allocate and search the sizes; return the elastic model and the shared run that trains it."""
+    config.validate()
+    start = time.perf_counter()
+    model = copy.deepcopy(adapter.model).eval()
+    model.zero_grad(set_to_none=True)
+    scores, groups = taylor_importance(adapter, data, config.importance_samples, config.seed)
+    log(f"importance of {len(groups)} channel groups from {config.importance_samples} single-sample passes")
+    search = _Search(model, groups, scores, config, log)
+    subnets: list[Subnet] = []
+    for size in sorted(config.sizes):
+        candidate, rung = search.find(size)
+        verify_slices(model, candidate.pruned)
+        index = slice_indices(model, lambda m, c=candidate.counts: search.prune(m, c), candidate.pruned.model)
+        name = f"{config.unit}-{size:g}"
+        subnets.append(
+            Subnet(
+                name=name,
+                size=size,
+                keep_ratio=candidate.keep_ratio,
+                rung=rung,
+                skeleton=copy.deepcopy(candidate.pruned.model).to("meta"),
+                index=index,
+                record={
+                    "size": size,
+                    "unit": config.unit,
+                    "keep_ratio": candidate.keep_ratio,
+                    "ladder_rung": rung,
+                    "ladder_ratio": LADDER_START + LADDER_STEP * rung,
+                    "searched_fraction": candidate.fraction,
+                    "held_back_growth": list(candidate.held_back),
+                },
+            )
+        )
+        expected = dict(_named_tensors(candidate.pruned.model))
+        elastic_view = {n: gather(t, index.get(n, {})) for n, t in _named_tensors(model) if n in expected}
+        if any(not torch.equal(elastic_view[n], t) for n, t in expected.items()):
+            raise SlimdiffError(f"internal: the slice indices of '{name}' do not reproduce its pruned weights")
+    _check_nested(subnets, model)
+    elastic = ElasticModel(model, subnets, config.sampling, config.smallest_weight, config.seed)
+    draws = Counter(
+        draw_subnet(config.sampling, len(subnets), config.smallest_weight, config.seed, s) for s in range(config.steps)
+    )
+    for i, subnet in enumerate(subnets):
+        subnet.record["steps_trained"] = draws[i]
+    shares = subnet_probabilities(config.sampling, len(subnets), config.smallest_weight)
+    record = {
+        "sampling": config.sampling,
+        "sampling_shares": dict(zip((s.name for s in subnets), shares, strict=True)),
+        "groups": len(groups),
+        "importance_samples": config.importance_samples,
+        "subnets": {s.name: s.record for s in subnets},
+    }
+    settings = {
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "warmup_steps": config.warmup,
+        "ema_decay": config.ema_decay,
+        "checkpoint_every": config.checkpoint_every,
+        "seed": config.seed,
+    }
+    summary = ", ".join(f"{s.name} (P={s.keep_ratio:.3f}, {s.record['searched_fraction']:.3f})" for s in subnets)
+    return Result(
+        model=elastic,
+        achieved={},
+        record=record,
+        summary=f"{len(subnets)} nested sizes: {summary}",
+        seconds=time.perf_counter() - start,
+        training=Training(
+            model=elastic,
+            steps=config.steps,
+            finish=extract_all,
+            before_step=elastic.draw_subnet_for_step,
+            settings=settings,
+            teacher_kd=config.teacher_kd,
+        ),
+    )
+
+
+ENGINE = register(
+    Engine(
+        "ofa",
+        OFAConfig,
+        compress,
+        help="OFA-Diffusion: one shared training run yields several nested sizes, each a plain diffusers model.",
+    )
+)
