@@ -769,8 +769,8 @@ def search(
         if it % 10 == 0 or it == config.iterations - 1:
             row = {
                 "iteration": it,
-                "consistency": float(consistency),
-                "expected_kept": float(expected),
+                "consistency": consistency.item(),
+                "expected_kept": expected.item(),
                 "hard_skipped": int((hard[1:] == 0).sum()),
             }
             history.append(row)
