@@ -172,7 +172,6 @@ class ChannelScores:
     count MACs on weightless (meta-device) copies, which have no values to score.
     """
 
-    importance: str
     scores: dict[GroupKey, torch.Tensor | None]
 
 
@@ -184,7 +183,13 @@ def _group_key(group: tp.Group, names: dict[nn.Module, str], graph: tp.Dependenc
 class _Replay(tp.importance.Importance):
     """Answers torch-pruning's importance queries from recorded scores, or records `source`'s scores."""
 
-    def __init__(self, scores: ChannelScores, names: dict[nn.Module, str], *, source=None) -> None:
+    def __init__(
+        self,
+        scores: ChannelScores,
+        names: dict[nn.Module, str],
+        *,
+        source: tp.importance.Importance | None = None,
+    ) -> None:
         self.scores, self.names, self.source = scores, names, source
         self.graph: tp.DependencyGraph | None = None
 
@@ -234,7 +239,7 @@ def channel_scores(
 ) -> ChannelScores:
     """Score every pruning group of `model` once (its `.grad` holds Taylor gradients when needed); `model` is left
     unchanged."""
-    scores = ChannelScores(importance, {})
+    scores = ChannelScores({})
     names = {module: name for name, module in model.named_modules()}
     recorder = _Replay(scores, names, source=_importance(importance))
     with torch.random.fork_rng():
