@@ -3,14 +3,14 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/layer_pruning.py --teacher /work/runs/demo/teacher \
         --work runs/bench-layers --out benchmarks/results/layer_pruning.json
 
-Rows are `criterion/kd[@target]`: the teacher is pruned by the `layers` engine to `--target-params` (or the row's
-target) with each criterion (output-loss with `--additivity-sets` random sets measured), evaluated right after
-pruning (FID/KID, `--n` samples, DDIM at `--before-steps`), fine-tuned `--finetune-steps` steps with the denoising
-loss + output KD + feature KD on every block output (`kd`: normalized = LAPTOP-Diff, plain = BK-SDM, none = no
-feature term), and evaluated again at DDIM `--steps` (the teacher and the `--curve-rows` at every `--curve-steps`
-count). Latency of one denoiser call at batch 1 and 64 is measured interleaved with the teacher's, and for the
-`--curve-rows` that of a whole 13-step sampling run at batch 64. Each row is written to the JSON as soon as it is
-done, and a rerun skips the rows already there.
+Rows are `criterion/kd[@target]` (`@m0.7`: a MACs target): the teacher is pruned by the `layers` engine to
+`--target-params` (or the row's target) with each criterion (output-loss with `--additivity-sets` random sets
+measured), evaluated right after pruning (FID/KID, `--n` samples, DDIM at `--before-steps`), fine-tuned
+`--finetune-steps` steps with the denoising loss + output KD + feature KD on every block output (`kd`: normalized =
+LAPTOP-Diff, plain = BK-SDM, none = no feature term), and evaluated again at DDIM `--steps` (the teacher and the
+`--curve-rows` at every `--curve-steps` count). Latency of one denoiser call at batch 1 and 64 is measured
+interleaved with the teacher's, and for the `--curve-rows` that of a whole 13-step sampling run at batch 64. Each
+row is written to the JSON as soon as it is done, and a rerun skips the rows already there.
 
 `--sd-reference CONFIG` adds the SD-1.5 architecture (random weights, latent 16×16, CPU): candidate count,
 scoring time, and params after removing layers for 50 % of params, against BK-SDM's published U-Nets.
@@ -103,13 +103,14 @@ def run_row(args: argparse.Namespace, row: str, teacher_steps: int) -> dict[str,
     pruning, kd_mode = row.split("/")
     kd_mode, _, budget = kd_mode.partition("@")
     criterion = pruning
-    target = float(budget) if budget else args.target_params
-    pruning += f"@{target}"
+    unit = "macs" if budget.startswith("m") else "params"  # `@m0.7`: a MACs budget
+    target = float(budget.removeprefix("m")) if budget else args.target_params
+    pruning += f"@{'m' if unit == 'macs' else ''}{target}"
     start = time.perf_counter()
     pruned_dir = args.work / pruning / "pruned"
     if not (pruned_dir / "slimdiff.json").is_file():
         sets = args.additivity_sets if criterion == "output-loss" else 0
-        config = LayerPruningConfig(target_params=target, criterion=criterion, check_additivity=sets)
+        config = LayerPruningConfig(criterion=criterion, check_additivity=sets, **{f"target_{unit}": target})
         compress_model("layers", args.teacher, "digits", pruned_dir, config)
     record = read_provenance(pruned_dir).history[-1]
     before_path = args.work / pruning / "before.json"
@@ -141,7 +142,7 @@ def run_row(args: argparse.Namespace, row: str, teacher_steps: int) -> dict[str,
         "row": row,
         "criterion": criterion,
         "kd": kd_mode,
-        "target_params": target,
+        f"target_{unit}": target,
         "removed": record["removed"],
         "params_fraction": record["achieved"]["params"],
         "macs_fraction": macs_ratio,
@@ -260,7 +261,11 @@ def main() -> None:
         teacher_model = load(args.teacher).eval()
         for row in args.curve_rows:
             if row in rows and "sampling_speedup_ddim13_b64" not in rows[row]:
-                pruned_as = f"{rows[row]['criterion']}@{rows[row]['target_params']}"
+                pruned_as = (
+                    rows[row]["row"].split("/")[0]
+                    + "@"
+                    + (rows[row]["row"].partition("@")[2] or f"{args.target_params}")
+                )
                 student = load(args.work / pruned_as / f"finetuned-{rows[row]['kd']}").eval()
                 rows[row].update(sampling_latencies(teacher_model, student, 13))
                 result["rows"] = list(rows.values())

@@ -256,7 +256,7 @@ def test_layers_then_channels_and_channels_then_layers(name: str, digits, tmp_pa
     adapter = adapter_for(build_tiny(name).eval())
     data = _calibration(adapter, digits)
     channel_config = channels.ChannelPruningConfig(
-        importance="magnitude", target_macs=0.6, calibration_size=4, timestep_stride=200
+        importance="magnitude", target_macs=0.6, calibration_size=4, timestep_stride=200, tolerance=0.25
     )
     layered = compress(adapter, _config(target_params=0.7), data).model
     inputs = _inputs(adapter)
