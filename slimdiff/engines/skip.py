@@ -769,8 +769,8 @@ def search(
         if it % 10 == 0 or it == config.iterations - 1:
             row = {
                 "iteration": it,
-                "consistency": consistency.item(),
-                "expected_kept": expected.item(),
+                "consistency": consistency.detach().item(),
+                "expected_kept": expected.detach().item(),
                 "hard_skipped": int((hard[1:] == 0).sum()),
             }
             history.append(row)
