@@ -210,7 +210,8 @@ def teacher_train_steps(teacher: Path) -> int:
     history = read_provenance(teacher).history
     if history:
         return history[-1]["steps"]
-    return read_json(teacher / "training.json", "training record")["args"]["steps"]
+    trained = read_json(teacher / "training.json", "training record")["args"]
+    return trained.get("stop_after") or trained["steps"]
 
 
 def summarise(rows: list[dict], teacher_curve: dict, steps: list[int]) -> dict[str, Any]:
