@@ -210,7 +210,8 @@ def teacher_train_steps(teacher: Path) -> int:
     history = read_provenance(teacher).history
     if history:
         return history[-1]["steps"]
-    return read_json(teacher / "training.json", "training record")["args"]["steps"]
+    trained = read_json(teacher / "training.json", "training record")["args"]
+    return trained.get("stop_after") or trained["steps"]
 
 
 def summarise(rows: list[dict], teacher_curve: dict, steps: list[int]) -> dict[str, Any]:
@@ -254,12 +255,13 @@ def main() -> None:
     parser.add_argument("--kd-output-weight", type=float, default=10.0, help="0: the plain denoising loss")
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--curve", type=int, nargs="+", default=[6, 13, 25, 50], help="DDIM step counts")
+    parser.add_argument("--curves", type=Path, help="curve cache to share between runs (default <work>/curves.json)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="", help="suffix of the work folders (one per fine-tune setting)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/diff_pruning.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    curve = Curve(args.n, args.work / "curves.json")
+    curve = Curve(args.n, args.curves or args.work / "curves.json")
     trained = teacher_train_steps(args.teacher)
     args.finetune_steps = round(args.finetune_fraction * trained)
     teacher_macs = count_macs(load(args.teacher)).total
@@ -276,7 +278,7 @@ def main() -> None:
         steps=args.finetune_steps,
         batch_size=64,
         lr=args.lr,
-        warmup_steps=args.warmup_steps,
+        warmup_steps=min(args.warmup_steps, args.finetune_steps),
         ema_decay=args.ema_decay,
         checkpoint_every=args.finetune_steps,
     )

@@ -170,7 +170,8 @@ def train(
 @data_option
 @click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True, help="Optimizer steps.")
 @batch_option
-@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Linear warm-up steps.")
 @click.option("--ema-decay", type=float, default=0.995, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--teacher", type=PathArg, help="Teacher model for distillation.")
@@ -195,6 +196,7 @@ def finetune(
     steps: int,
     batch_size: int,
     lr: float,
+    warmup: int,
     ema_decay: float,
     checkpoint_every: int,
     teacher: Path | None,
@@ -214,6 +216,7 @@ def finetune(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        warmup_steps=min(warmup, steps),
         ema_decay=ema_decay,
         checkpoint_every=checkpoint_every,
         grad_accumulation=grad_accumulation,

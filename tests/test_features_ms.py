@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -108,4 +109,21 @@ def test_eval_cli_reads_the_second_network(cache: Path, multiscale, tmp_path: Pa
     main()
     report = json.loads(out.read_text())
     assert report["metrics"]["fid"]["extractor"] == "digits-ms-v1" and report["metrics"]["fid"]["value"] > 0
+    capsys.readouterr()
+
+
+def test_finetune_cli_defaults_are_the_measured_recipe(tmp_path: Path, monkeypatch, capsys) -> None:
+    """lr 5e-4 with 20 warm-up steps (capped at --steps): docs/pruning.md's fine-tune study."""
+    from slimdiff.jobs import training
+
+    seen = []
+    monkeypatch.setattr(
+        training, "finetune_model", lambda *a, **kw: seen.append(a[3]) or SimpleNamespace(seconds=0, final_loss=0)
+    )
+    for steps, warmup in (("300", 20), ("3", 3)):
+        monkeypatch.setattr(
+            sys, "argv", ["slimdiff", "finetune", str(tmp_path), "--out", str(tmp_path / "ft"), "--steps", steps]
+        )
+        main()
+        assert seen[-1].lr == 5e-4 and seen[-1].warmup_steps == warmup
     capsys.readouterr()
