@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline, StableDiffusionPipeline
-from helpers import FAMILIES, tiny_vae
+from helpers import FAMILIES, run_cli, tiny_vae
 
-from slimdiff.cli import main
 from slimdiff.data import load_data
 from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.engines import Calibration, channels
@@ -278,20 +276,9 @@ def test_layers_then_channels_and_channels_then_layers(name: str, digits, tmp_pa
     assert count_params(both) < count_params(layered) and count_params(both_reversed) < count_params(narrowed)
 
 
-def _run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["slimdiff", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_compress_layers(tmp_path: Path, monkeypatch, capsys) -> None:
     save(build_tiny("tiny-unet"), tmp_path / "teacher")
-    code, _, err = _run_cli(
+    code, _, err = run_cli(
         monkeypatch, capsys, "compress", "layers", tmp_path / "teacher", "--out", tmp_path / "out", "--data",
         "digits", "--target-params", "0.6", "--calibration", "8", "--check-additivity", "3",
     )  # fmt: skip
@@ -300,7 +287,7 @@ def test_cli_compress_layers(tmp_path: Path, monkeypatch, capsys) -> None:
     assert history[-1]["job"] == "compress layers" and history[-1]["additivity"]["sets"] == 3
     assert history[-1]["achieved"]["params"] == pytest.approx(0.6, rel=0.02)
     assert any(isinstance(m, SkippedLayer) for m in load(tmp_path / "out").modules())
-    code, _, err = _run_cli(
+    code, _, err = run_cli(
         monkeypatch, capsys, "compress", "layers", tmp_path / "teacher", "--out", tmp_path / "bad", "--data",
         "digits", "--target-params", "0.6", "--criterion", "l1",
     )  # fmt: skip
@@ -315,7 +302,7 @@ def test_recipe_prunes_layers_and_distils_features(tmp_path: Path, monkeypatch, 
         "  - compress: {engine: layers, criterion: task-loss, target_params: 0.6, calibration_size: 8}\n"
         "  - finetune: {steps: 2, batch_size: 8, teacher: model, kd: plain}\n"
     )
-    code, out, err = _run_cli(monkeypatch, capsys, "run", recipe)
+    code, out, err = run_cli(monkeypatch, capsys, "run", recipe)
     assert code == 0, err
     summaries = [json.loads(line) for line in out.splitlines()]
     assert summaries[0]["achieved"]["params"] == pytest.approx(0.6, rel=0.02)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
-from slimdiff.cli import main
 from slimdiff.diffusion import make_scheduler, sample
 from slimdiff.engines import get_engine, skip
 from slimdiff.errors import SlimdiffError
@@ -116,14 +115,7 @@ def test_cli_compress_skip_and_its_help(tmp_path: Path, monkeypatch, capsys) -> 
     save(build_tiny("tiny-unet").eval(), tmp_path / "m")
 
     def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["slimdiff", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code or 0
-        out, err = capsys.readouterr()
-        return code, out, err
+        return run_cli(monkeypatch, capsys, *args)
 
     code, out, _ = run("compress", "skip", "--help")
     assert code == 0 and "fewer steps" in out and "--target-macs" in out and "--method" in out

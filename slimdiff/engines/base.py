@@ -35,7 +35,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -61,6 +61,35 @@ class EngineConfig:
     def budget(self) -> dict[str, Any]:
         """The budget asked for, in the user's unit (e.g. `{"macs": 0.5}`); recorded in the provenance."""
         return {}
+
+
+@dataclass
+class MacsOrParamsBudget(EngineConfig):
+    """A budget of exactly one of `target_macs` / `target_params`: the fraction of the original's MACs or params
+    to keep, met within `tolerance` (relative) where the engine's granularity allows."""
+
+    target_macs: float | None = field(default=None, metadata={"help": "Keep this fraction of MACs."})
+    target_params: float | None = field(default=None, metadata={"help": "Keep this fraction of params."})
+    tolerance: float = field(default=0.02, metadata={"help": "Relative tolerance of the budget."})
+
+    def validate(self) -> None:
+        if (self.target_macs is None) == (self.target_params is None):
+            raise SlimdiffError("give exactly one budget: target_macs or target_params (a fraction of the original)")
+        if not 0.05 <= self.target < 1:
+            raise SlimdiffError(f"budget {self.target} must be a fraction of the original in [0.05, 1)")
+        if not 0 < self.tolerance < 0.5:
+            raise SlimdiffError(f"tolerance {self.tolerance} must be in (0, 0.5)")
+
+    def budget(self) -> dict[str, float]:
+        return {self.unit: self.target}
+
+    @property
+    def unit(self) -> Literal["macs", "params"]:
+        return "macs" if self.target_macs is not None else "params"
+
+    @property
+    def target(self) -> float:
+        return self.target_macs if self.target_macs is not None else self.target_params
 
 
 @dataclass

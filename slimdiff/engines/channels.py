@@ -35,7 +35,7 @@ from torch import nn
 from slimdiff.data import ImageDataset
 from slimdiff.diffusion import make_scheduler, training_target
 from slimdiff.distill import first_tensor
-from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, no_log, register
+from slimdiff.engines.base import Calibration, Engine, Log, MacsOrParamsBudget, Result, no_log, register
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import Adapter, adapter_for
@@ -48,14 +48,12 @@ MAX_RATIO = 0.7
 
 
 @dataclass
-class ChannelPruningConfig(EngineConfig):
+class ChannelPruningConfig(MacsOrParamsBudget):
     """What to prune to: exactly one of `target_macs` / `target_params`, as a fraction of the original."""
 
     importance: Importance = field(
         default="diff-pruning", metadata={"help": "diff-pruning, taylor, magnitude or random."}
     )
-    target_macs: float | None = field(default=None, metadata={"help": "Keep this fraction of MACs."})
-    target_params: float | None = field(default=None, metadata={"help": "Keep this fraction of params."})
     thr: float = field(default=0.05, metadata={"help": "Diff-Pruning early stop: drop t once L_t < thr·max L."})
     timestep_stride: int = field(
         default=10, metadata={"help": "Timestep stride of the importance sweep.", "flag": "--stride"}
@@ -64,36 +62,18 @@ class ChannelPruningConfig(EngineConfig):
     attention: Literal["head-dim", "heads"] = field(
         default="head-dim", metadata={"help": "head-dim (keep heads) or heads."}
     )
-    tolerance: float = field(default=0.02, metadata={"help": "Relative budget tolerance of the search."})
     seed: int = field(default=0, metadata={"help": "Random seed (calibration batch, noise, random importance)."})
 
     def validate(self) -> None:
         if self.importance not in IMPORTANCES:
             raise SlimdiffError(f"unknown importance '{self.importance}'; valid: {', '.join(IMPORTANCES)}")
-        if (self.target_macs is None) == (self.target_params is None):
-            raise SlimdiffError("give exactly one budget: target_macs or target_params (a fraction of the original)")
-        target = self.target
-        if not 0.05 <= target < 1:
-            raise SlimdiffError(f"budget {target} must be a fraction of the original in [0.05, 1)")
+        super().validate()
         if not 0 <= self.thr < 1:
             raise SlimdiffError(f"thr {self.thr} must be in [0, 1)")
         if self.timestep_stride < 1 or self.calibration_size < 1:
             raise SlimdiffError("timestep_stride and calibration_size must be ≥ 1")
         if self.attention not in ("head-dim", "heads"):
             raise SlimdiffError(f"attention must be head-dim or heads, got '{self.attention}'")
-        if not 0 < self.tolerance < 0.5:
-            raise SlimdiffError(f"tolerance {self.tolerance} must be in (0, 0.5)")
-
-    def budget(self) -> dict[str, float]:
-        return {self.unit: self.target}
-
-    @property
-    def unit(self) -> Literal["macs", "params"]:
-        return "macs" if self.target_macs is not None else "params"
-
-    @property
-    def target(self) -> float:
-        return self.target_macs if self.target_macs is not None else self.target_params
 
 
 @dataclass(kw_only=True)

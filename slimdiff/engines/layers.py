@@ -44,7 +44,7 @@ from scipy import stats
 from torch import nn
 
 from slimdiff.diffusion import make_scheduler, training_target
-from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, no_log, register
+from slimdiff.engines.base import Calibration, Engine, Log, MacsOrParamsBudget, Result, no_log, register
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params, macs_by_module
 from slimdiff.models import Adapter, adapter_for
@@ -57,11 +57,9 @@ KNAPSACK_CELLS = 1 << 25
 
 
 @dataclass
-class LayerPruningConfig(EngineConfig):
+class LayerPruningConfig(MacsOrParamsBudget):
     """What to prune to: exactly one of `target_params` / `target_macs`, as the fraction of the original to keep."""
 
-    target_params: float | None = field(default=None, metadata={"help": "Keep this fraction of params."})
-    target_macs: float | None = field(default=None, metadata={"help": "Keep this fraction of MACs."})
     criterion: Criterion = field(
         default="output-loss",
         metadata={"help": "output-loss, task-loss, magnitude, random, handcrafted or handcrafted-mid."},
@@ -74,35 +72,18 @@ class LayerPruningConfig(EngineConfig):
     check_additivity: int = field(
         default=0, metadata={"help": "Measure L_out of this many random budget-meeting sets (0: off, else ≥ 3)."}
     )
-    tolerance: float = field(default=0.02, metadata={"help": "Relative budget tolerance of the selection."})
     seed: int = field(default=0, metadata={"help": "Random seed (calibration set, random criterion, random sets)."})
 
     def validate(self) -> None:
         if self.criterion not in CRITERIA:
             raise SlimdiffError(f"unknown criterion '{self.criterion}'; valid: {', '.join(CRITERIA)}")
-        if (self.target_macs is None) == (self.target_params is None):
-            raise SlimdiffError("give exactly one budget: target_params or target_macs (a fraction of the original)")
-        if not 0.05 <= self.target < 1:
-            raise SlimdiffError(f"budget {self.target} must be a fraction of the original in [0.05, 1)")
+        super().validate()
         if self.calibration_size < 1 or self.batch_size < 1:
             raise SlimdiffError(
                 f"calibration_size ({self.calibration_size}) and batch_size ({self.batch_size}) must be ≥ 1"
             )
         if self.check_additivity < 0 or 0 < self.check_additivity < 3:
             raise SlimdiffError(f"check_additivity must be 0 (off) or ≥ 3 sets, got {self.check_additivity}")
-        if not 0 < self.tolerance < 0.5:
-            raise SlimdiffError(f"tolerance {self.tolerance} must be in (0, 0.5)")
-
-    def budget(self) -> dict[str, float]:
-        return {self.unit: self.target}
-
-    @property
-    def unit(self) -> Literal["macs", "params"]:
-        return "macs" if self.target_macs is not None else "params"
-
-    @property
-    def target(self) -> float:
-        return self.target_macs if self.target_macs is not None else self.target_params
 
 
 # ----------------------------------------------------------------------------------------------------------------
