@@ -175,29 +175,23 @@ def table(data: dict[str, Any], sizes: list[float], eval_steps: list[int]) -> st
     head = " | ".join(f"FID (KID) DDIM {k}" for k in eval_steps)
     lines = [f"| row | size | MACs | {head} | train steps | train MACs (×10¹²) |", "|---" * (5 + len(eval_steps)) + "|"]
     rows = ("ofa-reweighted", "ofa-uniform", "ofa-sandwich", "ofa-reweighted-uniform-alloc", "dedicated", "equal-cost")
-    for row in rows:
+    for row in (*rows, "init-ofa", "init-ofa-uniform-alloc", "init-diff-pruning"):
         for size in sizes:
             key = f"{row}-{size:g}"
             if not any(f"{key}@{k}" in evals for k in eval_steps):
                 continue
-            if row.startswith("ofa"):
-                run = runs[row]
-                macs, steps = (
-                    run["sizes"][f"{size:g}"]["macs_fraction"],
-                    f"{run['sizes'][f'{size:g}']['steps_trained']}",
-                )
-                steps += f" of {run['optimizer_steps']} shared"
-                cost = run["train_macs"] / 1e12
-                cost_text = f"{cost:.2f} (whole run)"
+            if row.startswith("init"):
+                macs, steps, cost_text = "—", "0 (untrained)", "—"
+            elif row.startswith("ofa"):
+                run = runs[row]["sizes"][f"{size:g}"]
+                macs, steps = f"{run['macs_fraction']:.3f}", f"{run['steps_trained']} of {runs[row]['optimizer_steps']}"
+                cost_text = f"{runs[row]['train_macs'] / 1e12:.2f} (whole run)"
             else:
                 run = runs[key]
-                macs, steps, cost_text = (
-                    run["macs_fraction"],
-                    str(run["optimizer_steps"]),
-                    f"{run['train_macs'] / 1e12:.2f}",
-                )
+                macs, steps = f"{run['macs_fraction']:.3f}", str(run["optimizer_steps"])
+                cost_text = f"{run['train_macs'] / 1e12:.2f}"
             cells = " | ".join(cell(key, k) for k in eval_steps)
-            lines.append(f"| {row} | {size:g} | {macs:.3f} | {cells} | {steps} | {cost_text} |")
+            lines.append(f"| {row} | {size:g} | {macs} | {cells} | {steps} | {cost_text} |")
     for size in [1.0, *sizes]:
         cells = " | ".join(cell("teacher", max(round(size * k), 1)) for k in eval_steps)
         steps = "/".join(str(max(round(size * k), 1)) for k in eval_steps)
@@ -239,10 +233,17 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ofa.json"))
-    parser.add_argument("--table", action="store_true", help="only print the Markdown table of --out")
+    parser.add_argument(
+        "--table", nargs="*", type=Path, metavar="MORE_JSON", help="only print the table of --out (and these files)"
+    )
     args = parser.parse_args()
-    if args.table:
-        print(table(json.loads(args.out.read_text()), sorted(args.sizes), args.eval_steps))
+    if args.table is not None:
+        merged: dict[str, Any] = {"evals": {}, "runs": {}}
+        for path in (args.out, *args.table):
+            data = json.loads(path.read_text())
+            merged["evals"].update(data["evals"])
+            merged["runs"].update(data["runs"])
+        print(table(merged, sorted(args.sizes), args.eval_steps))
         return
     torch.set_num_threads(1)
     sizes = sorted(args.sizes)
