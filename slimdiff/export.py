@@ -64,21 +64,30 @@ class Provenance:
         return cls(**known)
 
     def chain(self) -> list[str]:
-        """The model's making, one short line per job: `train 1500 steps`, `compress channels: macs 0.50 → 0.49`."""
+        """The model's making, one short line per job: `train 1500 steps`, `compress channels: macs 0.5 → 0.49`."""
         lines = []
         for entry in self.history:
             job = entry.get("job", "?")
-            if "target" in entry or "achieved" in entry:
-                target, achieved = entry.get("target", {}), entry.get("achieved", {})
+            target, achieved = entry.get("target", {}), entry.get("achieved", {})
+            if target or achieved:
                 parts = [
-                    f"{unit} {value:.3g} → {achieved[unit]:.3g}" if unit in achieved else f"{unit} {value}"
+                    f"{unit} {_short(value)} → {_short(achieved[unit])}"
+                    if unit in achieved
+                    else f"{unit} {_short(value)}"
                     for unit, value in target.items()
                 ]
-                parts += [f"{unit} {value:.3g}" for unit, value in achieved.items() if unit not in target]
-                lines.append(f"{job}: {', '.join(parts)}" if parts else job)
+                parts += [f"{unit} {_short(value)}" for unit, value in achieved.items() if unit not in target]
+                lines.append(f"{job}: {', '.join(parts)}")
             else:
                 lines.append(f"{job} {entry['steps']} steps" if "steps" in entry else job)
         return lines
+
+
+def _short(value: Any) -> str:
+    """A budget figure for people: 3 significant digits; lists (e.g. OFA's sizes) joined by '/'."""
+    if isinstance(value, (list, tuple)):
+        return "/".join(_short(v) for v in value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------

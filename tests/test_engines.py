@@ -19,7 +19,7 @@ import slimdiff
 from slimdiff.engines import Calibration, Engine, EngineConfig, Result, get_engine, register, register_artifact
 from slimdiff.engines import base as engines_base
 from slimdiff.errors import SlimdiffError
-from slimdiff.export import read_artifact, read_spec, save
+from slimdiff.export import Provenance, read_artifact, read_spec, save
 from slimdiff.jobs.recipes import run_recipe
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.recipe import load_recipe
@@ -180,3 +180,16 @@ def test_a_rerun_recipe_resumes_after_its_finished_steps(toy: Engine, teacher_di
     ]
     expected = 0.125 * _outputs(slimdiff.load(teacher_dir))
     torch.testing.assert_close(_outputs(slimdiff.load(tmp_path / "out" / "01-compress")), expected)
+
+
+def test_the_chain_reads_every_kind_of_budget() -> None:
+    history = [
+        {"job": "train", "steps": 1500},
+        {"job": "compress channels", "target": {"macs": 0.5}, "achieved": {"macs": 0.4912, "params": 0.55}},
+        {"job": "compress ofa", "target": {"macs": [0.3, 0.5]}, "achieved": {"macs": 0.301}},  # one product's
+    ]
+    assert Provenance(history=history).chain() == [
+        "train 1500 steps",
+        "compress channels: macs 0.5 → 0.491, params 0.55",
+        "compress ofa: macs 0.3/0.5 → 0.301",
+    ]
