@@ -195,7 +195,7 @@ def test_unknown_commands_engines_and_missing_arguments(variants: dict[str, Path
     model = variants["unet-channels"]
     cases = {
         ("foo",): "No such command 'foo'",
-        ("compress", "skip", model): "unknown engine 'skip'; valid: channels",
+        ("compress", "nope", model): "unknown engine 'nope'; valid: channels, layers, ofa, skip",
         ("compress", "channels"): "Missing argument 'MODEL_DIR'",
         ("compress", "channels", model): "Missing option '--out'",
         ("info",): "Missing argument 'MODEL_DIR'",
