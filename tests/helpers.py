@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from diffusers import AutoencoderKL
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
 from slimdiff.cli import main
+from slimdiff.text import TextEncoder
 
 #: The public reference configs shipped with the project (reference/README.md).
 REFERENCE = Path(__file__).resolve().parents[1] / "reference"
@@ -45,3 +47,19 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *arg
         code = exit_.code or 0
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def tiny_sd_pipeline(
+    unet: torch.nn.Module, encoder: TextEncoder, scheduler: DDIMScheduler | None = None
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline around `unet` with a tiny VAE (of the U-Net's latent channels) and `encoder`."""
+    return StableDiffusionPipeline(
+        vae=tiny_vae(unet.config.in_channels),
+        text_encoder=encoder.text_model,
+        tokenizer=encoder.tokenizer,
+        unet=unet,
+        scheduler=scheduler or DDIMScheduler(clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

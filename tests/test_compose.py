@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline, StableDiffusionPipeline
-from helpers import FAMILIES, run_cli, tiny_vae
+from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline
+from helpers import FAMILIES, run_cli, tiny_sd_pipeline, tiny_vae
 
 import slimdiff
 from slimdiff.diffusion import DEFAULT_SCHEDULE
@@ -69,17 +69,7 @@ def _run_in_pipeline(model_dir: Path) -> torch.Tensor:
     if family == "dit":
         pipeline = DiTPipeline(transformer=model, vae=tiny_vae(model.config.in_channels), scheduler=scheduler)
         return pipeline(class_labels=[1, 2], num_inference_steps=STEPS, generator=generator, output_type="np").images
-    encoder = load_text_encoder(model_dir)
-    pipeline = StableDiffusionPipeline(
-        vae=tiny_vae(model.config.in_channels),
-        text_encoder=encoder.text_model,
-        tokenizer=encoder.tokenizer,
-        unet=model,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = tiny_sd_pipeline(model, load_text_encoder(model_dir), scheduler)
     return pipeline(["a digit"], num_inference_steps=STEPS, generator=generator, output_type="np").images
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiTPipeline, StableDiffusionPipeline
-from helpers import FAMILIES, tiny_vae
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiTPipeline
+from helpers import FAMILIES, tiny_sd_pipeline, tiny_vae
 from safetensors.torch import save_file
 
 from slimdiff.errors import SlimdiffError
@@ -110,16 +110,7 @@ def test_sd_unet_runs_in_stable_diffusion_pipeline(tmp_path: Path) -> None:
     save(_hand_pruned("tiny-sd"), tmp_path / "m")
     unet = load(tmp_path / "m")
     encoder = make_tiny_clip_text(tmp_path / "clip", hidden_size=32, max_length=16)
-    pipeline = StableDiffusionPipeline(
-        vae=tiny_vae(4),
-        text_encoder=encoder.text_model,
-        tokenizer=encoder.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = tiny_sd_pipeline(unet, encoder)
     out = pipeline(
         ["a photo of the digit 3"],
         num_inference_steps=2,

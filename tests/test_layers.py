@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline, StableDiffusionPipeline
-from helpers import FAMILIES, run_cli, tiny_vae
+from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline
+from helpers import FAMILIES, run_cli, tiny_sd_pipeline, tiny_vae
 
 from slimdiff.data import load_data
 from slimdiff.diffusion import DEFAULT_SCHEDULE
@@ -234,16 +234,7 @@ def test_export_round_trip_and_pipeline(name: str, digits, tmp_path: Path) -> No
         assert images.shape == (2, 16, 16, 3)
     else:
         encoder = make_tiny_clip_text(tmp_path / "clip", hidden_size=32, max_length=16)
-        pipeline = StableDiffusionPipeline(
-            vae=tiny_vae(4),
-            text_encoder=encoder.text_model,
-            tokenizer=encoder.tokenizer,
-            unet=loaded,
-            scheduler=DDIMScheduler(clip_sample=False),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipeline = tiny_sd_pipeline(loaded, encoder)
         images = pipeline(["a 3"], num_inference_steps=2, height=16, width=16, output_type="np").images
         assert images.shape == (1, 16, 16, 3)
     assert np.isfinite(images).all()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import FAMILIES, tiny_vae
+from helpers import FAMILIES, tiny_sd_pipeline, tiny_vae
 from safetensors.torch import load_file
 from test_cli import run_cli
 
@@ -78,7 +78,7 @@ def test_extracted_models_compute_what_the_elastic_subnets_compute(family, tmp_p
 
 
 def _run_in_pipeline(name: str, model: torch.nn.Module, tmp_path: Path) -> None:
-    from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline, StableDiffusionPipeline
+    from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline
 
     if name == "tiny-unet":
         images = DDIMPipeline(model, DDIMScheduler())(batch_size=2, num_inference_steps=2, output_type="np").images
@@ -87,16 +87,7 @@ def _run_in_pipeline(name: str, model: torch.nn.Module, tmp_path: Path) -> None:
         images = pipeline(class_labels=[1, 7], num_inference_steps=2, guidance_scale=2.0, output_type="np").images
     else:
         encoder = make_tiny_clip_text(tmp_path / "clip", hidden_size=32, max_length=16)
-        pipeline = StableDiffusionPipeline(
-            vae=tiny_vae(1),
-            text_encoder=encoder.text_model,
-            tokenizer=encoder.tokenizer,
-            unet=model,
-            scheduler=DDIMScheduler(clip_sample=False),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipeline = tiny_sd_pipeline(model, encoder)
         images = pipeline(["a 3"], num_inference_steps=2, height=16, width=16, output_type="np").images
     assert images.shape[1:3] == (16, 16) and np.isfinite(images).all()
 

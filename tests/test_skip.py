@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline, StableDiffusionPipeline
-from helpers import tiny_vae
+from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline
+from helpers import tiny_sd_pipeline, tiny_vae
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -284,16 +284,7 @@ def test_stable_diffusion_pipeline_runs_the_saved_table(tmp_path: Path) -> None:
     unet = _save_with_table(model, table, tmp_path / "m")
     runs = _unit_runs(unet, table.units)
     encoder = make_tiny_clip_text(tmp_path / "clip", hidden_size=32, max_length=16)
-    pipeline = StableDiffusionPipeline(
-        vae=tiny_vae(4),
-        text_encoder=encoder.text_model,
-        tokenizer=encoder.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = tiny_sd_pipeline(unet, encoder)
     out = pipeline(["a 3"], num_inference_steps=4, height=16, width=16, output_type="np", guidance_scale=3.0)
     assert np.isfinite(out.images).all()
     _check_runs(runs, table)  # the guidance batch is doubled: still one call per step
