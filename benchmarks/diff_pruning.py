@@ -14,7 +14,8 @@ Rows (`--rows`):
 - `official-global`: the same importance, but torch-pruning ranks channels across all groups at once
   (`global_pruning=True`, non-uniform widths), its ratio bisected to `--target-macs`.
 - `diff-pruning`, `taylor`, `magnitude`, `random`: slimdiff's `channels` engine to `--target-macs` (with
-  `--match-official`: the official row's achieved MACs), fine-tuned by slimdiff's trainer with the flags given.
+  `--match-official`: the official row's achieved MACs), fine-tuned by slimdiff's trainer with the flags given;
+  with `-global` (e.g. `diff-pruning-global`) the engine's `widths="global"` (channels ranked across layers).
 - `scratch`: the diff-pruning row's architecture re-initialised, trained by slimdiff's trainer with the same flags.
 
 `--official-finetune slimdiff` fine-tunes the official rows with slimdiff's trainer and flags instead (to compare
@@ -56,7 +57,6 @@ from slimdiff.metrics.quality import compute_quality, reference_features
 from slimdiff.models import adapter_for
 from slimdiff.train import TrainConfig
 
-IMPORTANCES = ("diff-pruning", "taylor", "magnitude", "random")
 OFFICIAL = ("official", "official-global")
 
 
@@ -253,6 +253,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--kd-output-weight", type=float, default=10.0, help="0: the plain denoising loss")
+    parser.add_argument("--kd-feature-weight", type=float, default=0.0, help="normalized KD at the kept channels")
+    parser.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-γ weighting of the task loss")
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--curve", type=int, nargs="+", default=[6, 13, 25, 50], help="DDIM step counts")
     parser.add_argument("--curves", type=Path, help="curve cache to share between runs (default <work>/curves.json)")
@@ -281,12 +283,10 @@ def main() -> None:
         warmup_steps=min(args.warmup_steps, args.finetune_steps),
         ema_decay=args.ema_decay,
         checkpoint_every=args.finetune_steps,
+        snr_gamma=args.snr_gamma,
     )
-    distillation = (
-        {"teacher_dir": args.teacher, "kd": KDConfig(output_weight=args.kd_output_weight, feature_weight=0.0)}
-        if args.kd_output_weight > 0
-        else {}
-    )
+    kd = KDConfig(output_weight=args.kd_output_weight, feature_weight=args.kd_feature_weight)
+    distillation = {"teacher_dir": args.teacher, "kd": kd} if kd.output_weight + kd.feature_weight > 0 else {}
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         for kind in args.rows:
@@ -308,11 +308,17 @@ def main() -> None:
                         module.reset_parameters()
                 save(scratch, pruned_dir, scheduler_config=load_scheduler_config(args.teacher))
             elif not (pruned_dir / "slimdiff.json").is_file():
+                importance = kind.removesuffix("-global")
                 official = args.work / f"official-seed{seed}" / "pruned"
                 if args.match_official and not (official / "slimdiff.json").is_file():
                     raise SystemExit("--match-official: run the official row first (put it first in --rows)")
                 target = count_macs(load(official)).total / teacher_macs if args.match_official else args.target_macs
-                config = ChannelPruningConfig(importance=kind, target_macs=target, seed=seed)
+                config = ChannelPruningConfig(
+                    importance=importance,
+                    target_macs=target,
+                    widths="global" if kind != importance else "uniform",
+                    seed=seed,
+                )
                 pruned = compress_model("channels", args.teacher, "digits", pruned_dir, config)
                 record = {"target_macs": target, "summary": pruned.summary, "seconds": pruned.seconds}
             if not (tuned / "slimdiff.json").is_file():
@@ -333,7 +339,7 @@ def main() -> None:
                     "finetune": "plain (official)"
                     if kind in OFFICIAL and args.official_finetune == "plain"
                     else f"slimdiff lr {args.lr} warm-up {args.warmup_steps} EMA {args.ema_decay} "
-                    f"KD {args.kd_output_weight}",
+                    f"KD {args.kd_output_weight} feature KD {args.kd_feature_weight} min-SNR {args.snr_gamma}",
                     "macs_fraction": fraction,
                     "params_fraction": count_params(model) / count_params(load(args.teacher)),
                     "record": record,

@@ -30,6 +30,12 @@ data_option = click.option(
 accumulation_option = click.option(
     "--grad-accumulation", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step."
 )
+snr_gamma_option = click.option(
+    "--snr-gamma",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Min-SNR-γ weighting of the denoising loss (e.g. 5); default: plain MSE over uniform timesteps.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,6 +133,7 @@ def _parse_labels(text: str) -> list[int]:
 @click.option("--ema-decay", type=float, default=0.995, show_default=True, help="EMA decay of the saved weights.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True)
 @accumulation_option
+@snr_gamma_option
 @seed_option
 @resume_option
 def train(
@@ -140,6 +147,7 @@ def train(
     ema_decay: float,
     checkpoint_every: int,
     grad_accumulation: int,
+    snr_gamma: float | None,
     seed: int,
     resume: bool,
 ) -> None:
@@ -158,6 +166,7 @@ def train(
         ema_decay=ema_decay,
         checkpoint_every=checkpoint_every,
         grad_accumulation=grad_accumulation,
+        snr_gamma=snr_gamma,
         seed=seed,
     )
     result = train_model(new_model(model), data, out, config, source=f"scratch:{model}", resume=resume)
@@ -187,6 +196,7 @@ def train(
     help="Weight of feature KD (a channel-pruned student is compared at the channels it kept).",
 )
 @accumulation_option
+@snr_gamma_option
 @seed_option
 @resume_option
 def finetune(
@@ -204,6 +214,7 @@ def finetune(
     kd_output_weight: float,
     kd_feature_weight: float,
     grad_accumulation: int,
+    snr_gamma: float | None,
     seed: int,
     resume: bool,
 ) -> None:
@@ -220,6 +231,7 @@ def finetune(
         ema_decay=ema_decay,
         checkpoint_every=checkpoint_every,
         grad_accumulation=grad_accumulation,
+        snr_gamma=snr_gamma,
         seed=seed,
     )
     kd_config = KDConfig(kd, kd_output_weight, kd_feature_weight) if teacher is not None else None

@@ -6,8 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from slimdiff.errors import SlimdiffError
@@ -46,6 +48,21 @@ def training_target(scheduler: SchedulerMixin, x0: torch.Tensor, noise: torch.Te
     if kind == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
     raise SlimdiffError(f"prediction_type '{kind}' is not supported for training; valid: epsilon, v_prediction")
+
+
+def task_loss(
+    pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, scheduler: SchedulerMixin, snr_gamma: float | None
+) -> torch.Tensor:
+    """The denoising loss: MSE to the target, or with `snr_gamma` the min-SNR-γ weighted MSE (Hang et al. 2023)
+    — each sample weighted by min(SNR(t), γ) / SNR(t) for ε-prediction (/ (SNR(t) + 1) for v), which stops the
+    low-noise timesteps from dominating."""
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    snr = compute_snr(scheduler, t).float()
+    clipped = torch.clamp(snr, max=snr_gamma)
+    weight = clipped / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (weight * per_sample).mean()
 
 
 def guided(

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -31,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimdiff.data import ImageDataset, check_fits
-from slimdiff.diffusion import DEFAULT_SCHEDULE, make_scheduler, training_target
+from slimdiff.diffusion import DEFAULT_SCHEDULE, make_scheduler, task_loss, training_target
 from slimdiff.distill import (
     KDConfig,
     KeptChannels,
@@ -68,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     log_every: int = 10
+    snr_gamma: float | None = None  # min-SNR-γ weighting of the denoising loss (Hang et al. 2023); None: plain MSE
 
     def validate(self) -> None:
         checks = {
@@ -84,14 +84,17 @@ class TrainConfig:
             "keep_checkpoints": self.keep_checkpoints >= 1,
             "mixed_precision": self.mixed_precision in ("auto", "no", "fp16", "bf16"),
             "log_every": self.log_every >= 1,
+            "snr_gamma": self.snr_gamma is None or self.snr_gamma > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise SlimdiffError(f"invalid training setting {bad[0]}={getattr(self, bad[0])!r}")
 
     def fingerprint(self) -> dict[str, Any]:
-        """Settings a resumed run must share with the run it continues (`steps` may grow)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every", "keep_checkpoints")}
+        """Settings a resumed run must share with the run it continues (`steps` may grow). Settings that are off
+        (None) are left out, so a checkpoint written before such a setting existed still resumes."""
+        skip = ("steps", "checkpoint_every", "keep_checkpoints")
+        return {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
 
 
 @dataclass
@@ -456,7 +459,7 @@ def _optimizer_step(
         sync = micro == config.grad_accumulation - 1
         with accelerator.no_sync(run.model) if not sync else nullcontext(), accelerator.autocast():
             pred = run.student(x_t, t, cond)
-            terms = {"task": F.mse_loss(pred.float(), target.float())}
+            terms = {"task": task_loss(pred, target, t, run.noise_scheduler, config.snr_gamma)}
             if run.teacher_adapter is not None:
                 with torch.no_grad():
                     teacher_pred = run.teacher_adapter(x_t, t, cond)

@@ -81,6 +81,27 @@ def test_params_budget_is_met_within_two_percent(name: str, target: float, digit
     assert count_params(result.model) == result.pruned["params"]
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_global_widths_meet_the_budget_with_uneven_slices_of_the_original(name: str, digits) -> None:
+    model = build_tiny(name).eval()
+    adapter = adapter_for(model)
+    config = _fast(importance="diff-pruning", target_macs=0.5, widths="global")
+    result = compress(adapter, config, _data(adapter, digits))
+    assert result.achieved["macs"] == pytest.approx(0.5, rel=0.02)
+    assert result.record["widths"] == "global"
+    uniform = compress(adapter, _fast(importance="diff-pruning", target_macs=0.5), _data(adapter, digits))
+
+    def widths(m: torch.nn.Module) -> dict[str, int]:
+        return {n: x.weight.shape[0] for n, x in m.named_modules() if isinstance(x, (torch.nn.Conv2d, torch.nn.Linear))}
+
+    ranked, even, original = widths(result.model), widths(uniform.model), widths(model)
+    assert ranked != even  # the global ranking gives other widths than one ratio everywhere
+    assert all(0 < ranked[n] <= original[n] for n in ranked)
+    inputs = adapter_for(result.model).example_inputs(2)
+    with torch.no_grad():
+        assert torch.isfinite(result.model(**inputs).sample).all()
+
+
 def test_pruned_unet_runs_in_the_ddim_pipeline(digits, tmp_path: Path) -> None:
     from diffusers import DDIMPipeline, DDIMScheduler
 
@@ -173,6 +194,8 @@ def test_bad_configs_are_refused() -> None:
         ChannelPruningConfig(target_macs=0.5, target_params=0.5).validate()
     with pytest.raises(SlimdiffError, match="unknown importance 'l2'; valid: diff-pruning, taylor, magnitude, random"):
         ChannelPruningConfig(importance="l2", target_macs=0.5).validate()
+    with pytest.raises(SlimdiffError, match="widths must be uniform or global, got 'per-layer'"):
+        ChannelPruningConfig(widths="per-layer", target_macs=0.5).validate()
     with pytest.raises(SlimdiffError, match=r"budget 1.5 must be a fraction"):
         ChannelPruningConfig(target_macs=1.5).validate()
 

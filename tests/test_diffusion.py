@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimdiff.diffusion import SAMPLERS, make_scheduler, sample, training_target
+from slimdiff.diffusion import DEFAULT_SCHEDULE, SAMPLERS, make_scheduler, sample, task_loss, training_target
 from slimdiff.errors import SlimdiffError
 from slimdiff.models import adapter_for, build_tiny
 
@@ -71,3 +71,16 @@ def test_training_target_follows_prediction_type() -> None:
     alpha = v_sched.alphas_cumprod[t].view(-1, 1, 1, 1)
     expected = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
     assert torch.allclose(training_target(v_sched, x0, noise, t), expected, atol=1e-6)
+
+
+def test_min_snr_weighting_caps_the_low_noise_timesteps() -> None:
+    scheduler = make_scheduler("ddpm", DEFAULT_SCHEDULE)
+    pred, target = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)  # per-sample MSE 1
+    t = torch.tensor([10, 900])  # SNR ≫ 5 at t=10, ≪ 5 at t=900
+    assert task_loss(pred, target, t, scheduler, None) == 1.0
+    alpha_bar = scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.stack([torch.clamp(s, max=5.0) / s for s in snr]).mean()
+    weighted = task_loss(pred, target, t, scheduler, 5.0)
+    assert torch.allclose(weighted, expected) and expected < 0.6  # t=10 weighs 5/SNR ≪ 1, t=900 weighs 1
+    assert torch.allclose(task_loss(pred, target, t, scheduler, 1e9), torch.tensor(1.0))

@@ -180,6 +180,15 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path, digits) -> None:
         train(build_tiny("tiny-dit"), digits, tmp_path, TrainConfig(steps=4, batch_size=4), resume=True, progress=False)
 
 
+def test_min_snr_setting_is_part_of_what_a_resume_must_share(tmp_path: Path, digits) -> None:
+    train(build_tiny("tiny-dit"), digits, tmp_path, TrainConfig(steps=2, batch_size=8), progress=False)
+    weighted = TrainConfig(steps=4, batch_size=8, snr_gamma=5.0)
+    with pytest.raises(SlimdiffError, match="cannot resume .* its config"):
+        train(build_tiny("tiny-dit"), digits, tmp_path, weighted, resume=True, progress=False)
+    with pytest.raises(SlimdiffError, match="invalid training setting snr_gamma"):
+        TrainConfig(steps=1, snr_gamma=0.0).validate()
+
+
 def test_data_order_covers_every_item_once_per_epoch() -> None:
     first_epoch = batch_indices(10, 10, seed=0, first=0)
     assert sorted(first_epoch) == list(range(10))

@@ -62,6 +62,13 @@ class ChannelPruningConfig(MacsOrParamsBudget):
     attention: Literal["head-dim", "heads"] = field(
         default="head-dim", metadata={"help": "head-dim (keep heads) or heads."}
     )
+    widths: Literal["uniform", "global"] = field(
+        default="uniform",
+        metadata={
+            "help": "uniform: every layer loses the same fraction (the paper); global: channels ranked across all "
+            "layers at once (torch-pruning's global ranking), so widths differ per layer."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Random seed (calibration batch, noise, random importance)."})
 
     def validate(self) -> None:
@@ -74,6 +81,8 @@ class ChannelPruningConfig(MacsOrParamsBudget):
             raise SlimdiffError("timestep_stride and calibration_size must be ≥ 1")
         if self.attention not in ("head-dim", "heads"):
             raise SlimdiffError(f"attention must be head-dim or heads, got '{self.attention}'")
+        if self.widths not in ("uniform", "global"):
+            raise SlimdiffError(f"widths must be uniform or global, got '{self.widths}'")
 
 
 @dataclass(kw_only=True)
@@ -191,9 +200,11 @@ def make_pruner(
     *,
     attention: Literal["head-dim", "heads"] = "head-dim",
     ratios: dict[str, float] | None = None,
+    global_ranking: bool = False,
 ) -> tp.pruner.MetaPruner:
     """torch-pruning's `MetaPruner` over `model` as slimdiff prunes: the adapter's ignored layers, attention heads
-    and chunked roots; `ratios` maps layer names to another ratio than `ratio` for the group they root."""
+    and chunked roots; `ratios` maps layer names to another ratio than `ratio` for the group they root.
+    `global_ranking`: `ratio` of all channels go, ranked across groups by their (group-normalised) scores."""
     adapter = adapter_for(model)
     modules = dict(model.named_modules())
     pruner = tp.pruner.MetaPruner(
@@ -202,6 +213,8 @@ def make_pruner(
         importance=importance,
         pruning_ratio=ratio,
         pruning_ratio_dict={modules[name]: r for name, r in (ratios or {}).items()},
+        global_pruning=global_ranking,
+        max_pruning_ratio=MAX_RATIO,
         ignored_layers=adapter.pruning_ignored(),
         num_heads=adapter.attention_heads(),
         prune_head_dims=attention == "head-dim",
@@ -264,13 +277,15 @@ def prune_copy(
     *,
     attention: Literal["head-dim", "heads"] = "head-dim",
     boosted: dict[str, float] | None = None,
+    global_ranking: bool = False,
     seed: int = 0,
     weightless: bool = False,
 ) -> _Pruned:
     """Prune a copy of `model` at a uniform `ratio`, by `importance` (a name: scored on `model`, whose `.grad` holds
     Taylor gradients when needed) or by scores `channel_scores` took earlier.
 
-    `boosted` maps group-root layer names to a different ratio (used by the budget search). `weightless=True` prunes
+    `boosted` maps group-root layer names to a different ratio (used by the budget search); `global_ranking` ranks
+    channels across groups instead (see `make_pruner`). `weightless=True` prunes
     a meta-device copy: the same architecture, kept indices, MACs and params, without copying a single weight.
     """
     clone = _weightless_copy(model) if weightless else _copy_with_grads(model)
@@ -283,7 +298,7 @@ def prune_copy(
         ranking = _Replay(importance, names)
     else:
         ranking = _Replay(channel_scores(model, importance, seed=seed, attention=attention), names)
-    pruner = make_pruner(clone, ranking, ratio, attention=attention, ratios=boosted)
+    pruner = make_pruner(clone, ranking, ratio, attention=attention, ratios=boosted, global_ranking=global_ranking)
     for group in pruner.step(interactive=True):
         for dep, idxs in group:
             layer = dep.target.module
@@ -405,15 +420,20 @@ def compress(
     original = {"macs": count_macs(model).total, "params": count_params(model)}
     scores = channel_scores(model, config.importance, attention=config.attention, seed=config.seed)
 
+    ranked = config.widths == "global"
+
     def fraction(p: _Pruned) -> float:
         return (p.macs if config.unit == "macs" else p.params) / original[config.unit]
 
     def run(ratio: float, boosted: dict[str, float] | None = None) -> _Pruned:
         """One search trial: the pruned architecture's cost, on a weightless copy."""
-        return prune_copy(model, ratio, scores, attention=config.attention, boosted=boosted, weightless=True)
+        return prune_copy(
+            model, ratio, scores, attention=config.attention, boosted=boosted, global_ranking=ranked, weightless=True
+        )
 
-    # 1. the uniform ratio: bisect for the largest ratio that keeps at least the target. Above MAX_RATIO small
-    #    GroupNorm groups would lose every channel, which torch-pruning answers by not pruning them at all.
+    # 1. the ratio (uniform, or of all channels ranked globally): bisect for the largest ratio that keeps at least
+    #    the target. Above MAX_RATIO small GroupNorm groups would lose every channel, which torch-pruning answers by
+    #    not pruning them at all.
     lo, hi = 0.0, MAX_RATIO
     best_lo, best_hi = None, run(hi)
     if fraction(best_hi) > config.target:
@@ -421,7 +441,7 @@ def compress(
             f"cannot reach {config.target:.2f} of the original {config.unit}: pruning {MAX_RATIO:.0%} of every "
             f"prunable layer keeps {fraction(best_hi):.2f} (the layers that must stay whole dominate)"
         )
-    for _ in range(10):
+    for _ in range(16 if ranked else 10):  # a global ranking moves one channel at a time: finer steps pay off
         mid = (lo + hi) / 2
         candidate = run(mid)
         log(f"ratio {mid:.3f} → {fraction(candidate):.3f} of the {config.unit}")
@@ -435,8 +455,8 @@ def compress(
         [(p, r, None) for p, r in ((best_lo, lo), (best_hi, hi)) if p is not None],
         key=lambda prb: abs(fraction(prb[0]) - config.target),
     )
-    # 2. too coarse: move groups one by one from the lower to the higher ratio until the budget is met
-    if abs(fraction(chosen) - config.target) > config.tolerance * config.target:
+    # 2. too coarse: move groups one by one from the lower to the higher uniform ratio until the budget is met
+    if not ranked and abs(fraction(chosen) - config.target) > config.tolerance * config.target:
         roots = [g.root for g in adapter_for(model).channel_groups()]
         left, right = 0, len(roots)
         while right - left > 1:
@@ -451,7 +471,7 @@ def compress(
                 chosen, ratio, boost = candidate, lo, {root: hi for root in roots[:k]}
     # 3. prune the real model once, at what the search chose
     searched = chosen
-    chosen = prune_copy(model, ratio, scores, attention=config.attention, boosted=boost)
+    chosen = prune_copy(model, ratio, scores, attention=config.attention, boosted=boost, global_ranking=ranked)
     if (chosen.macs, chosen.params, chosen.kept) != (searched.macs, searched.params, searched.kept):
         raise SlimdiffError("internal: the pruned model differs from the weightless trial the search chose")
     verify_slices(model, chosen)
@@ -465,6 +485,7 @@ def compress(
             "thr": config.thr,
             "timesteps_scored": len(scored),
             "attention": config.attention,
+            "widths": config.widths,
             "ratio": ratio,
             "macs": chosen.macs,
             "params": chosen.params,
