@@ -110,7 +110,9 @@ def run_row(args: argparse.Namespace, row: str, teacher_steps: int) -> dict[str,
     pruned_dir = args.work / pruning / "pruned"
     if not (pruned_dir / "slimdiff.json").is_file():
         sets = args.additivity_sets if criterion == "output-loss" else 0
-        config = LayerPruningConfig(criterion=criterion, check_additivity=sets, **{f"target_{unit}": target})
+        config = LayerPruningConfig(
+            criterion=criterion, check_additivity=sets, seed=args.seed, **{f"target_{unit}": target}
+        )
         compress_model("layers", args.teacher, "digits", pruned_dir, config)
     record = read_provenance(pruned_dir).history[-1]
     before_path = args.work / pruning / "before.json"
@@ -213,7 +215,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--kd-feature-weight", type=float, default=1.0)
     parser.add_argument("--additivity-sets", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="calibration set, random criterion, fine-tune")
     parser.add_argument("--teacher-steps", type=int, default=None, help="when the teacher records none")
     parser.add_argument("--sd-reference", type=Path, default=None, help="also run the SD-1.5 reference config")
     parser.add_argument("--skip-rows", action="store_true", help="only the SD-1.5 reference part")
