@@ -40,7 +40,7 @@ from slimdiff.metrics.quality import compute_quality, reference_features
 from slimdiff.models import adapter_for
 from slimdiff.report import markdown_table
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 
 
 class Bench:
