@@ -39,6 +39,7 @@ from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
 from slimdiff.jobs.training import finetune_model
 from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sampling_latency
 from slimdiff.models import adapter_for, build
+from slimdiff.report import markdown_table
 from slimdiff.train import TrainConfig
 
 ROWS = (
@@ -199,6 +200,30 @@ def sd_reference(config_path: Path, seed: int) -> dict[str, Any]:
     return out
 
 
+def seed_table(paths: list[Path]) -> str:
+    """Markdown: every row's FID after fine-tuning at each step count, mean ± std over the result files (seeds)."""
+    runs = [read_json(path, "benchmark results") for path in paths]
+    teacher = runs[0]["teacher"]
+    steps = sorted({s for run in runs for r in run["rows"] for s in r["after"]["fid"]}, key=int)
+    table = [{"row": "teacher", "seeds": "", "params": 1.0, "MACs": 1.0, "before (13)": None}]
+    table[0] |= {f"FID @{s}": f"{teacher['fid'][s]:.3f}" if s in teacher["fid"] else "" for s in steps}
+    for name in dict.fromkeys(r["row"] for run in runs for r in run["rows"]):
+        rows = [r for run in runs for r in run["rows"] if r["row"] == name]
+        entry: dict[str, Any] = {
+            "row": name,
+            "seeds": len(rows),
+            "params": rows[0]["params_fraction"],
+            "MACs": rows[0]["macs_fraction"],
+            "before (13)": statistics.mean(r["before"]["fid"]["13"] for r in rows),
+        }
+        for s in steps:
+            fids = [r["after"]["fid"][s] for r in rows if s in r["after"]["fid"]]
+            spread = f" ± {statistics.stdev(fids):.3f}" if len(fids) > 1 else ""
+            entry[f"FID @{s}"] = f"{statistics.mean(fids):.3f}{spread}" if fids else ""
+        table.append(entry)
+    return markdown_table(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=Path("/work/runs/demo/teacher"))
@@ -219,7 +244,11 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=None, help="when the teacher records none")
     parser.add_argument("--sd-reference", type=Path, default=None, help="also run the SD-1.5 reference config")
     parser.add_argument("--skip-rows", action="store_true", help="only the SD-1.5 reference part")
+    parser.add_argument("--table", type=Path, nargs="+", help="print the seeds table of these result files, and exit")
     args = parser.parse_args()
+    if args.table:
+        print(seed_table(args.table))
+        return
     torch.set_num_threads(1)
     result: dict[str, Any] = read_json(args.out, "benchmark results") if args.out.is_file() else {}
     result["command"] = "OMP_NUM_THREADS=1 PYTHONPATH=. python " + " ".join(sys.argv)
