@@ -111,8 +111,8 @@ class LatencyFit(Generic[T]):
             "within_tolerance": self.within_tolerance,
             "batch": stats.batch_size,
             "device": device_description(stats.device),
-            "measured": f"median of {stats.repeats} timed {stats.what}s after {stats.warmup} warm-up, batch "
-            f"{stats.batch_size}, wall clock (perf_counter, CUDA synchronised), inference mode",
+            "measured": f"median of {stats.repeats} timed runs of one {stats.what} after {stats.warmup} warm-up, "
+            f"batch {stats.batch_size}, wall clock (perf_counter, CUDA synchronised), inference mode",
             "searched_on": self.unit,
             "trials": [
                 {"asked": round(t.asked, 4), "reached": round(t.reached, 4), "ms": round(t.ms, 3)} for t in self.trials
