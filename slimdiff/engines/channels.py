@@ -15,7 +15,9 @@ Fang, Ma, Wang, *Structural Pruning for Diffusion Models* (NeurIPS 2023); ../sha
    ratio that brackets the target, then how many groups (in the dependency graph's order) take the larger of
    the two ratios. The scores are taken once on the real model (`channel_scores`); every trial prunes a
    weightless (meta-device) copy with them and counts its MACs, and the real model is pruned once, at the
-   chosen ratios. The achieved MACs and params are reported, not assumed.
+   chosen ratios. The achieved MACs and params are reported, not assumed. A latency budget searches the MACs
+   fraction on measurements (`engines/latency.py`): each trial meets a MACs target as above, prunes the real model
+   and times one denoiser call at the budget's batch.
 4. Check. Every kept weight must equal its slice of the original (`verify_slices`); a ratio of 0 is the identity.
 """
 
@@ -35,7 +37,8 @@ from torch import nn
 from slimdiff.data import ImageDataset
 from slimdiff.diffusion import make_scheduler, training_target
 from slimdiff.distill import first_tensor
-from slimdiff.engines.base import Calibration, Engine, Log, MacsOrParamsBudget, Result, no_log, register
+from slimdiff.engines import latency
+from slimdiff.engines.base import Budget, Calibration, Engine, Log, Result, no_log, register
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import Adapter, adapter_for
@@ -48,8 +51,9 @@ MAX_RATIO = 0.7
 
 
 @dataclass
-class ChannelPruningConfig(MacsOrParamsBudget):
-    """What to prune to: exactly one of `target_macs` / `target_params`, as a fraction of the original."""
+class ChannelPruningConfig(Budget):
+    """What to prune to: exactly one of `target_macs` / `target_params` (a fraction of the original) or
+    `target_latency_ms` (one denoiser call at `latency_batch`, measured)."""
 
     importance: Importance = field(
         default="diff-pruning", metadata={"help": "diff-pruning, taylor, magnitude or random."}
@@ -406,24 +410,17 @@ def verify_slices(original: nn.Module, pruned: _Pruned) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # budget search
 # ----------------------------------------------------------------------------------------------------------------
-def compress(
-    adapter: Adapter, config: ChannelPruningConfig, data: Calibration, *, log: Log = no_log
-) -> ChannelPruningResult:
-    """Prune a copy of `adapter.model` to the budget; the original model is left unchanged (its grads cleared)."""
-    config.validate()
-    start = time.perf_counter()
-    model = adapter.model
-    scored: list[int] = []
-    if config.importance in ("diff-pruning", "taylor"):
-        scored = accumulate_gradients(adapter, data, config)
-        log(f"importance from {len(scored)} timesteps ({config.importance})")
-    original = {"macs": count_macs(model).total, "params": count_params(model)}
-    scores = channel_scores(model, config.importance, attention=config.attention, seed=config.seed)
+_Choice = tuple[_Pruned, float, dict[str, float] | None]  # a pruned copy, its uniform ratio and its boosted groups
 
-    ranked = config.widths == "global"
+
+def _search(
+    model: nn.Module, scores: ChannelScores, config: ChannelPruningConfig, original: dict[str, int], log: Log
+) -> _Choice:
+    """The ratios that meet a MACs or params budget, searched on weightless copies (the chosen one among them)."""
+    unit, ranked = config.unit, config.widths == "global"
 
     def fraction(p: _Pruned) -> float:
-        return (p.macs if config.unit == "macs" else p.params) / original[config.unit]
+        return (p.macs if unit == "macs" else p.params) / original[unit]
 
     def run(ratio: float, boosted: dict[str, float] | None = None) -> _Pruned:
         """One search trial: the pruned architecture's cost, on a weightless copy."""
@@ -438,13 +435,13 @@ def compress(
     best_lo, best_hi = None, run(hi)
     if fraction(best_hi) > config.target:
         raise SlimdiffError(
-            f"cannot reach {config.target:.2f} of the original {config.unit}: pruning {MAX_RATIO:.0%} of every "
+            f"cannot reach {config.target:.2f} of the original {unit}: pruning {MAX_RATIO:.0%} of every "
             f"prunable layer keeps {fraction(best_hi):.2f} (the layers that must stay whole dominate)"
         )
     for _ in range(16 if ranked else 10):  # a global ranking moves one channel at a time: finer steps pay off
         mid = (lo + hi) / 2
         candidate = run(mid)
-        log(f"ratio {mid:.3f} → {fraction(candidate):.3f} of the {config.unit}")
+        log(f"ratio {mid:.3f} → {fraction(candidate):.3f} of the {unit}")
         if fraction(candidate) >= config.target:
             lo, best_lo = mid, candidate
         else:
@@ -469,31 +466,78 @@ def compress(
                 right = k
             if abs(fraction(candidate) - config.target) < abs(fraction(chosen) - config.target):
                 chosen, ratio, boost = candidate, lo, {root: hi for root in roots[:k]}
-    # 3. prune the real model once, at what the search chose
-    searched = chosen
+    return chosen, ratio, boost
+
+
+def _prune_to(
+    model: nn.Module, scores: ChannelScores, config: ChannelPruningConfig, original: dict[str, int], log: Log
+) -> _Choice:
+    """Search the ratios for a MACs or params budget, then prune the real model once, at what the search chose."""
+    searched, ratio, boost = _search(model, scores, config, original, log)
+    ranked = config.widths == "global"
     chosen = prune_copy(model, ratio, scores, attention=config.attention, boosted=boost, global_ranking=ranked)
     if (chosen.macs, chosen.params, chosen.kept) != (searched.macs, searched.params, searched.kept):
         raise SlimdiffError("internal: the pruned model differs from the weightless trial the search chose")
     verify_slices(model, chosen)
+    return chosen, ratio, boost
+
+
+def compress(
+    adapter: Adapter, config: ChannelPruningConfig, data: Calibration, *, log: Log = no_log
+) -> ChannelPruningResult:
+    """Prune a copy of `adapter.model` to the budget; the original model is left unchanged (its grads cleared)."""
+    config.validate()
+    start = time.perf_counter()
+    model = adapter.model
+    scored: list[int] = []
+    if config.importance in ("diff-pruning", "taylor"):
+        scored = accumulate_gradients(adapter, data, config)
+        log(f"importance from {len(scored)} timesteps ({config.importance})")
+    original = {"macs": count_macs(model).total, "params": count_params(model)}
+    scores = channel_scores(model, config.importance, attention=config.attention, seed=config.seed)
+    fit = None
+    if config.unit == "latency":  # every trial a real pruned model, timed (engines/latency.py)
+        smallest = prune_copy(model, MAX_RATIO, scores, attention=config.attention, weightless=True)
+
+        def build(fraction: float) -> tuple[_Choice, float]:
+            choice = _prune_to(model, scores, config.at_macs(fraction), original, log)
+            return choice, choice[0].macs / original["macs"]
+
+        fit = latency.fit_latency(
+            config,
+            latency.time_denoiser(model, config.latency_batch),
+            build,
+            lambda choice: latency.time_denoiser(choice[0].model, config.latency_batch),
+            lowest=max(0.05, smallest.macs / original["macs"]),
+            engine="channel pruning",
+            log=log,
+        )
+        chosen, ratio, boost = fit.product
+    else:
+        chosen, ratio, boost = _prune_to(model, scores, config, original, log)
     model.zero_grad(set_to_none=True)
     achieved = {"macs": chosen.macs / original["macs"], "params": chosen.params / original["params"]}
+    record = {
+        "importance": config.importance,
+        "thr": config.thr,
+        "timesteps_scored": len(scored),
+        "attention": config.attention,
+        "widths": config.widths,
+        "ratio": ratio,
+        "macs": chosen.macs,
+        "params": chosen.params,
+        "block_channels": block_channels(model, chosen),
+    }
+    if fit is not None:
+        achieved |= fit.achieved()
+        record["latency"] = fit.record()
     return ChannelPruningResult(
         model=chosen.model.eval(),
         achieved=achieved,
-        record={
-            "importance": config.importance,
-            "thr": config.thr,
-            "timesteps_scored": len(scored),
-            "attention": config.attention,
-            "widths": config.widths,
-            "ratio": ratio,
-            "macs": chosen.macs,
-            "params": chosen.params,
-            "block_channels": block_channels(model, chosen),
-        },
+        record=record,
         summary=(
             f"pruned at ratio {ratio:.3f}: {achieved['macs']:.3f} of the MACs ({chosen.macs / 1e6:.1f} M), "
-            f"{achieved['params']:.3f} of the params ({chosen.params:,})"
+            f"{achieved['params']:.3f} of the params ({chosen.params:,})" + (fit.summary() if fit else "")
         ),
         ratio=ratio,
         original=original,

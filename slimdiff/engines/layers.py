@@ -23,7 +23,9 @@ Zhang et al., *LAPTOP-Diff* (arXiv 2404.11098); ../shared/METHODS.md §3.
 3. Selection. Minimise Σ score over the removed set subject to removed cost ≥ what the budget requires, and at
    most `tolerance` (relative) past it: an exact 0/1 knapsack by dynamic programming over a cost grid (exact when
    the total cost fits the grid, otherwise within the grid's rounding, which is reported). When no set lands in
-   the window, the cheapest set that still meets the budget is taken and the gap is reported.
+   the window, the cheapest set that still meets the budget is taken and the gap is reported. A latency budget
+   searches the MACs fraction on measurements (`engines/latency.py`): each trial solves the knapsack on MACs,
+   removes the set from a copy and times one denoiser call.
 4. Check. The measured L_out of the removed set is reported beside the predicted Σ L_out({i}); with
    `check_additivity K`, K random budget-meeting sets are measured too, with Pearson and Spearman correlations
    between predicted and measured L_out — the additivity the method rests on.
@@ -44,7 +46,8 @@ from scipy import stats
 from torch import nn
 
 from slimdiff.diffusion import make_scheduler, training_target
-from slimdiff.engines.base import Calibration, Engine, Log, MacsOrParamsBudget, Result, no_log, register
+from slimdiff.engines import latency
+from slimdiff.engines.base import Budget, Calibration, Engine, Log, Result, no_log, register
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params, macs_by_module
 from slimdiff.models import Adapter, adapter_for
@@ -57,8 +60,9 @@ KNAPSACK_CELLS = 1 << 25
 
 
 @dataclass
-class LayerPruningConfig(MacsOrParamsBudget):
-    """What to prune to: exactly one of `target_params` / `target_macs`, as the fraction of the original to keep."""
+class LayerPruningConfig(Budget):
+    """What to prune to: exactly one of `target_params` / `target_macs` (the fraction of the original to keep) or
+    `target_latency_ms` (one denoiser call at `latency_batch`, measured)."""
 
     criterion: Criterion = field(
         default="output-loss",
@@ -268,6 +272,17 @@ def _correlations(predicted: Sequence[float], measured: Sequence[float]) -> dict
     }
 
 
+@dataclass
+class _Removal:
+    """A removal set chosen for a target fraction, and the model without it."""
+
+    target: float
+    removed: list[str]
+    grid: int
+    in_window: bool | None
+    model: nn.Module
+
+
 def compress(adapter: Adapter, config: LayerPruningConfig, data: Calibration, *, log: Log = no_log) -> Result:
     """Remove whole layers from a copy of `adapter.model` to the budget; the original model is left unchanged."""
     config.validate()
@@ -279,20 +294,29 @@ def compress(adapter: Adapter, config: LayerPruningConfig, data: Calibration, *,
             f"criterion handcrafted-mid needs a U-Net mid block; a {adapter.family} model has none "
             "(use handcrafted: evenly spaced blocks)"
         )
+    fixed_set = config.criterion.startswith("handcrafted") and is_unet
+    if config.unit == "latency" and fixed_set:
+        raise SlimdiffError(
+            f"criterion {config.criterion} fixes the removed set; a latency budget needs a criterion that can be "
+            "searched (output-loss, task-loss, magnitude, random)"
+        )
     candidates = [layer for layer in adapter.layers() if layer.removable]
     if not candidates:
         raise SlimdiffError(f"this {adapter.family} model has no removable layer")
     names = [layer.name for layer in candidates]
     original = {"params": count_params(model), "macs": count_macs(model).total}
     layer_macs = macs_by_module(model, names)
-    costs = [layer.params if config.unit == "params" else layer_macs[layer.name] for layer in candidates]
-    total = original[config.unit]
-    required = total - math.floor(config.target * total)  # removed cost needed so that kept ≤ target
-    allowance = math.floor(config.tolerance * config.target * total)
-    if sum(costs) < required:
+    unit = "macs" if config.unit == "latency" else config.unit  # a latency budget is searched on MACs
+    costs = [layer.params if unit == "params" else layer_macs[layer.name] for layer in candidates]
+    total = original[unit]
+
+    def required_for(target: float) -> int:
+        return total - math.floor(target * total)  # removed cost needed so that kept ≤ target
+
+    if unit == config.unit and sum(costs) < required_for(config.target):
         reachable = 1 - sum(costs) / total
         raise SlimdiffError(
-            f"cannot reach {config.target:.2f} of the original {config.unit}: removing every removable layer "
+            f"cannot reach {config.target:.2f} of the original {unit}: removing every removable layer "
             f"({len(candidates)}) keeps {reachable:.3f}"
         )
 
@@ -322,29 +346,61 @@ def compress(adapter: Adapter, config: LayerPruningConfig, data: Calibration, *,
         draws = torch.rand(len(candidates), generator=torch.Generator().manual_seed(config.seed)).tolist()
         scores = {name: u * c for name, u, c in zip(names, draws, costs, strict=True)}
 
-    if config.criterion.startswith("handcrafted") and is_unet:
-        removed = handcrafted_set(adapter, candidates, with_mid=config.criterion == "handcrafted-mid")
-        grid, in_window = 1, None
-    elif config.criterion == "handcrafted":
-        removed = [names[i] for i in _evenly_spaced(candidates, costs, required)]
-        grid, in_window = 1, None
-    else:
-        selection = select_layers(costs, [scores[n] for n in names], required, allowance)
-        removed = [names[i] for i in selection.items]
-        grid, in_window = selection.grid, selection.in_window
+    def remove(target: float) -> _Removal:
+        """The removal set for a target fraction of `unit`, and the model without it."""
+        if fixed_set:
+            removed = handcrafted_set(adapter, candidates, with_mid=config.criterion == "handcrafted-mid")
+            grid, in_window = 1, None
+        elif config.criterion == "handcrafted":
+            removed = [names[i] for i in _evenly_spaced(candidates, costs, required_for(target))]
+            grid, in_window = 1, None
+        else:
+            allowance = math.floor(config.tolerance * target * total)
+            selection = select_layers(costs, [scores[n] for n in names], required_for(target), allowance)
+            removed = [names[i] for i in selection.items]
+            grid, in_window = selection.grid, selection.in_window
+        pruned = copy.deepcopy(model).eval()
+        pruned_adapter = adapter_for(pruned)
+        for name in removed:
+            pruned_adapter.remove_layer(name)
+        return _Removal(target, removed, grid, in_window, pruned)
 
-    pruned = copy.deepcopy(model).eval()
+    fit = None
+    if config.unit == "latency":  # every trial a real pruned model, timed (engines/latency.py)
+
+        def build(fraction: float) -> tuple[_Removal, float]:
+            removal = remove(fraction)
+            return removal, count_macs(removal.model).total / original["macs"]
+
+        fit = latency.fit_latency(
+            config,
+            latency.time_denoiser(model, config.latency_batch),
+            build,
+            lambda removal: latency.time_denoiser(removal.model, config.latency_batch),
+            lowest=max(0.05, 1 - sum(costs) / total),
+            engine="layer pruning",
+            log=log,
+        )
+        removal = fit.product
+    else:
+        removal = remove(config.target)
+    target, removed, grid, in_window, pruned = (
+        removal.target,
+        removal.removed,
+        removal.grid,
+        removal.in_window,
+        removal.model,
+    )
     pruned_adapter = adapter_for(pruned)
-    for name in removed:
-        pruned_adapter.remove_layer(name)
+    required = required_for(target)
     achieved = {
         "params": count_params(pruned) / original["params"],
         "macs": count_macs(pruned).total / original["macs"],
     }
     measured = _mse(_predict(pruned_adapter, calib, config.batch_size), reference)
-    gap = achieved[config.unit] - config.target
+    gap = achieved[unit] - target
     if in_window is None:
-        in_window = -config.tolerance * config.target <= gap <= 0
+        in_window = -config.tolerance * target <= gap <= 0
     record: dict[str, Any] = {
         "criterion": config.criterion,
         "calibration": {"size": config.calibration_size, "t_min": int(calib.t.min()), "t_max": int(calib.t.max())},
@@ -371,10 +427,13 @@ def compress(adapter: Adapter, config: LayerPruningConfig, data: Calibration, *,
     if config.check_additivity:
         record["additivity"] = _check_additivity(bypass, calib, config, candidates, costs, required, l_out, reference)
         log(f"additivity: {record['additivity']['pearson']} (Pearson), {record['additivity']['spearman']} (Spearman)")
+    if fit is not None:
+        achieved |= fit.achieved()
+        record["latency"] = fit.record()
     summary = (
         f"removed {len(removed)} of {len(candidates)} removable layers ({config.criterion}): "
         f"{achieved['params']:.3f} of the params, {achieved['macs']:.3f} of the MACs"
-        + ("" if in_window else f" — {gap:+.3f} from the {config.unit} target {config.target:.2f}")
+        + (fit.summary() if fit else "" if in_window else f" — {gap:+.3f} from the {unit} target {target:.2f}")
     )
     return Result(
         model=pruned,

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,7 +46,18 @@ from torch.utils._pytree import tree_map
 from torchmetrics.functional import structural_similarity_index_measure
 
 from slimdiff.diffusion import SAMPLERS, guided, make_scheduler, null_condition
-from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, no_log, register, register_artifact
+from slimdiff.engines import latency
+from slimdiff.engines.base import (
+    Calibration,
+    Engine,
+    LatencyBudget,
+    Log,
+    Result,
+    exactly_one,
+    no_log,
+    register,
+    register_artifact,
+)
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, macs_by_module
 from slimdiff.models import Adapter, adapter_for
@@ -484,11 +495,12 @@ FEWER_STEPS_ADVICE = (
 
 
 @dataclass
-class SkipConfig(EngineConfig):
-    """Which sampler the table is for, what fraction of its MACs to keep, and how to find the table."""
+class SkipConfig(LatencyBudget):
+    """Which sampler the table is for, what to keep — exactly one of `target_macs` (a fraction of a full sampling
+    run's MACs) or `target_latency_ms` (a whole sampling run at `latency_batch`, measured) — and how to find it."""
 
-    target_macs: float = field(
-        default=0.5, metadata={"help": "Keep this fraction of the MACs of a full sampling run (e.g. 0.25)."}
+    target_macs: float | None = field(
+        default=None, metadata={"help": "Keep this fraction of the MACs of a full sampling run (e.g. 0.25)."}
     )
     steps: int = field(default=50, metadata={"help": "Sampling steps the table is made for."})
     scheduler: Literal["ddim", "dpm", "ddpm"] = field(
@@ -503,7 +515,9 @@ class SkipConfig(EngineConfig):
     )
     iterations: int = field(default=200, metadata={"help": "dip-go: optimizer steps of the pruner network."})
     lr: float = field(default=0.001, metadata={"help": "dip-go: Adam learning rate of the pruner network."})
-    batch_size: int = field(default=8, metadata={"help": "dip-go: noises per optimizer step.", "flag": "--batch"})
+    batch_size: int = field(
+        default=8, metadata={"help": "dip-go: noises per optimizer step.", "flag": "--search-batch"}
+    )
     noises: int = field(default=32, metadata={"help": "dip-go: fixed noises (and conditions) the search uses."})
     loss: Literal["ssim", "mse"] = field(default="ssim", metadata={"help": "dip-go consistency: ssim or mse."})
     alpha: float = field(default=1.0, metadata={"help": "dip-go: weight of the expected-MACs (sparsity) term."})
@@ -515,7 +529,9 @@ class SkipConfig(EngineConfig):
     seed: int = field(default=0, metadata={"help": "Random seed (noises, conditions, pruner init)."})
 
     def validate(self) -> None:
-        if not 0 < self.target_macs < 1:
+        exactly_one({"target_macs": self.target_macs, "target_latency_ms": self.target_latency_ms})
+        self.validate_latency()
+        if self.target_macs is not None and not 0 < self.target_macs < 1:
             raise SlimdiffError(f"target_macs {self.target_macs} must be a fraction of a full run's MACs in (0, 1)")
         if self.steps < 2:
             raise SlimdiffError(f"steps must be ≥ 2 (got {self.steps})")
@@ -534,7 +550,7 @@ class SkipConfig(EngineConfig):
             raise SlimdiffError("lr must be > 0, alpha ≥ 0, threshold in (0, 1] and tolerance in [0, 0.5)")
 
     def budget(self) -> dict[str, float]:
-        return {"sampling_macs": self.target_macs}
+        return self.latency_budget() if self.target_macs is None else {"sampling_macs": self.target_macs}
 
     @property
     def limit(self) -> float:
@@ -590,8 +606,10 @@ def deepcache_branches(base: SkipTable) -> dict[str, list[bool]]:
     return branches
 
 
-def _baseline(adapter: Adapter, config: SkipConfig, base: SkipTable, costs: UnitCosts) -> tuple[SkipTable, str]:
-    """The deepcache or step-reuse table that keeps the most MACs at or below the target."""
+def _baseline_tables(
+    adapter: Adapter, config: SkipConfig, base: SkipTable, costs: UnitCosts
+) -> list[tuple[float, SkipTable, str]]:
+    """Every deepcache or step-reuse table of the sampler: (kept fraction of the sampling MACs, table, how)."""
     steps = len(base.timesteps)
     partials: dict[str, list[bool]] = {"whole step": [False] * len(base.units)}
     if config.method == "deepcache":
@@ -600,22 +618,28 @@ def _baseline(adapter: Adapter, config: SkipConfig, base: SkipTable, costs: Unit
                 "deepcache needs a U-Net (its cache sits on the skip branches); for a DiT use step-reuse or dip-go"
             )
         partials = deepcache_branches(base)
-    best: tuple[float, SkipTable, str] | None = None
-    least = 1.0
+    tables = []
     for label, partial in partials.items():
         for count in range(1, steps + 1):
             full = full_steps(steps, count, config.schedule)
             table = interval_table(base, full, partial)
-            kept = kept_fraction(table, costs)
-            least = min(least, kept)
-            if kept <= config.limit and (best is None or kept > best[0]):
-                best = (kept, table, f"{label}, {len(full)} full steps of {steps} ({config.schedule})")
-    if best is None:
+            tables.append(
+                (kept_fraction(table, costs), table, f"{label}, {len(full)} full steps of {steps} ({config.schedule})")
+            )
+    return tables
+
+
+def _baseline(adapter: Adapter, config: SkipConfig, base: SkipTable, costs: UnitCosts) -> tuple[SkipTable, str]:
+    """The deepcache or step-reuse table that keeps the most MACs at or below the target."""
+    tables = _baseline_tables(adapter, config, base, costs)
+    fitting = [(kept, table, how) for kept, table, how in tables if kept <= config.limit]
+    if not fitting:
         raise SlimdiffError(
-            f"{config.method} cannot keep as little as {config.target_macs} of the sampling MACs of {steps} steps "
-            f"(its least is {least:.3f}); raise target_macs"
+            f"{config.method} cannot keep as little as {config.target_macs} of the sampling MACs of "
+            f"{len(base.timesteps)} steps (its least is {min(kept for kept, _, _ in tables):.3f}); raise target_macs"
         )
-    return best[1], best[2]
+    _, table, how = max(fitting, key=lambda entry: entry[0])
+    return table, how
 
 
 class Pruner(nn.Module):
@@ -780,6 +804,54 @@ def search(
     return skip_probs, history
 
 
+def _fit_latency(
+    adapter: Adapter,
+    config: SkipConfig,
+    base: SkipTable,
+    costs: UnitCosts,
+    table_for: Callable[[SkipConfig], tuple[SkipTable, str]],
+    log: Log,
+) -> latency.LatencyFit[tuple[SkipTable, str]]:
+    """The table whose whole sampling run at `latency_batch` meets the latency budget (engines/latency.py): each
+    trial a table for a sampling-MACs fraction, attached to a copy of the model and timed."""
+    timed = copy.deepcopy(adapter.model).eval()
+    timed_adapter = adapter_for(timed)
+
+    def measure(table: SkipTable | None) -> latency.LatencyStats:
+        if table is not None:
+            attach(timed, table)
+        try:
+            return latency.time_sampling(
+                timed_adapter,
+                config.latency_batch,
+                steps=config.steps,
+                scheduler=config.scheduler,
+                guidance_scale=config.guidance_scale,
+            )
+        finally:
+            detach(timed)
+
+    if config.method == "deepcache":
+        lowest = min(kept for kept, _, _ in _baseline_tables(adapter, config, base, costs))
+    else:  # every unit reused after step 0
+        lowest = kept_fraction(interval_table(base, [0], [False] * len(base.units)), costs)
+
+    def build(fraction: float) -> tuple[tuple[SkipTable, str], float]:
+        table, how = table_for(config.at_macs(fraction))
+        return (table, how), kept_fraction(table, costs)
+
+    return latency.fit_latency(
+        config,
+        measure(None),
+        build,
+        lambda made: measure(made[0]),
+        lowest=lowest,
+        unit="sampling MACs",
+        engine=config.method,
+        log=log,
+    )
+
+
 def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Log = no_log) -> Result:
     """Find a skip table for the configured sampler; the model is returned untouched, the table as an artifact."""
     config.validate()
@@ -794,16 +866,29 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
     base = SkipTable.full(scheduler, timesteps, units, config.granularity)
     costs = unit_costs(adapter.model, base.units)
     record: dict[str, Any] = {"method": config.method, "granularity": config.granularity, "units": len(units)}
-    if config.method == "dip-go":
-        skip_probs, history = search(adapter, config, data, base, costs, log)
-        table = postprocess(skip_probs, base, costs, config.target_macs, config.tolerance, config.threshold)
-        record |= {
-            "search_history": history,
-            "skip_probabilities": [[round(float(p), 4) for p in row] for row in skip_probs],
-        }
-        how = f"dip-go search, {config.iterations} iterations"
+    skip_probs = None
+
+    def table_for(budget: SkipConfig) -> tuple[SkipTable, str]:
+        """The table for a sampling-MACs budget (dip-go: post-processing the one search's probabilities)."""
+        nonlocal skip_probs
+        if config.method != "dip-go":
+            return _baseline(adapter, budget, base, costs)
+        if skip_probs is None:  # the search runs once, for the first budget asked
+            skip_probs, history = search(adapter, budget, data, base, costs, log)
+            record.update(
+                search_history=history,
+                skip_probabilities=[[round(float(p), 4) for p in row] for row in skip_probs],
+            )
+        table = postprocess(skip_probs, base, costs, budget.target_macs, budget.tolerance, budget.threshold)
+        return table, f"dip-go search, {config.iterations} iterations"
+
+    fit = None
+    if config.target_latency_ms is None:
+        table, how = table_for(config)
     else:
-        table, how = _baseline(adapter, config, base, costs)
+        fit = _fit_latency(adapter, config, base, costs, table_for, log)
+        table, how = fit.product
+        record["latency"] = fit.record()
     kept = kept_fraction(table, costs)
     seconds = time.perf_counter() - start
     per_step = ["".join("1" if c else "." for c in row) for row in table.effective()]
@@ -811,10 +896,10 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
     log(f"{how}: keeps {kept:.3f} of the sampling MACs of {table.described()}")
     return Result(
         model=adapter.model,
-        achieved={"sampling_macs": kept},
+        achieved={"sampling_macs": kept} | (fit.achieved() if fit else {}),
         record=record,
         summary=f"skip table ({config.method}, {config.granularity}): {kept:.1%} of the sampling MACs of "
-        f"{scheduler} with {config.steps} steps; {how}",
+        f"{scheduler} with {config.steps} steps; {how}" + (fit.summary() if fit else ""),
         artifacts={ARTIFACT: table.to_json()},
         seconds=seconds,
     )

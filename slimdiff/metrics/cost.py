@@ -12,12 +12,15 @@ measurement started: allocated tensor memory on CUDA, process RSS on CPU (approx
 from __future__ import annotations
 
 import math
+import os
+import platform
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -197,6 +200,20 @@ def time_callable(
         device=str(dev),
         what=what,
     )
+
+
+def device_description(device: torch.device | str) -> str:
+    """The device a latency was measured on, for the record: the GPU's name, or the CPU model and torch's threads."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    model = platform.processor() or platform.machine()
+    try:
+        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        model = names[0].split(":", 1)[1].strip() if names else model
+    except OSError:
+        pass
+    return f"{dev} ({model}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores)"
 
 
 def _check_on_device(model: nn.Module, device: torch.device | str) -> torch.device:

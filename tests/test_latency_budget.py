@@ -1,0 +1,188 @@
+"""Latency budgets (`--target-latency MS --batch B`): the search on measurements, each engine meeting a target
+through a deterministic stand-in timer, one real-timing smoke test, the provenance, bad input and the CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_cli
+
+from slimdiff.data import load_data
+from slimdiff.diffusion import DEFAULT_SCHEDULE
+from slimdiff.engines import Calibration, get_engine, latency, skip
+from slimdiff.engines.base import Budget
+from slimdiff.errors import SlimdiffError
+from slimdiff.export import read_provenance, save
+from slimdiff.jobs.compression import compress_model
+from slimdiff.metrics.cost import LatencyStats, count_macs
+from slimdiff.models import adapter_for, build_tiny
+
+
+def _stats(ms: float, batch: int = 4, what: str = "call") -> LatencyStats:
+    return LatencyStats(ms, ms, ms, ms, 0.0, repeats=10, warmup=3, batch_size=batch, device="cpu", what=what)
+
+
+def _fit(budget_ms: float, latency_of, *, lowest: float = 0.1, step: float = 0.0, teacher: float = 100.0):
+    """fit_latency on a pure function: a 'product' is the fraction reached (rounded to `step` when given)."""
+    budget = Budget(target_latency_ms=budget_ms)
+
+    def build(fraction: float) -> tuple[float, float]:
+        reached = round(fraction / step) * step if step else fraction
+        return reached, reached
+
+    return latency.fit_latency(budget, _stats(teacher), build, lambda f: _stats(latency_of(f)), lowest=lowest)
+
+
+# -- the search ------------------------------------------------------------------------------------------------------
+def test_the_search_meets_an_affine_latency_a_macs_ratio_misses() -> None:
+    fit = _fit(50.0, lambda f: 30 + 70 * f)  # a fixed overhead: 0.5 of the MACs runs in 65 ms, not 50
+    assert fit.within_tolerance and abs(fit.best.ms - 50) <= 2.5
+    assert fit.trials[0].asked == pytest.approx(0.5) and len(fit.trials) <= 3
+    record = fit.record()
+    assert record["target_ms"] == 50 and record["teacher_ms"] == 100 and record["within_tolerance"]
+    assert record["trials"][0] == {"asked": 0.5, "reached": 0.5, "ms": 65.0}
+    assert "median of 10" in record["measured"] and "3 warm-up" in record["measured"] and record["batch"] == 4
+    assert fit.achieved() == {"latency": pytest.approx(fit.best.ms / 100)}
+
+
+def test_the_search_brackets_a_convex_latency_and_survives_noise() -> None:
+    noise = iter([1.03, 0.97, 1.02, 0.98, 1.01, 0.99])
+    fit = _fit(40.0, lambda f: (10 + 90 * f**2) * next(noise))
+    assert fit.within_tolerance and len(fit.trials) <= latency.MAX_TRIALS
+
+
+def test_the_search_stops_where_the_granularity_repeats_itself() -> None:
+    fit = _fit(50.0, lambda f: 100 * f, step=0.3)  # products at 0.3, 0.6, 0.9 only: 50 ms is unreachable within 5 %
+    assert not fit.within_tolerance and fit.best.reached in (0.3, 0.6)
+    assert len(fit.trials) < latency.MAX_TRIALS
+    assert "off the target" in fit.summary()
+
+
+def test_an_unreachable_or_pointless_latency_is_refused_naming_the_best() -> None:
+    with pytest.raises(SlimdiffError, match=r"cannot reach 20 ms .*0\.20 of the MACs\) runs in 68\.0 ms.*best"):
+        _fit(20.0, lambda f: 60 + 40 * f, lowest=0.2)
+    with pytest.raises(SlimdiffError, match="already runs in 100.0 ms ≤ the target 120 ms"):
+        _fit(120.0, lambda f: 100 * f)
+
+
+# -- each engine, on a stand-in timer that follows the MACs (deterministic) -------------------------------------------
+@pytest.fixture
+def fake_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Denoiser calls take 2 ms + 1 ms per M MACs·image; a sampling run, the sum of its steps' calls."""
+
+    def denoiser(model, batch: int) -> LatencyStats:
+        return _stats(2 + count_macs(model).total * batch / 1e6, batch, "denoiser call")
+
+    def sampling(adapter, batch: int, *, steps: int, scheduler: str, guidance_scale: float) -> LatencyStats:
+        table = skip.table_of(adapter.model)
+        kept = 1.0
+        if table is not None:
+            kept = skip.kept_fraction(table, skip.unit_costs(adapter.model, table.units))
+        per_call = count_macs(adapter.model).total * batch / 1e6
+        return _stats(steps * (0.5 + per_call * kept), batch, "sampling run")
+
+    monkeypatch.setattr(latency, "time_denoiser", denoiser)
+    monkeypatch.setattr(latency, "time_sampling", sampling)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save(build_tiny("tiny-unet").eval(), tmp_path_factory.mktemp("teacher") / "teacher")
+
+
+ENGINES = {
+    "channels": {"importance": "magnitude", "calibration_size": 4},
+    "layers": {"criterion": "magnitude", "calibration_size": 4, "batch_size": 4},
+    "skip": {"method": "step-reuse", "steps": 8},
+}
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_each_engine_meets_a_latency_target_and_records_it(
+    name: str, fake_timer: None, teacher_dir: Path, tmp_path: Path
+) -> None:
+    model = build_tiny("tiny-unet").eval()
+    batch = 4
+    per_call = count_macs(model).total * batch / 1e6
+    teacher_ms = 8 * (0.5 + per_call) if name == "skip" else 2 + per_call
+    target = round(0.6 * teacher_ms, 2)
+    config = get_engine(name).make_config(target_latency_ms=target, latency_batch=batch, **ENGINES[name])
+    assert config.budget() == {"latency_ms": target, "batch": batch}
+    result = compress_model(name, teacher_dir, "digits", tmp_path / "out", config)
+    record = result.record["latency"]
+    assert record["within_tolerance"] and abs(record["achieved_ms"] - target) <= 0.05 * target, record
+    assert record["teacher_ms"] == pytest.approx(teacher_ms, rel=1e-6) and record["batch"] == batch
+    assert record["trials"] and record["device"].startswith("cpu (")
+    assert result.achieved["latency"] == pytest.approx(record["achieved_ms"] / record["teacher_ms"], rel=1e-4)
+    assert f"ms at batch {batch}" in result.summary
+    entry = read_provenance(tmp_path / "out").history[-1]
+    assert entry["target"] == {"latency_ms": target, "batch": batch} and entry["latency"] == record
+    assert read_provenance(tmp_path / "out").metrics["latency_fraction"] == result.achieved["latency"]
+
+
+def test_a_real_timing_is_measured_and_recorded() -> None:
+    """Real timings on a shared CPU are noisy: only that real numbers are measured and recorded."""
+    torch.manual_seed(0)
+    model = build_tiny("tiny-unet").eval()
+    teacher = latency.time_denoiser(model, 2).median_ms
+    config = get_engine("channels").make_config(
+        target_latency_ms=0.6 * teacher, latency_batch=2, importance="magnitude", calibration_size=4
+    )
+    calibration = Calibration(load_data("digits", size=16), lambda labels: None, DEFAULT_SCHEDULE)
+    try:
+        result = get_engine("channels").compress(adapter_for(model), config, calibration)
+    except SlimdiffError as error:  # the machine may be slower than it was a moment ago: still a clear refusal
+        assert "cannot reach" in str(error) or "already runs" in str(error)
+        return
+    record = result.record["latency"]
+    assert record["achieved_ms"] > 0 and record["teacher_ms"] > 0 and all(t["ms"] > 0 for t in record["trials"])
+    assert 0 < result.achieved["macs"] < 1 and math.isfinite(result.achieved["latency"])
+
+
+def test_layers_refuses_a_latency_for_a_fixed_set(teacher_dir: Path, tmp_path: Path) -> None:
+    config = get_engine("layers").make_config(target_latency_ms=5.0, criterion="handcrafted")
+    with pytest.raises(SlimdiffError, match="fixes the removed set"):
+        compress_model("layers", teacher_dir, "digits", tmp_path / "out", config)
+
+
+# -- bad input, the CLI ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "values", "message"),
+    [
+        ("channels", {}, r"exactly one budget of target_macs, target_params, target_latency_ms \(got none\)"),
+        ("channels", {"target_macs": 0.5, "target_latency_ms": 10.0}, "got target_macs and target_latency_ms"),
+        ("layers", {"target_latency_ms": -3.0}, "must be a positive number of ms, got -3.0"),
+        ("layers", {"target_latency_ms": 0.0}, "must be a positive number of ms, got 0.0"),
+        ("channels", {"target_latency_ms": float("nan")}, "positive number of ms"),
+        ("channels", {"target_latency_ms": 10.0, "latency_batch": 0}, r"latency_batch \(--batch\) must be ≥ 1"),
+        ("skip", {"target_latency_ms": 10.0, "latency_tolerance": 0.7}, "latency_tolerance 0.7"),
+        ("skip", {}, r"exactly one budget of target_macs, target_latency_ms \(got none\)"),
+        ("skip", {"target_macs": 0.5, "target_latency_ms": 10.0}, "got target_macs and target_latency_ms"),
+    ],
+)
+def test_bad_latency_budgets_are_refused_in_one_line(name: str, values: dict, message: str) -> None:
+    with pytest.raises(SlimdiffError, match=message) as error:
+        get_engine(name).make_config(**values)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_the_latency_flags_are_in_every_engines_help(name: str, monkeypatch, capsys) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, "compress", name, "--help")
+    assert code == 0 and "--target-latency" in out and "--batch " in out and "--latency-tolerance" in out
+    assert ("--search-batch" in out) == (name == "skip")
+
+
+def test_cli_target_latency_reaches_the_engine(
+    fake_timer: None, teacher_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    args = ["compress", "channels", teacher_dir, "--importance", "magnitude", "--calibration", "4"]
+    latency_budget = ["--target-latency", "300", "--batch", "8"]
+    code, out, _ = run_cli(monkeypatch, capsys, *args, *latency_budget, "--out", tmp_path / "o")
+    assert code == 0 and "ms at batch 8 (target 300 ms" in out
+    assert read_provenance(tmp_path / "o").budget == {"latency_ms": 300.0, "batch": 8}
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--target-latency", "-1", "--out", tmp_path / "bad")
+    assert code == 2 and "positive number of ms" in err and len(err.strip().splitlines()) == 1
