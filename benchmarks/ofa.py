@@ -33,7 +33,7 @@ from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.distill import KDConfig
 from slimdiff.engines.base import Calibration
 from slimdiff.engines.channels import ChannelPruningConfig
-from slimdiff.engines.ofa import OFAConfig, compress, extract_all
+from slimdiff.engines.ofa import IMPORTANCE_NORMS, OFAConfig, compress, extract_all
 from slimdiff.export import load, read_provenance, save
 from slimdiff.io import atomic_write_json
 from slimdiff.jobs.compression import compress_model
@@ -89,9 +89,11 @@ def train_settings(args: argparse.Namespace, steps: int) -> TrainConfig:
 
 def ofa_row(
     args: argparse.Namespace, bench: Bench, sampling: str, teacher_macs: int, allocation: str = "importance"
-) -> dict[str, Path]:
-    """One shared run; returns size → product dir."""
+) -> tuple[str, dict[float, Path]]:
+    """One shared run; returns its row name and size → product dir."""
+    norm = args.importance_norm if allocation == "importance" else "none"
     key = f"ofa-{sampling}" + ("" if allocation == "importance" else f"-{allocation}-alloc")
+    key += "" if norm == "none" else f"-{norm}-norm"  # the first results' rows: raw importance ('none')
     work = args.work / key
     names = {size: work / f"macs-{size:g}" for size in args.sizes}
     if key not in bench.data["runs"]:
@@ -101,6 +103,7 @@ def ofa_row(
             steps=args.steps,
             sampling=sampling,
             allocation=allocation,
+            importance_norm=norm,
             importance_samples=64,
             batch_size=64,
             lr=args.lr,
@@ -129,19 +132,16 @@ def ofa_row(
         }
         print(json.dumps({key: bench.data["runs"][key]}), flush=True)
         bench.save()
-    return names
+    return key, names
 
 
 def dedicated_row(args: argparse.Namespace, bench: Bench, key: str, size: float, steps: int, teacher_macs: int) -> Path:
     """Diff-Pruning to one size, then a `steps`-step fine-tune; returns the fine-tuned dir."""
-    work = args.work / "dedicated" / f"macs-{size:g}"
-    pruned, tuned = work / "pruned", work / f"finetuned-{steps}"
+    tuned = args.work / "dedicated" / f"macs-{size:g}" / f"finetuned-{steps}"
     run_key = f"{key}-{size:g}"
     if run_key not in bench.data["runs"]:
         start = time.perf_counter()
-        if not (pruned / "slimdiff.json").is_file():
-            config = ChannelPruningConfig(importance="diff-pruning", target_macs=size, seed=args.seed)
-            compress_model("channels", args.teacher, "digits", pruned, config, progress=False)
+        pruned = diff_pruned(args, size)
         kd = KDConfig(output_weight=args.kd, feature_weight=0.0) if args.kd > 0 else None
         finetune_model(
             pruned,
@@ -175,7 +175,9 @@ def table(data: dict[str, Any], sizes: list[float], eval_steps: list[int]) -> st
     head = " | ".join(f"FID (KID) DDIM {k}" for k in eval_steps)
     lines = [f"| row | size | MACs | {head} | train steps | train MACs (×10¹²) |", "|---" * (5 + len(eval_steps)) + "|"]
     rows = ("ofa-reweighted", "ofa-uniform", "ofa-sandwich", "ofa-reweighted-uniform-alloc", "dedicated", "equal-cost")
-    for row in (*rows, "init-ofa", "init-ofa-uniform-alloc", "init-diff-pruning"):
+    norms = [f"init-ofa-{norm}-norm" for norm in IMPORTANCE_NORMS if norm != "none"]
+    rows = (*rows, *(f"{row}-{norm}-norm" for row in rows[:4] for norm in IMPORTANCE_NORMS if norm != "none"))
+    for row in (*rows, "init-ofa", *norms, "init-ofa-uniform-alloc", "init-diff-pruning"):
         for size in sizes:
             key = f"{row}-{size:g}"
             if not any(f"{key}@{k}" in evals for k in eval_steps):
@@ -199,22 +201,51 @@ def table(data: dict[str, Any], sizes: list[float], eval_steps: list[int]) -> st
     return "\n".join(lines)
 
 
-def untrained_ofa(args: argparse.Namespace, allocation: str) -> dict[float, Path]:
-    """OFA's sizes extracted straight from the teacher's weights (the engine and `finish`, no shared run)."""
-    work = args.work / ("ofa-init" if allocation == "importance" else f"ofa-init-{allocation}-alloc")
+def diff_pruned(args: argparse.Namespace, size: float) -> Path:
+    """Diff-Pruning (the channels engine, its default thr) of the teacher to `size` of its MACs, untrained."""
+    pruned = args.work / "dedicated" / f"macs-{size:g}" / "pruned"
+    if not (pruned / "slimdiff.json").is_file():
+        config = ChannelPruningConfig(importance="diff-pruning", target_macs=size, seed=args.seed)
+        compress_model("channels", args.teacher, "digits", pruned, config, progress=False)
+    return pruned
+
+
+def untrained_ofa(args: argparse.Namespace, bench: Bench, allocation: str, norm: str) -> dict[float, Path]:
+    """OFA's sizes extracted straight from the teacher's weights (the engine and `finish`, no shared run); the
+    channels each group keeps go to the results file and are printed."""
+    key = init_key(allocation, norm)
+    work = args.work / key
     paths = {size: work / f"macs-{size:g}" for size in args.sizes}
-    if all((path / "slimdiff.json").is_file() for path in paths.values()):
+    if all((path / "slimdiff.json").is_file() for path in paths.values()) and key in bench.data["runs"]:
         return paths
     model = load(args.teacher)
     adapter = adapter_for(model)
     if adapter.cond_kind != "none":
         raise SystemExit("the 'init' row supports unconditional teachers only")
     data = Calibration(training_data(adapter, "digits", args.seed), lambda labels: None, DEFAULT_SCHEDULE)
-    config = OFAConfig(sizes=tuple(args.sizes), allocation=allocation, importance_samples=64, seed=args.seed)
+    config = OFAConfig(
+        sizes=tuple(args.sizes), allocation=allocation, importance_norm=norm, importance_samples=64, seed=args.seed
+    )
     result = compress(adapter, config, data)
     for name, product in extract_all(result.model).items():
         save(product.model, work / name, scheduler_config=dict(DEFAULT_SCHEDULE))
+    subnets = result.record["subnets"]
+    bench.data["runs"][key] = {
+        f"{s['size']:g}": {"keep_ratio": s["keep_ratio"], "group_widths": s["group_widths"]} for s in subnets.values()
+    }
+    bench.save()
+    print(f"{key}: channels kept / width per group at sizes {', '.join(f'{s:g}' for s in sorted(args.sizes))}")
+    for root, (_, width) in next(iter(subnets.values()))["group_widths"].items():
+        kept = " ".join(f"{s['group_widths'][root][0]:4d}" for s in subnets.values())
+        print(f"  {root:45s} {kept} / {width}")
     return paths
+
+
+def init_key(allocation: str, norm: str) -> str:
+    """The untrained row's name: `init-ofa` is METHODS §2's raw importance (the first results' allocation)."""
+    if allocation == "uniform":
+        return "init-ofa-uniform-alloc"
+    return "init-ofa" if norm == "none" else f"init-ofa-{norm}-norm"
 
 
 def main() -> None:
@@ -232,6 +263,15 @@ def main() -> None:
         "--samplings", nargs="+", default=["uniform", "sandwich"], help="ablation rows (with 'ablation')"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--norms", nargs="+", default=["none", "kind"], choices=IMPORTANCE_NORMS, help="'init' row: importance norms"
+    )
+    parser.add_argument(
+        "--importance-norm",
+        default=OFAConfig.importance_norm,
+        choices=IMPORTANCE_NORMS,
+        help="the shared runs' importance norm (the first results used 'none')",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ofa.json"))
     parser.add_argument(
         "--table", nargs="*", type=Path, metavar="MORE_JSON", help="only print the table of --out (and these files)"
@@ -264,9 +304,10 @@ def main() -> None:
             for steps in args.eval_steps:
                 bench.evaluate("teacher", args.teacher, steps, args.n)
         elif row == "ofa":
-            for size, path in ofa_row(args, bench, "reweighted", teacher_macs).items():
+            key, paths = ofa_row(args, bench, "reweighted", teacher_macs)
+            for size, path in paths.items():
                 for steps in args.eval_steps:
-                    bench.evaluate(f"ofa-reweighted-{size:g}", path, steps, args.n)
+                    bench.evaluate(f"{key}-{size:g}", path, steps, args.n)
         elif row in ("dedicated", "equal-cost"):
             for size in sizes:
                 steps = args.steps if row == "dedicated" else equal_steps
@@ -278,29 +319,22 @@ def main() -> None:
                 for steps in args.eval_steps:
                     bench.evaluate("teacher", args.teacher, max(round(size * steps), 1), args.n)
         elif row == "uniform-alloc":  # the allocation ablation: every group keeps the same ratio P
-            for size, path in ofa_row(args, bench, "reweighted", teacher_macs, "uniform").items():
+            key, paths = ofa_row(args, bench, "reweighted", teacher_macs, "uniform")
+            for size, path in paths.items():
                 for steps in args.eval_steps:
-                    bench.evaluate(f"ofa-reweighted-uniform-alloc-{size:g}", path, steps, args.n)
+                    bench.evaluate(f"{key}-{size:g}", path, steps, args.n)
         elif row == "init":  # before any training: OFA's extracted sizes and the Diff-Pruning models
-            paths = untrained_ofa(args, "importance")
-            uniform = untrained_ofa(args, "uniform")
-            for size in sizes:
-                bench.evaluate(f"init-ofa-{size:g}", paths[size], args.eval_steps[0], args.n)
-                bench.evaluate(f"init-ofa-uniform-alloc-{size:g}", uniform[size], args.eval_steps[0], args.n)
-                pruned = args.work / "dedicated" / f"macs-{size:g}" / "pruned"
-                bench.evaluate(f"init-diff-pruning-{size:g}", pruned, args.eval_steps[0], args.n)
+            variants = [("importance", norm) for norm in args.norms] + [("uniform", "none")]
+            models = {init_key(*variant): untrained_ofa(args, bench, *variant) for variant in variants}
+            for size in sizes:  # smallest size first: it shows the allocations' differences most
+                for key, paths in models.items():
+                    bench.evaluate(f"{key}-{size:g}", paths[size], args.eval_steps[0], args.n)
+                bench.evaluate(f"init-diff-pruning-{size:g}", diff_pruned(args, size), args.eval_steps[0], args.n)
         elif row == "ablation":
-            for sampling in args.samplings:
-                paths = ofa_row(args, bench, sampling, teacher_macs)
+            for sampling in ("reweighted", *args.samplings):  # reweighted: the same sizes at the same step count
+                key, paths = ofa_row(args, bench, sampling, teacher_macs)
                 for size in (sizes[0], sizes[-1]):
-                    bench.evaluate(f"ofa-{sampling}-{size:g}", paths[size], args.eval_steps[0], args.n)
-            for size in (sizes[0], sizes[-1]):  # reweighted at the same step count, for the comparison
-                bench.evaluate(
-                    f"ofa-reweighted-{size:g}",
-                    args.work / "ofa-reweighted" / f"macs-{size:g}",
-                    args.eval_steps[0],
-                    args.n,
-                )
+                    bench.evaluate(f"{key}-{size:g}", paths[size], args.eval_steps[0], args.n)
         else:
             raise SystemExit(f"unknown row '{row}'")
 

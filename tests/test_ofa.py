@@ -16,11 +16,16 @@ from slimdiff.data import load_data
 from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.engines.base import Calibration
 from slimdiff.engines.ofa import (
+    ChannelGroupInfo,
     ElasticModel,
     OFAConfig,
+    allocate,
     compress,
     draw_subnet,
     extract_all,
+    importance_shares,
+    layer_importance,
+    layer_kind,
     subnet_probabilities,
 )
 from slimdiff.errors import SlimdiffError
@@ -121,6 +126,33 @@ def test_every_size_lands_within_two_percent_of_its_macs(family) -> None:
         assert record["ladder_ratio"] <= record["keep_ratio"] + 1e-9
 
 
+def test_kind_normalised_importance_does_not_starve_a_kind_whose_raw_scores_are_small() -> None:
+    """Two kinds in one stage, the same pattern of importance, one kind's raw Taylor scores 100× smaller."""
+    roots = [f"down_blocks.0.resnets.{i}.conv1" for i in range(3)]
+    roots += [f"down_blocks.0.attentions.{i}.to_q" for i in range(3)]
+    groups = [ChannelGroupInfo(((r, "out"),), (r,), 64, 1, "stage 0", layer_kind((r,))) for r in roots]
+    pattern = [1.0, 2.0, 3.0] * 2
+    scale = [1.0] * 3 + [0.01] * 3
+    scores = {g.key: torch.full((64,), p * c) for g, p, c in zip(groups, pattern, scale, strict=True)}
+
+    def widths(norm: str) -> list[int]:
+        counts = allocate(groups, importance_shares(groups, layer_importance(groups, scores, norm)), 0.5, 0.25)
+        return [counts[g.key] for g in groups]
+
+    assert {g.kind for g in groups} == {"conv1", "to_q"}
+    raw = widths("none")
+    assert raw[3:] == [16, 16, 16]  # the paper's formula on raw scores: the small-scale kind sits at the floor
+    assert raw[:3] == [32, 63, 64]  # while the other takes nearly all of the stage's budget
+    by_kind = widths("kind")
+    assert by_kind[:3] == by_kind[3:] == [16, 32, 48]  # each kind ranked among its own: the same widths
+    assert sum(by_kind) == pytest.approx(0.5 * 64 * 6, abs=1)  # and the stage keeps P of its channels
+
+
+def test_layer_kind_is_the_roots_names_without_their_block_path() -> None:
+    assert layer_kind(("up_blocks.1.resnets.0.conv1", "up_blocks.1.resnets.0.time_emb_proj")) == "conv1+time_emb_proj"
+    assert layer_kind(("mid_block.attentions.0.to_out.0", "mid_block.resnets.1.conv2")) == "conv2+to_out"
+
+
 def test_reweighted_sampling_favours_the_smallest_three_to_one_and_is_a_function_of_seed_and_step() -> None:
     draws = [draw_subnet("reweighted", 3, 3.0, 0, step) for step in range(30000)]
     shares = [n / len(draws) for _, n in sorted(Counter(draws).items())]
@@ -197,6 +229,7 @@ def test_cli_run_makes_one_loadable_model_per_size_and_resumes_exactly(tmp_path:
         (["--sampling", "greedy"], "unknown sampling rule 'greedy'; valid: reweighted, uniform, sandwich"),
         (["--unit", "latency"], "unknown unit 'latency'; valid: macs, params"),
         (["--allocation", "even"], "unknown allocation 'even'; valid: importance, uniform"),
+        (["--importance-norm", "max"], "unknown importance_norm 'max'; valid: kind, none, sqrt, rank"),
         (["--smallest-weight", "0.5"], "smallest_weight=0.5 is invalid"),
     ],
 )
