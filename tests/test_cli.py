@@ -134,6 +134,29 @@ def test_recipe_trains_then_samples(tmp_path: Path, monkeypatch, capsys) -> None
     assert spec["conditioning"]["classes"] == [str(i) for i in range(10)]
 
 
+def test_recipe_rerun_with_changed_settings_starts_that_step_and_the_next_afresh(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    def write(train_steps: int) -> Path:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(
+            f"model: tiny-dit\ndata: digits\nout: {tmp_path / 'out'}\nsteps:\n"
+            f"  - train: {{steps: {train_steps}, batch_size: 8, checkpoint_every: 1}}\n"
+            "  - finetune: {steps: 2, batch_size: 8, checkpoint_every: 1}\n"
+        )
+        return recipe
+
+    assert run_cli(monkeypatch, capsys, "run", write(2))[0] == 0
+    first = (tmp_path / "out" / "01-finetune" / "diffusion_pytorch_model.safetensors").read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, "run", write(3))  # the train step changed: both steps rerun
+    assert code == 0, err
+    for step in ("00-train", "01-finetune"):
+        assert (tmp_path / "out" / f"{step}.superseded-1" / "step.json").is_file()  # the old run, kept
+    history = json.loads((tmp_path / "out" / "01-finetune" / "slimdiff.json").read_text())["provenance"]["history"]
+    assert [h["steps"] for h in history] == [3, 2]  # fine-tuned afresh from the new teacher, not resumed
+    assert (tmp_path / "out" / "01-finetune" / "diffusion_pytorch_model.safetensors").read_bytes() != first
+
+
 def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("SLIMDIFF_CACHE", str(tmp_path / "cache"))
     save(build_tiny("tiny-unet"), tmp_path / "teacher")

@@ -113,7 +113,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
 
     A rerun resumes: a step whose directory records that it finished with the same settings, on the same input,
     is not run again (its summary is reused) unless a step before it ran again; an interrupted training step
-    continues from its last checkpoint.
+    continues from its last checkpoint. A step that runs again from scratch (its settings or its input changed)
+    first moves its old directory aside to `<dir>.superseded-<k>`, so nothing it made is lost or resumed from.
     """
     for step in recipe.steps:  # refuse a bad teacher before any step has run
         if isinstance(step, FinetuneStep):
@@ -127,6 +128,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
         settings = json.loads(json.dumps({"input": current, "data": recipe.data, **dataclasses.asdict(step)}))
         done = None if reran else _finished(ctx.out, settings)
         if done is None:
+            if reran or (ctx.out / DONE_NAME).is_file():  # made from another input or with other settings
+                _set_aside(ctx.out)
             reran = True
             done = STEP_RUNNERS[type(step)](step, ctx)
             atomic_write_json(ctx.out / DONE_NAME, {"settings": settings, "summary": done})
@@ -134,6 +137,16 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
         current = summary.pop("model", current)
         summaries.append({"step": kind, "out": summary.pop("out", current), **summary})
     return summaries
+
+
+def _set_aside(step_dir: Path) -> None:
+    """Rename a stale step directory to the first free `<name>.superseded-<k>` (a no-op if there is none)."""
+    if not step_dir.exists():
+        return
+    k = 1
+    while (aside := step_dir.with_name(f"{step_dir.name}.superseded-{k}")).exists():
+        k += 1
+    step_dir.rename(aside)
 
 
 def _finished(step_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
