@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 from torch.utils._pytree import tree_map
-from torchmetrics.functional import structural_similarity_index_measure
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from slimdiff.diffusion import SAMPLERS, guided, make_scheduler, null_condition
 from slimdiff.engines import latency
