@@ -1,18 +1,22 @@
 """Skip tables vs sampling with fewer steps, on a digits teacher: the teacher's own quality-vs-steps curve first.
 
-    OMP_NUM_THREADS=1 python benchmarks/skipping.py --teacher /work/runs/demo/teacher --n 500 \
+    OMP_NUM_THREADS=1 python benchmarks/skipping.py --teacher /work/runs/demo/teacher --n 1000 \
         --out benchmarks/results/skipping_demo.json --work /tmp/bench-skipping-demo
+    ... --stage wall      # then: back-to-back wall times at batch 64 and batch 1
+    ... --stage report --report benchmarks/results/skipping_demo.json
 
-1. The curve: FID/KID (digits features, `--n` samples, seed 0) of the teacher with DDIM and DPM-Solver++ at each
-   step count in `--ddim-steps` / `--dpm-steps`.
+1. The curve: FID/KID (digits features, `--n` samples, seed 0; conditional teachers: classifier-free guidance at
+   `--guidance-scale`, the recorded classes or prompts in turn, and class agreement — the share of samples the
+   digits classifier assigns to their condition, the CLIP score of this domain) of the teacher with DDIM and
+   DPM-Solver++ at each step count in `--ddim-steps` / `--dpm-steps`.
 2. For each reference sampler (DDIM at `--refs` steps; `nstar` = the DDIM step count with the best FID on the curve)
-   and each fraction in `--fractions` of its sampling MACs: dip-go (block and layer granularity), deepcache (layer),
-   step-reuse, and the free alternatives at equal sampling MACs — DDIM and DPM-Solver++ with fraction × steps
-   steps (read from the curve when it has that step count). Each dip-go search runs once per reference and
-   granularity, at the smallest fraction; the tables for the larger fractions are post-processed from the same
-   skip probabilities.
-3. Wall time of one whole sampling run at batch 64 (CPU, the threads the process has) for the reference sampler
-   and each table.
+   and each fraction in `--fractions` of its sampling MACs: dip-go (block and layer granularity, one search per
+   `--seeds` seed), deepcache (layer), step-reuse, and the free alternatives at equal sampling MACs — DDIM and
+   DPM-Solver++ with fraction × steps steps. Each dip-go search runs once per reference, granularity and seed, at
+   the smallest fraction; the tables for the larger fractions are post-processed from the same skip probabilities
+   and, as the engine does, compared with step reuse at that fraction on held-out noises.
+3. `--stage wall`: wall time of one whole sampling run at batch 64 and at batch 1 (CPU, the threads the process
+   has), measured back to back for the reference sampler, each table and DDIM with fewer steps at equal MACs.
 
 Rows are appended to the JSON as they finish; a rerun with the same `--out` skips rows it already has.
 """
@@ -29,14 +33,15 @@ import torch
 
 from slimdiff.data import load_data
 from slimdiff.diffusion import sample
-from slimdiff.engines import get_engine, skip
+from slimdiff.engines import Calibration, get_engine, skip
 from slimdiff.errors import SlimdiffError
-from slimdiff.export import load, load_scheduler_config, save
+from slimdiff.export import load, load_scheduler_config, read_spec, save
 from slimdiff.io import atomic_write_json
-from slimdiff.jobs.compression import compress_model
+from slimdiff.jobs.compression import calibration_for, compress_model
+from slimdiff.jobs.conditioning import sampling_inputs
 from slimdiff.metrics.cost import count_macs, sampling_latency
 from slimdiff.metrics.features import digits_feature_extractor
-from slimdiff.metrics.quality import compute_quality, reference_features
+from slimdiff.metrics.quality import class_agreement, compute_quality, reference_features
 from slimdiff.models import adapter_for
 from slimdiff.report import markdown_table
 
@@ -44,16 +49,20 @@ REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 
 
 class Bench:
-    """The teacher, the reference features, and the rows measured so far (persisted after each one)."""
+    """The teacher, its sampling conditions, the reference features, and the rows measured so far (persisted after
+    each one)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.teacher = load(args.teacher, artifacts=False)
+        self.adapter = adapter_for(self.teacher)
         self.schedule = load_scheduler_config(args.teacher)
-        self.per_call = count_macs(self.teacher).total
+        self.guidance = args.guidance_scale if self.adapter.cond_kind != "none" else 1.0
+        self.per_call = count_macs(self.teacher).total * (2 if self.guidance != 1.0 else 1)
+        self.inputs = sampling_inputs(args.teacher, self.adapter, args.n)
+        self.labels = self._labels()
         self.extractor = digits_feature_extractor()
-        size = adapter_for(self.teacher).sample_size
-        channels = adapter_for(self.teacher).in_channels
+        size, channels = self.adapter.sample_size, self.adapter.in_channels
         reference = load_data("digits", size=size, channels=channels, split="train")
         self.real = reference_features(reference, self.extractor, split="train")
         self.results: dict[str, Any] = {"rows": []}
@@ -61,11 +70,23 @@ class Bench:
             self.results = json.loads(args.out.read_text())
         self.results |= {
             "teacher": str(args.teacher),
+            "family": self.adapter.family,
+            "conditioning": self.adapter.cond_kind,
+            "guidance_scale": self.guidance,
             "n": args.n,
             "extractor": self.extractor.name,
             "threads": torch.get_num_threads(),
-            "macs_per_call": self.per_call,
+            "macs_per_step": self.per_call,
         }
+
+    def _labels(self) -> torch.Tensor | None:
+        """The digit each sample is conditioned on (sampling_inputs cycles the recorded classes / their prompts)."""
+        if self.adapter.cond_kind == "none":
+            return None
+        if self.adapter.cond_kind == "class":
+            return self.inputs.cond
+        classes = read_spec(self.args.teacher)["conditioning"]["classes"]
+        return torch.tensor([int(classes[i % len(classes)]) for i in range(self.args.n)])
 
     def done(self, key: str) -> dict[str, Any] | None:
         return next((row for row in self.results["rows"] if row["key"] == key), None)
@@ -77,25 +98,39 @@ class Bench:
         return row
 
     def quality(self, model: torch.nn.Module, scheduler: str, steps: int) -> dict[str, float]:
+        """FID/KID (and, for conditional models, class agreement) of `n` samples from seed 0."""
         images = sample(
             adapter_for(model),
             n=self.args.n,
             steps=steps,
             scheduler=scheduler,
             schedule=self.schedule,
+            cond=self.inputs.cond,
+            guidance_scale=self.guidance,
+            uncond_embedding=self.inputs.uncond_embedding,
             seed=0,
             batch_size=64,
             progress=False,
         )
-        return compute_quality(images, self.real, self.extractor, metrics=("fid", "kid"), seed=0)
+        values = compute_quality(images, self.real, self.extractor, metrics=("fid", "kid"), seed=0)
+        if self.labels is not None:
+            values["agreement"] = class_agreement(images, self.labels, self.extractor)
+        return values
 
-    def wall(self, model: torch.nn.Module, scheduler: str, steps: int) -> float:
+    def wall(self, model: torch.nn.Module, scheduler: str, steps: int, batch: int = 64) -> float:
+        """Seconds of one whole sampling run of `batch` images (median of `--wall-repeats`)."""
         stats = sampling_latency(
-            adapter_for(model), steps=steps, batch_size=64, scheduler=scheduler, warmup=0, repeats=1
+            adapter_for(model),
+            steps=steps,
+            batch_size=batch,
+            scheduler=scheduler,
+            guidance_scale=self.guidance,
+            warmup=1 if batch == 1 else 0,
+            repeats=self.args.wall_repeats,
         )
         return stats.median_ms / 1000
 
-    def sampler_row(self, scheduler: str, steps: int, *, timed: bool = False) -> dict[str, Any]:
+    def sampler_row(self, scheduler: str, steps: int) -> dict[str, Any]:
         key = f"{scheduler}-{steps}"
         row = self.done(key)
         if row is None:
@@ -104,10 +139,13 @@ class Bench:
             row |= self.quality(self.teacher, scheduler, steps)
             row |= {"sampling_macs": steps * self.per_call, "eval_seconds": round(time.perf_counter() - start, 1)}
             self.add(row)
-        if timed and "wall_s_batch64" not in row:
-            row["wall_s_batch64"] = self.wall(self.teacher, scheduler, steps)
-            atomic_write_json(self.args.out, self.results)
         return row
+
+    def calibration(self) -> Calibration:
+        return calibration_for(self.args.teacher, self.adapter, "digits", self.args.work / "conditioning", 0)[0]
+
+    def skip_config(self, **values: Any) -> skip.SkipConfig:
+        return get_engine("skip").make_config(guidance_scale=self.guidance, **values)
 
     def table_row(self, key: str, model_dir: Path, ref_steps: int, fraction: float, how: dict) -> dict[str, Any]:
         model = load(model_dir)
@@ -118,8 +156,7 @@ class Bench:
         row |= self.quality(model, "ddim", ref_steps)
         row |= {
             "kept_sampling_macs": kept,
-            "sampling_macs": round(kept * costs.total * ref_steps),
-            "wall_s_batch64": self.wall(model, "ddim", ref_steps),
+            "sampling_macs": round(kept * self.per_call * ref_steps),
             "table": ["".join("1" if c else "." for c in r) for r in table.effective()],
         }
         return self.add(row)
@@ -127,9 +164,8 @@ class Bench:
 
 def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
     args = bench.args
-    engine = get_engine("skip")
     work = args.work / f"ddim{ref_steps}"
-    bench.sampler_row("ddim", ref_steps, timed=True)
+    bench.sampler_row("ddim", ref_steps)
     for fraction in fractions:
         equal = max(1, round(fraction * ref_steps))
         bench.sampler_row("ddim", equal)
@@ -139,7 +175,7 @@ def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
             key = f"ddim{ref_steps}-{method}-{granularity}-{fraction}"
             if bench.done(key):
                 continue
-            config = engine.make_config(method=method, granularity=granularity, steps=ref_steps, target_macs=fraction)
+            config = bench.skip_config(method=method, granularity=granularity, steps=ref_steps, target_macs=fraction)
             out = work / key
             try:
                 result = compress_model("skip", args.teacher, "digits", out, config)
@@ -151,6 +187,7 @@ def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
                         "ref_steps": ref_steps,
                         "fraction": fraction,
                         "method": method,
+                        "granularity": granularity,
                         "infeasible": str(error),
                     }
                 )
@@ -162,43 +199,66 @@ def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
                 fraction,
                 {"method": method, "granularity": granularity, "how": result.record["how"]},
             )
+    for seed in args.seeds:
+        for granularity in ("block", "layer"):
+            dip_go(bench, ref_steps, fractions, granularity, seed)
+
+
+def dip_go(bench: Bench, ref_steps: int, fractions: list[float], granularity: str, seed: int) -> None:
+    """One DiP-GO search at the smallest fraction; the larger fractions' tables post-process its probabilities
+    (each compared, as the engine does, with step reuse at that fraction on the held-out noises)."""
+    args = bench.args
+    work = args.work / f"ddim{ref_steps}"
+    suffix = "" if seed == 0 else f"-s{seed}"
+    keys = {f: f"ddim{ref_steps}-dip-go-{granularity}-{f}{suffix}" for f in fractions}
+    if all(bench.done(k) for k in keys.values()):
+        return
     smallest = min(fractions)
-    for granularity in ("block", "layer"):
-        keys = {f: f"ddim{ref_steps}-dip-go-{granularity}-{f}" for f in fractions}
-        if all(bench.done(k) for k in keys.values()):
+    settings = dict(
+        method="dip-go",
+        granularity=granularity,
+        steps=ref_steps,
+        iterations=args.iterations,
+        batch_size=args.search_batch,
+        noises=args.search_noises,
+        start=args.start,
+        seed=seed,
+    )
+    config = bench.skip_config(target_macs=smallest, **settings)
+    searched = work / keys[smallest]
+    start = time.perf_counter()
+    result = compress_model("skip", args.teacher, "digits", searched, config, log=print)
+    search_seconds = time.perf_counter() - start
+    probs = torch.tensor(result.record["skip_probabilities"])
+    units = skip.skip_units(bench.adapter, granularity)
+    made = skip.table_of(load(searched))
+    base = skip.SkipTable.full(made.scheduler, made.timesteps, units, granularity)
+    costs = skip.unit_costs(bench.teacher, base.units)
+    calibration = bench.calibration()
+    noises = skip.held_out_noises(bench.adapter, config, calibration)
+    for fraction in fractions:
+        out = searched if fraction == smallest else work / keys[fraction]
+        record = result.record
+        if fraction != smallest and not bench.done(keys[fraction]):
+            budget = bench.skip_config(target_macs=fraction, **settings)
+            chosen = skip.select(bench.adapter, budget, calibration, base, costs, probs, noises)
+            save(bench.teacher, out, artifacts={"skip_table": chosen.table.to_json()})
+            record = chosen.record()
+        if bench.done(keys[fraction]):
             continue
-        config = engine.make_config(
-            method="dip-go",
-            granularity=granularity,
-            steps=ref_steps,
-            target_macs=smallest,
-            iterations=args.iterations,
-            batch_size=args.search_batch,
-            noises=args.search_noises,
-        )
-        searched = work / keys[smallest]
-        start = time.perf_counter()
-        result = compress_model("skip", args.teacher, "digits", searched, config, log=print)
-        search_seconds = time.perf_counter() - start
-        probs = torch.tensor(result.record["skip_probabilities"])
-        made = skip.table_of(load(searched))
-        units = skip.skip_units(adapter_for(bench.teacher), granularity)
-        base = skip.SkipTable.full(made.scheduler, made.timesteps, units, granularity)
-        costs = skip.unit_costs(bench.teacher, base.units)
-        for fraction in fractions:
-            out = searched if fraction == smallest else work / keys[fraction]
-            if fraction != smallest:
-                table = skip.postprocess(probs, base, costs, fraction, config.tolerance, config.threshold)
-                save(bench.teacher, out, artifacts={"skip_table": table.to_json()})
-            how = {
-                "method": "dip-go",
-                "granularity": granularity,
-                "search_seconds": round(search_seconds, 1),
-                "searched_at": smallest,
-                "iterations": args.iterations,
-                "final_search": result.record["search_history"][-1],
-            }
-            bench.table_row(keys[fraction], out, ref_steps, fraction, how)
+        how = {
+            "method": "dip-go",
+            "granularity": granularity,
+            "seed": seed,
+            "start": args.start,
+            "search_seconds": round(search_seconds, 1),
+            "searched_at": smallest,
+            "iterations": args.iterations,
+            "final_search": result.record["search_history"][-1],
+            "selected": record["selected"],
+            "held_out": record["held_out"],
+        }
+        bench.table_row(keys[fraction], out, ref_steps, fraction, how)
 
 
 def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]:
@@ -243,45 +303,56 @@ def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]
 
 
 def wall_times(bench: Bench) -> None:
-    """Wall time of whole sampling runs at batch 64, measured back to back per table: the reference sampler, the
-    table, and the same sampler with fewer steps at equal MACs (so that load on the machine hits all alike)."""
+    """Wall time of whole sampling runs at batch 64 and batch 1, measured back to back per table: the reference
+    sampler, the table, and the same sampler with fewer steps at equal MACs (so that load on the machine hits all
+    three alike)."""
     for row in bench.results["rows"]:
         if row["kind"] != "table" or "infeasible" in row or "wall" in row:
             continue
         ref, equal = row["ref_steps"], max(1, round(row["fraction"] * row["ref_steps"]))
         model = load(bench.args.work / f"ddim{ref}" / row["key"])
-        row["wall"] = {
-            "ref_s": bench.wall(bench.teacher, "ddim", ref),
-            "table_s": bench.wall(model, "ddim", ref),
-            "fewer_steps_s": bench.wall(bench.teacher, "ddim", equal),
-        }
-        row["wall"]["table_speedup"] = row["wall"]["ref_s"] / row["wall"]["table_s"]
-        row["wall"]["macs_speedup"] = 1 / row["kept_sampling_macs"]
+        wall: dict[str, float] = {"macs_speedup": 1 / row["kept_sampling_macs"]}
+        for batch in (64, 1):
+            times = {
+                "ref_s": bench.wall(bench.teacher, "ddim", ref, batch),
+                "table_s": bench.wall(model, "ddim", ref, batch),
+                "fewer_steps_s": bench.wall(bench.teacher, "ddim", equal, batch),
+            }
+            wall |= {f"{name}_batch{batch}": value for name, value in times.items()}
+            wall[f"table_speedup_batch{batch}"] = times["ref_s"] / times["table_s"]
+        row["wall"] = wall
         atomic_write_json(bench.args.out, bench.results)
-        print(row["key"], row["wall"], flush=True)
+        print(row["key"], wall, flush=True)
 
 
-def _wall(row: dict[str, Any]) -> str:
+def _wall(row: dict[str, Any], batch: int) -> str:
     wall = row.get("wall")
     if wall is None:
-        return f"{row['wall_s_batch64']:.1f} (not back to back)"
-    return f"{wall['table_s']:.1f} / {wall['ref_s']:.1f} / {wall['fewer_steps_s']:.1f}"
+        return "not measured"
+    return f"{wall[f'table_speedup_batch{batch}']:.2f}× ({wall['macs_speedup']:.2f}×)"
+
+
+def _quality(row: dict[str, Any]) -> dict[str, Any]:
+    values = {"FID": row["fid"], "KID×100": 100 * row["kid_mean"]}
+    return values | ({"agreement": row["agreement"]} if "agreement" in row else {})
+
+
+def _name(row: dict[str, Any]) -> str:
+    name = f"{row['method']} ({row['granularity']}"
+    if row["method"] == "dip-go":
+        name += f", seed {row['seed']}" + (", → step reuse" if row.get("selected") == "step-reuse" else "")
+    return name + ")"
 
 
 def markdown(paths: list[Path]) -> str:
-    """The curve and the tables of one or more result files, as Markdown."""
+    """The curve and the tables of one or more result files, as Markdown (wall: the table's speedup over the
+    reference sampler, measured at batch 64 / batch 1, with its sampling-MACs speedup in brackets)."""
     rows: dict[str, dict[str, Any]] = {}
     for path in paths:
         rows |= {row["key"]: row for row in json.loads(path.read_text())["rows"]}
     samplers = sorted((r for r in rows.values() if r["kind"] == "sampler"), key=lambda r: (r["scheduler"], r["steps"]))
     curve = [
-        {
-            "sampler": r["scheduler"],
-            "steps": r["steps"],
-            "FID": r["fid"],
-            "KID×100": 100 * r["kid_mean"],
-            "sampling GMACs": r["sampling_macs"] / 1e9,
-        }
+        {"sampler": r["scheduler"], "steps": r["steps"], **_quality(r), "sampling GMACs": r["sampling_macs"] / 1e9}
         for r in samplers
     ]
     out = ["### The teacher's curve", "", markdown_table(curve), ""]
@@ -293,41 +364,17 @@ def markdown(paths: list[Path]) -> str:
             for name in (f"ddim-{equal}", f"dpm-{equal}"):
                 if name in rows:
                     r = rows[name]
-                    table.append(
-                        {
-                            "fraction": fraction,
-                            "row": f"{r['scheduler']} {equal} steps (fewer steps)",
-                            "kept MACs": equal / ref,
-                            "FID": r["fid"],
-                            "KID×100": 100 * r["kid_mean"],
-                            "wall s (b64): table / DDIM-ref / fewer steps": "",
-                        }
-                    )
+                    row = {"fraction": fraction, "row": f"{r['scheduler']} {equal} steps", "kept MACs": equal / ref}
+                    table.append(row | _quality(r) | {"wall b64": "", "wall b1": ""})
             for r in rows.values():
-                if r["kind"] == "table" and r["ref_steps"] == ref and r["fraction"] == fraction:
-                    name = r["method"] + (f" ({r['granularity']})" if r.get("granularity") else "")
-                    if "infeasible" in r:
-                        table.append(
-                            {
-                                "fraction": fraction,
-                                "row": name,
-                                "kept MACs": None,
-                                "FID": None,
-                                "KID×100": None,
-                                "wall s (b64): table / DDIM-ref / fewer steps": "infeasible: " + r["infeasible"],
-                            }
-                        )
-                        continue
-                    table.append(
-                        {
-                            "fraction": fraction,
-                            "row": name,
-                            "kept MACs": r["kept_sampling_macs"],
-                            "FID": r["fid"],
-                            "KID×100": 100 * r["kid_mean"],
-                            "wall s (b64): table / DDIM-ref / fewer steps": _wall(r),
-                        }
-                    )
+                if r["kind"] != "table" or r["ref_steps"] != ref or r["fraction"] != fraction:
+                    continue
+                row = {"fraction": fraction, "row": _name(r)}
+                if "infeasible" in r:
+                    table.append(row | {"kept MACs": None, "FID": None, "wall b64": "infeasible: " + r["infeasible"]})
+                    continue
+                row |= {"kept MACs": r["kept_sampling_macs"], **_quality(r)}
+                table.append(row | {"wall b64": _wall(r, 64), "wall b1": _wall(r, 1)})
         head = f"### From DDIM-{ref} (FID {full.get('fid', float('nan')):.3f})"
         out += [head, "", markdown_table(table), ""]
     return "\n".join(out)
@@ -340,10 +387,14 @@ def main() -> None:
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=[4, 6, 8, 10, 12, 16, 25, 50, 100])
     parser.add_argument("--dpm-steps", type=int, nargs="+", default=[4, 6, 8, 12, 16, 25])
     parser.add_argument("--refs", nargs="+", default=["50", "nstar"], help="reference DDIM step counts, or nstar")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.33, 0.25])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.33, 0.25, 0.2])
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="conditional teachers: CFG scale")
     parser.add_argument("--iterations", type=int, default=60, help="dip-go optimizer steps per search")
     parser.add_argument("--search-batch", type=int, default=4)
     parser.add_argument("--search-noises", type=int, default=16)
+    parser.add_argument("--start", choices=skip.STARTS, default="full", help="dip-go: where the search starts")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="dip-go search seeds")
+    parser.add_argument("--wall-repeats", type=int, default=1, help="--stage wall: runs per timing (median)")
     parser.add_argument("--stage", choices=["curve", "tables", "all", "reference", "report", "wall"], default="all")
     parser.add_argument("--report", type=Path, nargs="+", help="--stage report: result files to print as Markdown")
     parser.add_argument("--reference-config", type=Path, default=REFERENCE / "sd-1.5.unet.json")

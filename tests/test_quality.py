@@ -19,6 +19,7 @@ from slimdiff.errors import SlimdiffError
 from slimdiff.metrics import features, quality
 from slimdiff.metrics.features import Logits, digits_feature_extractor, extract, inception_feature_extractor
 from slimdiff.metrics.quality import (
+    class_agreement,
     clip_score,
     compute_quality,
     precision_recall,
@@ -168,6 +169,17 @@ def test_inception_score_of_one_class_is_below_balanced(digits, splits) -> None:
     balanced = torch.cat([holdout[labels == c][:30] for c in range(10)])
     score = lambda x: compute_quality(x, torch.zeros(2, 64), net, metrics=("is",), is_splits=2)["is_mean"]
     assert score(one_class) < 1.5 < 6 < score(balanced)
+
+
+def test_class_agreement_follows_labels(digits, splits) -> None:
+    net, _ = digits
+    images, labels = splits["holdout"], splits["holdout_labels"]
+    assert class_agreement(images, labels, net) > 0.9
+    assert class_agreement(images, (labels + 1) % 10, net) < 0.1  # every image conditioned on the wrong class
+    with pytest.raises(SlimdiffError, match="one class label per image"):
+        class_agreement(images, labels[:-1], net)
+    with pytest.raises(SlimdiffError, match=r"0\.\.9"):
+        class_agreement(images[:2], torch.tensor([0, 10]), net)
 
 
 def test_bad_metric_arguments(digits, splits) -> None:

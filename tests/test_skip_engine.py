@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from helpers import run_cli
 
 from slimdiff.diffusion import make_scheduler, sample
-from slimdiff.engines import get_engine, skip
+from slimdiff.engines import Calibration, get_engine, skip
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, read_provenance, save
 from slimdiff.models import adapter_for, build_tiny
@@ -109,6 +110,68 @@ def test_dip_go_search_makes_a_table_at_the_target(tmp_path: Path) -> None:
     assert read_provenance(tmp_path / "out").engine == "skip"
     images = sample(adapter_for(loaded), n=2, steps=4, progress=False)
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+def test_warm_started_pruner_begins_at_the_given_table() -> None:
+    model = build_tiny("tiny-unet").eval()
+    base = _base(model, "block")
+    costs = skip.unit_costs(model, base.units)
+    config = get_engine("skip").make_config(method="step-reuse", target_macs=0.5, steps=8)
+    start, _ = skip._baseline(adapter_for(model), config, base, costs)
+    keep = skip.Pruner(len(base.timesteps), len(base.units), start=torch.tensor(start.compute))()
+    assert torch.equal(keep > 0.5, torch.tensor(start.compute))
+    assert bool((skip.Pruner(len(base.timesteps), len(base.units))() > 0.9).all())  # the paper's start: all kept
+
+
+def _calibration(model: torch.nn.Module) -> Calibration:
+    from slimdiff.jobs.compression import training_data
+
+    return Calibration(training_data(adapter_for(model), "digits", 0), lambda labels: None, {})
+
+
+def test_select_keeps_whichever_table_is_more_consistent_on_held_out_noises() -> None:
+    model = build_tiny("tiny-unet").eval()
+    adapter, base = adapter_for(model), _base(model, "block", steps=6)
+    costs = skip.unit_costs(model, base.units)
+    config = get_engine("skip").make_config(target_macs=0.5, steps=6, noises=4, batch_size=2)
+    data = _calibration(model)
+    noises = skip.held_out_noises(adapter, config, data)
+    assert skip.held_out_consistency(adapter, config, data, noises, {"full": base})["full"] == pytest.approx(
+        0, abs=1e-6
+    )
+    reuse, _ = skip._baseline(
+        adapter, get_engine("skip").make_config(method="step-reuse", target_macs=0.5, steps=6), base, costs
+    )
+    for seed in range(3):  # random probabilities: whichever wins, the selection follows the held-out losses
+        probs = torch.rand(6, len(base.units), generator=torch.Generator().manual_seed(seed))
+        chosen = skip.select(adapter, config, data, base, costs, probs, noises)
+        losses = chosen.held_out
+        assert set(losses) == {"dip-go", "step-reuse"} and losses["dip-go"] > 0
+        if losses["step-reuse"] < losses["dip-go"]:
+            assert chosen.selected == "step-reuse" and chosen.table.compute == reuse.compute
+        else:
+            assert chosen.selected == "dip-go" and skip.kept_fraction(chosen.table, costs) <= config.limit
+    never = skip.select(adapter, dataclasses.replace(config, fallback="none"), data, base, costs, probs, noises)
+    assert never.selected == "dip-go" and never.held_out == {}
+    assert never.table.compute == skip.postprocess(probs, base, costs, 0.5, config.tolerance, config.threshold).compute
+
+
+def test_guided_dip_go_search_on_a_text_model(tmp_path: Path) -> None:
+    from slimdiff.jobs.compression import compress_model
+    from slimdiff.text import make_tiny_clip_text
+
+    model = build_tiny("tiny-sd").eval()
+    save(model, tmp_path / "m")
+    make_tiny_clip_text(tmp_path / "m", hidden_size=adapter_for(model).cross_attention_dim, seed=0).save(tmp_path / "m")
+    config = get_engine("skip").make_config(
+        target_macs=0.5, steps=4, iterations=2, noises=4, batch_size=2, guidance_scale=3.0, start="step-reuse"
+    )
+    result = compress_model("skip", tmp_path / "m", "digits", tmp_path / "out", config)
+    assert result.achieved["sampling_macs"] <= config.limit
+    assert result.record["selected"] in ("dip-go", "step-reuse") and set(result.record["held_out"]) == {
+        "dip-go",
+        "step-reuse",
+    }
 
 
 def test_cli_compress_skip_and_its_help(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -152,12 +152,14 @@ class Calibration:
     """What an engine may look at besides the model: data, how labels become conditions, the noise schedule.
 
     `cond_for(labels)` turns dataset labels into the model's condition (class labels or prompt embeddings, None
-    for unconditional models); `schedule` is the model's training noise-scheduler config.
+    for unconditional models); `schedule` is the model's training noise-scheduler config; `uncond_embedding` is a
+    text model's empty-prompt embedding `(1, tokens, dim)`, for classifier-free guidance.
     """
 
     dataset: ImageDataset
     cond_for: Callable[[torch.Tensor], torch.Tensor | None]
     schedule: dict[str, Any]
+    uncond_embedding: torch.Tensor | None = None
 
 
 @dataclass

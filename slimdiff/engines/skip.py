@@ -31,6 +31,7 @@ each unit is computed or reused at each step.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -484,6 +485,8 @@ Method = Literal["dip-go", "deepcache", "step-reuse"]
 METHODS: tuple[str, ...] = ("dip-go", "deepcache", "step-reuse")
 SCHEDULES: tuple[str, ...] = ("uniform", "non-uniform")
 LOSSES: tuple[str, ...] = ("ssim", "mse")
+STARTS: tuple[str, ...] = ("full", "step-reuse")
+FALLBACKS: tuple[str, ...] = ("step-reuse", "none")
 
 FEWER_STEPS_ADVICE = (
     "A table is worth shipping only where it beats the same sampler with fewer steps at equal sampling MACs: for "
@@ -520,6 +523,17 @@ class SkipConfig(LatencyBudget):
     )
     noises: int = field(default=32, metadata={"help": "dip-go: fixed noises (and conditions) the search uses."})
     loss: Literal["ssim", "mse"] = field(default="ssim", metadata={"help": "dip-go consistency: ssim or mse."})
+    start: Literal["full", "step-reuse"] = field(
+        default="full",
+        metadata={"help": "dip-go: search from everything kept (full, the paper) or from step reuse at the target."},
+    )
+    fallback: Literal["step-reuse", "none"] = field(
+        default="step-reuse",
+        metadata={
+            "help": "dip-go: keep step reuse at the same budget instead when it is more consistent with the full "
+            "sampler on held-out noises (none: always the search's table)."
+        },
+    )
     alpha: float = field(default=1.0, metadata={"help": "dip-go: weight of the expected-MACs (sparsity) term."})
     guidance_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance during the search."})
     threshold: float = field(default=0.95, metadata={"help": "dip-go post-processing: first skip threshold."})
@@ -541,6 +555,8 @@ class SkipConfig(LatencyBudget):
             ("granularity", self.granularity, GRANULARITIES),
             ("schedule", self.schedule, SCHEDULES),
             ("loss", self.loss, LOSSES),
+            ("start", self.start, STARTS),
+            ("fallback", self.fallback, FALLBACKS),
         ):
             if value not in valid:
                 raise SlimdiffError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
@@ -642,11 +658,17 @@ def _baseline(adapter: Adapter, config: SkipConfig, base: SkipTable, costs: Unit
     return table, how
 
 
+#: |keep − skip logit| the pruner starts from: keep probability 0.95 (kept) or 0.05 (reused, warm start)
+KEEP_LOGIT = 3.0
+
+
 class Pruner(nn.Module):
     """DiP-GO's pruner: learnable queries, one per (step, unit), through self-attention and an MLP head to
     (skip, keep) logits; the keep logit starts high so the search starts from the full model."""
 
-    def __init__(self, steps: int, units: int, dim: int = 64, heads: int = 4, keep_logit: float = 3.0) -> None:
+    def __init__(
+        self, steps: int, units: int, dim: int = 64, heads: int = 4, start: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.steps, self.units = steps, units
         self.queries = nn.Parameter(torch.randn(steps * units, dim))  # distinct from the start
@@ -654,13 +676,15 @@ class Pruner(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 2))
         nn.init.normal_(self.head[-1].weight, std=1e-3)
-        with torch.no_grad():
-            self.head[-1].bias.copy_(torch.tensor([0.0, keep_logit]))
+        nn.init.zeros_(self.head[-1].bias)
+        # the keep-minus-skip logit the search starts from: everything kept, or a given table (a warm start)
+        prior = torch.full((steps, units), KEEP_LOGIT) if start is None else KEEP_LOGIT * (2 * start.float() - 1)
+        self.register_buffer("prior", prior.flatten())
 
     def forward(self) -> torch.Tensor:
         """Keep probabilities, `(steps, units)`."""
         logits = self.head(self.encoder(self.queries[None]))[0]
-        return logits.softmax(-1)[:, 1].view(self.steps, self.units)
+        return torch.sigmoid(logits[:, 1] - logits[:, 0] + self.prior).view(self.steps, self.units)
 
 
 def expected_kept(keep: torch.Tensor, table: SkipTable, costs: UnitCosts) -> torch.Tensor:
@@ -737,12 +761,40 @@ def postprocess(
     raise SlimdiffError(f"no table keeps as little as {limit:.3f} of the sampling MACs; raise target_macs")
 
 
-def search(
-    adapter: Adapter, config: SkipConfig, data: Calibration, base: SkipTable, costs: UnitCosts, log: Log
-) -> tuple[torch.Tensor, list[dict[str, float]]]:
-    """Train the pruner on the gated vs full trajectories; returns the skip probabilities `(steps, units)`."""
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+@dataclass
+class _Noises:
+    """Fixed noises and conditions for search or validation, in batches, with the full sampler's final samples."""
+
+    noise: torch.Tensor
+    cond: torch.Tensor | None
+    null: torch.Tensor | None
+    batches: list[slice]
+    seed: int
+    references: list[torch.Tensor] = field(default_factory=list)
+
+    def part(self, value: torch.Tensor | None, batch: slice) -> torch.Tensor | None:
+        return None if value is None else value[batch]
+
+    def run(
+        self, adapter: Adapter, config: SkipConfig, schedule: dict[str, Any], k: int, **gating: Any
+    ) -> torch.Tensor:
+        """The final samples of batch `k` (with the model's table, or gated by `gates`/`units`)."""
+        b = self.batches[k]
+        return _trajectory(
+            adapter,
+            config,
+            schedule,
+            self.noise[b],
+            self.part(self.cond, b),
+            self.part(self.null, b),
+            self.seed + k,
+            **gating,
+        )
+
+
+def _noises(adapter: Adapter, config: SkipConfig, data: Calibration, seed: int) -> _Noises:
+    """`config.noises` noises (and conditions drawn from the calibration data) from `seed`, with their references."""
+    generator = torch.Generator().manual_seed(seed)
     size = adapter.sample_size
     noise = torch.randn(config.noises, adapter.in_channels, size, size, generator=generator)
     cond = null = None
@@ -750,40 +802,112 @@ def search(
         picks = torch.randint(0, len(data.dataset), (config.noises,), generator=generator)
         cond = data.cond_for(torch.tensor([data.dataset[int(i)][1] for i in picks]))
         if config.guidance_scale != 1.0:
-            null = null_condition(adapter, cond, None)
-    batches = [
-        slice(i, i + config.batch_size) for i in range(0, config.noises - config.batch_size + 1, config.batch_size)
-    ]
-
-    def part(value: torch.Tensor | None, batch: slice) -> torch.Tensor | None:
-        return None if value is None else value[batch]
-
+            null = null_condition(adapter, cond, data.uncond_embedding)
+    step = config.batch_size
+    batches = [slice(i, i + step) for i in range(0, config.noises - step + 1, step)]
+    noises = _Noises(noise, cond, null, batches, seed)
     with torch.no_grad():
-        references = [
-            _trajectory(adapter, config, data.schedule, noise[b], part(cond, b), part(null, b), config.seed + k)
-            for k, b in enumerate(batches)
-        ]
+        noises.references = [noises.run(adapter, config, data.schedule, k) for k in range(len(batches))]
+    return noises
+
+
+def _consistency(config: SkipConfig, final: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    if config.loss == "ssim":
+        return 1 - structural_similarity_index_measure(final, reference, data_range=2.0)
+    return F.mse_loss(final, reference)
+
+
+def held_out_noises(adapter: Adapter, config: SkipConfig, data: Calibration) -> _Noises:
+    """Noises (and conditions) the search never sees (seed + 1), with the full sampler's final samples."""
+    return _noises(adapter, config, data, config.seed + 1)
+
+
+def held_out_consistency(
+    adapter: Adapter, config: SkipConfig, data: Calibration, noises: _Noises, tables: dict[str, SkipTable]
+) -> dict[str, float]:
+    """Each table's mean consistency loss against the full sampler on `noises`."""
+    model = copy.deepcopy(adapter.model).eval()
+    losses = {}
+    for name, table in tables.items():
+        attach(model, table)
+        with torch.no_grad():
+            values = [
+                _consistency(config, noises.run(adapter_for(model), config, data.schedule, k), reference).item()
+                for k, reference in enumerate(noises.references)
+            ]
+        losses[name] = round(sum(values) / len(values), 6)
+    return losses
+
+
+@dataclass
+class Selection:
+    """The table dip-go ships for one budget: the search's, or step reuse where that is more consistent with the
+    full sampler on held-out noises (`held_out`: each candidate's consistency loss there)."""
+
+    table: SkipTable
+    how: str
+    selected: str
+    held_out: dict[str, float]
+
+    def record(self) -> dict[str, Any]:
+        return {"selected": self.selected, "held_out": self.held_out}
+
+
+def select(
+    adapter: Adapter,
+    config: SkipConfig,
+    data: Calibration,
+    base: SkipTable,
+    costs: UnitCosts,
+    skip_probs: torch.Tensor,
+    noises: _Noises | None,
+) -> Selection:
+    """Post-process the search's probabilities to the budget; with `fallback` step-reuse, compare the table with
+    step reuse at the same budget on the held-out `noises` and keep the more consistent one."""
+    table = postprocess(skip_probs, base, costs, config.target_macs, config.tolerance, config.threshold)
+    how = f"dip-go search, {config.iterations} iterations"
+    if config.fallback == "none" or noises is None:
+        return Selection(table, how, "dip-go", {})
+    try:
+        reuse, reuse_how = _baseline(adapter, dataclasses.replace(config, method="step-reuse"), base, costs)
+    except SlimdiffError:  # step reuse cannot keep this little: nothing to compare with
+        return Selection(table, how, "dip-go", {})
+    losses = held_out_consistency(adapter, config, data, noises, {"dip-go": table, "step-reuse": reuse})
+    if losses["step-reuse"] < losses["dip-go"]:
+        why = "more consistent on held-out noises than the dip-go search's table"
+        why += f" ({losses['step-reuse']:.4f} vs {losses['dip-go']:.4f})"
+        return Selection(reuse, f"step reuse, {reuse_how}: {why}", "step-reuse", losses)
+    return Selection(table, how, "dip-go", losses)
+
+
+def search(
+    adapter: Adapter,
+    config: SkipConfig,
+    data: Calibration,
+    base: SkipTable,
+    costs: UnitCosts,
+    log: Log,
+    start: SkipTable | None = None,
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Train the pruner on the gated vs full trajectories, from everything kept or from the table `start`; returns
+    the skip probabilities `(steps, units)`."""
+    torch.manual_seed(config.seed)
+    noises = _noises(adapter, config, data, config.seed)
     model = copy.deepcopy(adapter.model).eval().requires_grad_(False)
     attach(model, base)
     gated = adapter_for(model)
-    pruner = Pruner(len(base.timesteps), len(base.units))
+    pruner = Pruner(len(base.timesteps), len(base.units), start=None if start is None else torch.tensor(start.compute))
     optimizer = torch.optim.Adam(pruner.parameters(), lr=config.lr)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations)
     history: list[dict[str, float]] = []
     for it in range(config.iterations):
-        k = it % len(batches)
-        b = batches[k]
+        k = it % len(noises.batches)
         keep = pruner()
         hard = (keep > 0.5).to(keep.dtype)
         gates = hard + keep - keep.detach()  # straight-through: hard forward, soft gradient
         gates = torch.cat([torch.ones_like(gates[:1]), gates[1:]])
-        final = _trajectory(
-            gated, config, data.schedule, noise[b], part(cond, b), part(null, b), config.seed + k, gates, base.units
-        )
-        if config.loss == "ssim":
-            consistency = 1 - structural_similarity_index_measure(final, references[k], data_range=2.0)
-        else:
-            consistency = F.mse_loss(final, references[k])
+        final = noises.run(gated, config, data.schedule, k, gates=gates, units=base.units)
+        consistency = _consistency(config, final, noises.references[k])
         expected = expected_kept(keep, base, costs)
         loss = consistency + (config.alpha * expected if expected.item() > config.target_macs else 0.0)
         optimizer.zero_grad()
@@ -855,32 +979,34 @@ def _fit_latency(
 def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Log = no_log) -> Result:
     """Find a skip table for the configured sampler; the model is returned untouched, the table as an artifact."""
     config.validate()
-    if config.method == "dip-go" and config.guidance_scale != 1.0 and adapter.cond_kind == "text":
-        raise SlimdiffError(
-            "a guided dip-go search on a text model needs the empty prompt's embedding, which the "
-            "calibration does not carry; search with guidance_scale 1"
-        )
     start = time.perf_counter()
     scheduler, timesteps = _timesteps(config, data.schedule)
     units = skip_units(adapter, config.granularity)
     base = SkipTable.full(scheduler, timesteps, units, config.granularity)
     costs = unit_costs(adapter.model, base.units)
     record: dict[str, Any] = {"method": config.method, "granularity": config.granularity, "units": len(units)}
-    skip_probs = None
+    skip_probs: torch.Tensor | None = None
+    noises: _Noises | None = None
 
     def table_for(budget: SkipConfig) -> tuple[SkipTable, str]:
         """The table for a sampling-MACs budget (dip-go: post-processing the one search's probabilities)."""
-        nonlocal skip_probs
+        nonlocal skip_probs, noises
         if config.method != "dip-go":
             return _baseline(adapter, budget, base, costs)
         if skip_probs is None:  # the search runs once, for the first budget asked
-            skip_probs, history = search(adapter, budget, data, base, costs, log)
+            start = None
+            if config.start == "step-reuse":
+                start, _ = _baseline(adapter, dataclasses.replace(budget, method="step-reuse"), base, costs)
+            skip_probs, history = search(adapter, budget, data, base, costs, log, start=start)
             record.update(
                 search_history=history,
                 skip_probabilities=[[round(float(p), 4) for p in row] for row in skip_probs],
             )
-        table = postprocess(skip_probs, base, costs, budget.target_macs, budget.tolerance, budget.threshold)
-        return table, f"dip-go search, {config.iterations} iterations"
+            if config.fallback != "none":
+                noises = held_out_noises(adapter, config, data)
+        chosen = select(adapter, budget, data, base, costs, skip_probs, noises)
+        record.update(chosen.record())
+        return chosen.table, chosen.how
 
     fit = None
     if config.target_latency_ms is None:

@@ -24,7 +24,7 @@ from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config, read_provenance
 from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.conditioning import training_conditioning, training_data
-from slimdiff.models import adapter_for
+from slimdiff.models import Adapter, adapter_for
 from slimdiff.train import Conditioning, TrainConfig, TrainResult, train
 
 #: Where a training engine's shared run lives inside `--out`.
@@ -60,15 +60,8 @@ def compress_model(
     # the bare denoiser: a skip table the source may carry belongs to the old model, not to its compressed copy
     model = load(model_dir, artifacts=False)
     adapter = adapter_for(model)
-    seed = getattr(config, "seed", 0)
-    dataset = training_data(adapter, data, seed)
-    conditioning, recorded = training_conditioning(adapter, dataset.classes, out_dir, Path(model_dir), seed)
-    schedule = load_scheduler_config(model_dir) or DEFAULT_SCHEDULE
-
-    def cond_for(labels: torch.Tensor) -> torch.Tensor | None:
-        return conditioning(labels, torch.zeros_like(labels, dtype=torch.bool))
-
-    result = engine.compress(adapter, config, Calibration(dataset, cond_for, schedule), log=log)
+    calibration, conditioning, recorded = calibration_for(model_dir, adapter, data, out_dir, getattr(config, "seed", 0))
+    result = engine.compress(adapter, config, calibration, log=log)
     provenance = read_provenance(model_dir)
     provenance.engine = engine.name
     provenance.budget = config.budget()
@@ -80,7 +73,7 @@ def compress_model(
         "seconds": round(result.seconds, 1),
         **result.record,
     }
-    save_kwargs = {"scheduler_config": dict(schedule), "conditioning": recorded}
+    save_kwargs = {"scheduler_config": dict(calibration.schedule), "conditioning": recorded}
     if result.training is None:
         provenance.metrics.update({f"{unit}_fraction": value for unit, value in result.achieved.items()})
         provenance.history.append({**entry, "achieved": result.achieved})
@@ -88,7 +81,15 @@ def compress_model(
         return result
 
     run = _shared_run(
-        result.training, engine.name, config, Path(model_dir), dataset, conditioning, schedule, out_dir, progress
+        result.training,
+        engine.name,
+        config,
+        Path(model_dir),
+        calibration.dataset,
+        conditioning,
+        calibration.schedule,
+        out_dir,
+        progress,
     )
     products = result.training.finish(run.model)
     entry["shared_run"] = {
@@ -110,6 +111,22 @@ def compress_model(
         record={**result.record, "products": {name: product.achieved for name, product in products.items()}},
         summary=f"{len(products)} models from one {run.steps}-step run: {', '.join(products)}",
     )
+
+
+def calibration_for(
+    model_dir: str | Path, adapter: Adapter, data: str, out_dir: Path, seed: int
+) -> tuple[Calibration, Conditioning, dict[str, Any]]:
+    """What an engine may look at for the model saved in `model_dir` (its training data `data`, conditions, noise
+    schedule), the training conditioning, and what to record about it (a text model's encoder is saved to
+    `out_dir`)."""
+    dataset = training_data(adapter, data, seed)
+    conditioning, recorded = training_conditioning(adapter, dataset.classes, out_dir, Path(model_dir), seed)
+    schedule = load_scheduler_config(model_dir) or DEFAULT_SCHEDULE
+
+    def cond_for(labels: torch.Tensor) -> torch.Tensor | None:
+        return conditioning(labels, torch.zeros_like(labels, dtype=torch.bool))
+
+    return Calibration(dataset, cond_for, schedule, conditioning.empty_prompt), conditioning, recorded
 
 
 def _run_settings(engine_name: str, config: EngineConfig) -> dict[str, Any]:

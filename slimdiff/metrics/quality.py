@@ -1,4 +1,4 @@
-"""Sample quality: FID, KID, Inception Score, improved precision/recall, and CLIP score.
+"""Sample quality: FID, KID, Inception Score, improved precision/recall, CLIP score and class agreement.
 
 FID, KID and IS are torchmetrics' implementations, run on features computed once by a `FeatureExtractor`
 (real-image features are cached by `reference_features`, so repeated evaluations only extract the samples).
@@ -265,6 +265,24 @@ def _need(metric: str, minimum: int, *, why: str = "", **counts: int) -> None:
     for name, n in counts.items():
         if n < minimum:
             raise SlimdiffError(f"{metric} needs at least {minimum} samples{why} but {name}={n}; use more samples")
+
+
+# --- class agreement --------------------------------------------------------------------------------------------
+
+
+def class_agreement(images: torch.Tensor, labels: torch.Tensor, extractor: FeatureExtractor) -> float:
+    """The fraction of samples that `extractor`'s classifier assigns to the class they were conditioned on: how
+    well a class- or prompt-conditioned model follows its condition, where a domain classifier is at hand and a
+    CLIP model is not (the digits networks)."""
+    if extractor.num_classes is None:
+        raise SlimdiffError(f"feature extractor {extractor.name!r} has no classifier; class agreement needs one")
+    labels = torch.as_tensor(labels)
+    if labels.shape != (len(images),):
+        raise SlimdiffError(f"need one class label per image ({len(images)}), got shape {tuple(labels.shape)}")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < extractor.num_classes:
+        raise SlimdiffError(f"labels must lie in 0..{extractor.num_classes - 1} (the extractor's classes)")
+    predicted = extract(extractor, images, logits=True).argmax(-1)
+    return (predicted == labels).double().mean().item()
 
 
 # --- CLIP score -------------------------------------------------------------------------------------------------
