@@ -294,24 +294,6 @@ def kept_fraction(table: SkipTable, costs: UnitCosts) -> float:
     return sum(fractions) / len(fractions)
 
 
-def sampling_summary(model: nn.Module, table: SkipTable) -> dict[str, Any]:
-    """MACs of one sampling run for one image with the table and without it, and the sampler it is for."""
-    costs = unit_costs(model, table.units)
-    kept = kept_fractions(table, costs)
-    return {
-        "sampling_macs": round(sum(kept) * costs.total),
-        "sampling_macs_full": costs.total * len(kept),
-        "sampling_macs_fraction": sum(kept) / len(kept),
-        "sampler": {
-            "scheduler": table.scheduler,
-            "steps": table.num_inference_steps,
-            "timesteps": table.to_json()["timesteps"],
-        },
-        "skip_granularity": table.granularity,
-        "sampling_macs_counts": "one image, one denoiser call per step (×2 with classifier-free guidance)",
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the runtime: diffusers hooks
 # ----------------------------------------------------------------------------------------------------------------
