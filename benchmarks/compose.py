@@ -39,11 +39,12 @@ import torch
 from diff_pruning import Curve, teacher_train_steps  # a sibling script: run as python benchmarks/compose.py
 
 from slimdiff.distill import KDConfig
-from slimdiff.engines import get_engine, latency, skip
+from slimdiff.engines import get_engine, latency
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, read_provenance
 from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.compression import compress_model
+from slimdiff.jobs.info import model_info
 from slimdiff.jobs.training import finetune_model
 from slimdiff.metrics.cost import count_macs, device_description, sampling_latency
 from slimdiff.models import adapter_for
@@ -111,7 +112,7 @@ def quality_part(args: argparse.Namespace, teacher: Path, curve: Curve) -> dict[
     )
     teacher_model, composed = load(teacher, artifacts=False), load(composed_dir)
     per_call = count_macs(teacher_model).total
-    summary = skip.sampling_summary(composed, skip.table_of(composed))
+    summary = model_info(composed_dir)  # the sampling MACs of its skip table's plan
     reference_macs = args.ref_steps * per_call
     ratio = reference_macs / summary["sampling_macs"]
     equal = summary["sampling_macs"] / per_call  # teacher DDIM steps at the composed model's sampling MACs

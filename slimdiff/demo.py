@@ -163,7 +163,7 @@ def run_demo(out: str | Path, echo: Callable[[str], None] = print) -> dict[str, 
 
 
 def _sampling_macs(model_dir: Path) -> float:
-    """MACs of one sampling run with the demo's sampler (the skip table's, when the model carries one)."""
+    """MACs of one sampling run with the demo's sampler (the sampling plan's, when the model carries one)."""
     info = model_info(model_dir)
     return info.get("sampling_macs", info["macs"] * EVALUATION.steps)
 

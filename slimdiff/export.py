@@ -416,8 +416,9 @@ def load(
 ) -> nn.Module:
     """Load a model saved by `save` or a plain diffusers model/pipeline directory (safetensors only).
 
-    `weights=False` builds the exact architecture on the meta device without reading any weights (for counting).
-    `artifacts=False` leaves the saved artifacts (e.g. a skip table) unattached: the bare denoiser.
+    `weights=False` builds the exact architecture on the meta device without reading any weights (for counting;
+    its artifacts are attached all the same, so that it declares their sampling plan). `artifacts=False` leaves the
+    saved artifacts (e.g. a skip table) unattached: the bare denoiser.
     """
     model_dir = resolve_model_dir(model_dir)
     config = read_config(model_dir)
@@ -442,22 +443,22 @@ def load(
         if buffers_file is not None:  # e.g. a residual-pruned DiT's narrower position table: its saved shape
             for name, (shape, _) in _open_header(buffers_file).items():
                 _set_buffer(model, name, shape)
-        return model.to("meta").eval()
-
-    if spec is not None:
-        _verify_checksums(model_dir, spec)
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update(_read_tensors(path))
-    model.load_state_dict(state, strict=True, assign=True)
-    if buffers_file is not None:
-        for name, value in _read_tensors(buffers_file).items():
-            _set_buffer(model, name, value)
-    if any(p.is_meta for p in model.parameters()):
-        raise SlimdiffError(f"{model_dir}: some parameters were not loaded")
-    model.to(device)
-    if dtype is not None:
-        model.to(dtype)
+        model.to("meta")
+    else:
+        if spec is not None:
+            _verify_checksums(model_dir, spec)
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            state.update(_read_tensors(path))
+        model.load_state_dict(state, strict=True, assign=True)
+        if buffers_file is not None:
+            for name, value in _read_tensors(buffers_file).items():
+                _set_buffer(model, name, value)
+        if any(p.is_meta for p in model.parameters()):
+            raise SlimdiffError(f"{model_dir}: some parameters were not loaded")
+        model.to(device)
+        if dtype is not None:
+            model.to(dtype)
     if spec is not None and artifacts:
         from slimdiff.engines import attach_artifact
 
@@ -476,7 +477,7 @@ def read_artifact(model_dir: str | Path, name: str) -> Any:
 
 
 def load_architecture(model_dir: str | Path) -> nn.Module:
-    """The model's exact architecture on the meta device, without reading any weights.
+    """The model's exact architecture on the meta device, without reading any weights (its artifacts attached).
 
     A directory that holds only a `config.json` gives the architecture the config describes.
     """

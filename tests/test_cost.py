@@ -46,11 +46,11 @@ def test_sampling_macs_counts_steps_and_guidance() -> None:
     assert sampling_macs(per_call, 1, False) == per_call
 
 
-def test_sampling_macs_subtracts_skipped_fractions() -> None:
+def test_sampling_macs_counts_only_the_computed_fractions() -> None:
     per_call = MacCount(total=1000, attention=100)
-    assert sampling_macs(per_call, 4, False, skipped_fraction_per_step=[0.0, 0.5, 0.5, 1.0]) == MacCount(2000, 200)
-    assert sampling_macs(per_call, 2, True, skipped_fraction_per_step=[0.25, 0.25]) == MacCount(3000, 300)
-    assert sampling_macs(per_call, 3, True, skipped_fraction_per_step=[0.0] * 3) == sampling_macs(per_call, 3, True)
+    assert sampling_macs(per_call, 4, False, computed_fraction_per_step=[1.0, 0.5, 0.5, 0.0]) == MacCount(2000, 200)
+    assert sampling_macs(per_call, 2, True, computed_fraction_per_step=[0.75, 0.75]) == MacCount(3000, 300)
+    assert sampling_macs(per_call, 3, True, computed_fraction_per_step=[1.0] * 3) == sampling_macs(per_call, 3, True)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +59,7 @@ def test_sampling_macs_subtracts_skipped_fractions() -> None:
 )
 def test_sampling_macs_refuses_bad_input(steps: int, fractions: list[float] | None, message: str) -> None:
     with pytest.raises(SlimdiffError, match=message):
-        sampling_macs(MacCount(10, 1), steps, False, skipped_fraction_per_step=fractions)
+        sampling_macs(MacCount(10, 1), steps, False, computed_fraction_per_step=fractions)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -8,6 +8,8 @@ import json
 import re
 import sys
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +18,21 @@ import torch
 from helpers import run_cli
 
 import slimdiff
-from slimdiff.engines import Calibration, Engine, EngineConfig, Result, get_engine, register, register_artifact
+from slimdiff.engines import (
+    Calibration,
+    Engine,
+    EngineConfig,
+    Result,
+    SamplingPlan,
+    get_engine,
+    register,
+    register_artifact,
+    set_sampling_plan,
+)
 from slimdiff.engines import base as engines_base
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import Provenance, read_artifact, read_spec, save
+from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
 from slimdiff.jobs.recipes import run_recipe
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.recipe import load_recipe
@@ -163,6 +176,49 @@ def test_an_artifact_nothing_can_attach_is_refused_by_name(registry: None, teach
     )
     with pytest.raises(SlimdiffError, match="artifact 'toy_note' this slimdiff cannot attach"):
         slimdiff.load(tmp_path / "n")
+
+
+def test_an_artifacts_sampling_plan_is_what_info_and_evaluation_count(
+    registry: None, teacher_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A toy artifact (no engine behind it) declares: every step after step 0 computes half of a denoiser call."""
+    timed: list[torch.nn.Module] = []
+
+    @contextmanager
+    def everything(model: torch.nn.Module) -> Iterator[None]:
+        timed.append(model)
+        yield
+
+    def attach(model: torch.nn.Module, payload: dict) -> None:
+        timesteps = tuple(float(t) for t in payload["timesteps"])
+        half = (1.0,) + (0.5,) * (len(timesteps) - 1)
+        plan = SamplingPlan("half plan", "DDIMScheduler", timesteps, half, everything, {"half_after_step": 0})
+        set_sampling_plan(model, lambda _: plan)
+
+    register_artifact("half_plan", attach)
+    save(slimdiff.load(teacher_dir), tmp_path / "h", artifacts={"half_plan": {"timesteps": [750, 500, 250, 0]}})
+    code, out, err = run_cli(monkeypatch, capsys, "info", tmp_path / "h", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    macs = info["macs"]
+    assert info["sampling_macs"] == round(2.5 * macs) and info["sampling_macs_full"] == 4 * macs
+    assert info["sampling_macs_fraction"] == 0.625
+    assert info["sampler"] == {"scheduler": "DDIMScheduler", "steps": 4, "timesteps": [750, 500, 250, 0]}
+    assert info["half_after_step"] == 0 and "skip_granularity" not in info
+    code, out, _ = run_cli(monkeypatch, capsys, "info", teacher_dir, "--json")
+    assert code == 0 and "sampling_macs" not in json.loads(out)  # no artifact, no plan
+
+    settings = EvalSettings(metrics=("macs", "latency"), steps=4, batch_size=1)
+    report = evaluate_model(tmp_path / "h", settings, progress=False)["metrics"]
+    assert report["macs"]["value"] == macs and report["sampling_macs"]["value"] == round(2.5 * macs)
+    assert report["sampling_macs"]["counts"].endswith(", with its half plan")
+    assert timed  # the one denoiser call was timed (and counted) with everything computed
+    with pytest.raises(SlimdiffError) as refused:
+        evaluate_model(tmp_path / "h", EvalSettings(metrics=("macs",), steps=5), progress=False)
+    assert str(refused.value) == (
+        "the model's half plan is for DDIMScheduler with 4 steps (timesteps 750, 500, 250, …, 0); "
+        "evaluate it with those steps (asked for 5)"
+    )
 
 
 def test_a_rerun_recipe_resumes_after_its_finished_steps(toy: Engine, teacher_dir: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimdiff.diffusion import make_scheduler, sample
-from slimdiff.engines import skip
+from slimdiff.engines import sampling_plan, skip
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, save
 from slimdiff.models import adapter_for, build_tiny
@@ -43,9 +43,10 @@ def test_all_compute_table_is_bit_identical_to_no_hooks(family: str, granularity
     model = build_tiny(family).eval()
     reference = _sample(model, guidance_scale=2.0 if family == "tiny-dit" else 1.0)
     skip.attach(model, _table(model, granularity))
+    assert sampling_plan(model).computed == (1.0,) * STEPS  # the table computes everything, and says so
     assert torch.equal(_sample(model, guidance_scale=2.0 if family == "tiny-dit" else 1.0), reference)
     skip.detach(model)
-    assert skip.table_of(model) is None
+    assert skip.table_of(model) is None and sampling_plan(model) is None
 
 
 def _manual_unet(model, x, t, live: set[str], cache: dict) -> torch.Tensor:

@@ -25,7 +25,9 @@ dataclass), and the provenance in `slimdiff.json` (engine, config, budget, achie
 
 Rules: an engine never trains and never parses arguments; it never changes `adapter.model` (it compresses a copy,
 or returns the model untouched with an artifact); what it adds beside the weights (e.g. a skip table) travels in
-`Result.artifacts` and is written by the exporter like any other artifact.
+`Result.artifacts` and is written by the exporter like any other artifact. An attached artifact that changes what a
+sampling run computes declares a `SamplingPlan` (`set_sampling_plan`), which evaluation and `slimdiff info` read
+through `sampling_plan(model)` without knowing the engine.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -282,3 +285,91 @@ def attach_artifact(model: nn.Module, name: str, payload: Any) -> None:
         known = ", ".join(sorted(set(BUILTIN_ARTIFACTS) | set(_artifacts))) or "none"
         raise SlimdiffError(f"the model carries an artifact '{name}' this slimdiff cannot attach (known: {known})")
     _artifacts[name](model, payload)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling plans
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What a sampling run of a model computes, as declared by an attached artifact (e.g. a skip table).
+
+    `artifact` names it in messages ("skip table"); `scheduler` (class name) and `timesteps` are the sampler it was
+    made for, one timestep per step; `computed[step]` is the fraction of one full denoiser call's MACs computed at
+    that step; `full_compute(model)` is a context inside which the model computes everything and keeps no state
+    (one call timed or counted outside a sampling run); `details` are JSON-able extras `slimdiff info` reports.
+    """
+
+    artifact: str
+    scheduler: str
+    timesteps: tuple[float, ...]
+    computed: tuple[float, ...]
+    full_compute: Callable[[nn.Module], AbstractContextManager[None]]
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.timesteps or len(self.computed) != len(self.timesteps):
+            raise SlimdiffError(
+                f"the {self.artifact}'s sampling plan needs one computed fraction per timestep "
+                f"(got {len(self.computed)} for {len(self.timesteps)})"
+            )
+        if not all(0.0 <= f <= 1.0 for f in self.computed):
+            raise SlimdiffError(f"the {self.artifact}'s computed fractions must lie in [0, 1]")
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    def described(self) -> str:
+        """The sampler the plan was made for, in words."""
+        return described_sampler(self.scheduler, self.timesteps)
+
+    def sampler(self) -> dict[str, Any]:
+        """The sampler as JSON: scheduler, steps, timesteps (whole numbers as ints)."""
+        timesteps = [int(t) if float(t).is_integer() else t for t in self.timesteps]
+        return {"scheduler": self.scheduler, "steps": self.steps, "timesteps": timesteps}
+
+
+def described_sampler(scheduler: str, timesteps: Sequence[float]) -> str:
+    """A sampler in words, e.g. "DDIMScheduler with 6 steps (timesteps 833, 667, 500, …, 0)"."""
+    shown = ", ".join(f"{t:g}" for t in timesteps[:3]) + (f", …, {timesteps[-1]:g}" if len(timesteps) > 3 else "")
+    return f"{scheduler} with {len(timesteps)} steps (timesteps {shown})"
+
+
+@dataclass
+class _Declared:
+    """A model's declared plan: how to make it, and the plan once made."""
+
+    make: Callable[[nn.Module], SamplingPlan]
+    plan: SamplingPlan | None = None
+
+
+_PLAN = "_slimdiff_sampling_plan"
+
+
+def set_sampling_plan(model: nn.Module, make: Callable[[nn.Module], SamplingPlan] | None) -> None:
+    """Declare (an artifact's `attach`) or withdraw (`make=None`, its detach) the model's one sampling plan.
+
+    `make(model)` runs on the first `sampling_plan(model)`, not here, so attaching stays cheap where the plan
+    counts MACs; it must not close over `model` (a deep copy of the model keeps `make` and the plan made).
+    """
+    if make is None:
+        vars(model).pop(_PLAN, None)
+    else:
+        setattr(model, _PLAN, _Declared(make))
+
+
+def sampling_plan(model: nn.Module) -> SamplingPlan | None:
+    """The sampling plan an attached artifact declared on `model` (made once, then cached), or None."""
+    declared: _Declared | None = vars(model).get(_PLAN)
+    if declared is None:
+        return None
+    if declared.plan is None:
+        declared.plan = declared.make(model)
+    return declared.plan
+
+
+def full_compute(model: nn.Module) -> AbstractContextManager[None]:
+    """Inside the block the model computes everything, whatever plan it carries (counting or timing one call)."""
+    plan = sampling_plan(model)
+    return nullcontext() if plan is None else plan.full_compute(model)

@@ -57,7 +57,7 @@ def time_denoiser(model: nn.Module, batch: int) -> LatencyStats:
 
 
 def time_sampling(adapter: Adapter, batch: int, *, steps: int, scheduler: str, guidance_scale: float) -> LatencyStats:
-    """One whole sampling run drawing `batch` images (with whatever skip table the model carries)."""
+    """One whole sampling run drawing `batch` images (with whatever sampling plan the model carries)."""
     return sampling_latency(
         adapter,
         steps=steps,

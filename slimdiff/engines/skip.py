@@ -10,7 +10,8 @@ each unit is computed or reused at each step.
    ran when the table says "reuse". Step 0 computes everything; a unit whose every consumer is skipped at a step is
    dead and skipped too. Several calls at one timestep (separate conditional and unconditional calls) each get
    their own cache slot; a doubled guidance batch is one call. A new sampling run starts whenever the table's
-   first timestep comes again; a timestep the table was not made for is refused.
+   first timestep comes again; a timestep the table was not made for is refused. The table declares its
+   `SamplingPlan` (engines/base.py): per step, the fraction of a full call's MACs it runs, counted on first ask.
 2. Units. `block` = `Adapter.blocks()`; `layer` = every resnet, attention and up/down-sampler inside the U-Net's
    blocks (DeepCache's branches), or the attention and the MLP of every DiT block (Learning-to-Cache; a DiT layer
    unit caches its branch output, the residual add and adaLN gate stay fresh).
@@ -54,10 +55,13 @@ from slimdiff.engines.base import (
     LatencyBudget,
     Log,
     Result,
+    SamplingPlan,
+    described_sampler,
     exactly_one,
     no_log,
     register,
     register_artifact,
+    set_sampling_plan,
 )
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, macs_by_module
@@ -254,9 +258,7 @@ class SkipTable:
 
     def described(self) -> str:
         """The sampler the table was made for, in words."""
-        ts = self.timesteps
-        shown = ", ".join(f"{t:g}" for t in ts[:3]) + (f", …, {ts[-1]:g}" if len(ts) > 3 else "")
-        return f"{self.scheduler} with {self.num_inference_steps} steps (timesteps {shown})"
+        return described_sampler(self.scheduler, self.timesteps)
 
 
 @dataclass(frozen=True)
@@ -291,24 +293,6 @@ def kept_fraction(table: SkipTable, costs: UnitCosts) -> float:
     """The fraction of a full sampling run's MACs the table runs."""
     fractions = kept_fractions(table, costs)
     return sum(fractions) / len(fractions)
-
-
-def sampling_summary(model: nn.Module, table: SkipTable) -> dict[str, Any]:
-    """MACs of one sampling run for one image with the table and without it, and the sampler it is for."""
-    costs = unit_costs(model, table.units)
-    kept = kept_fractions(table, costs)
-    return {
-        "sampling_macs": round(sum(kept) * costs.total),
-        "sampling_macs_full": costs.total * len(kept),
-        "sampling_macs_fraction": sum(kept) / len(kept),
-        "sampler": {
-            "scheduler": table.scheduler,
-            "steps": table.num_inference_steps,
-            "timesteps": table.to_json()["timesteps"],
-        },
-        "skip_granularity": table.granularity,
-        "sampling_macs_counts": "one image, one denoiser call per step (×2 with classifier-free guidance)",
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,13 +433,15 @@ def attach(model: nn.Module, payload: SkipTable | dict[str, Any]) -> None:
     for index, name in enumerate(table.units):
         unit = get_submodule(model, name)
         HookRegistry.check_if_exists_or_initialize(unit).register_hook(_UnitHook(state, name, index), UNIT_HOOK)
+    set_sampling_plan(model, _sampling_plan)
 
 
 def detach(model: nn.Module) -> None:
-    """Remove a skip table's hooks (the model computes everything again)."""
+    """Remove a skip table's hooks and its sampling plan (the model computes everything again)."""
     registry = getattr(model, "_diffusers_hook", None)
     if registry is None or registry.get_hook(STEP_HOOK) is None:
         return
+    set_sampling_plan(model, None)
     registry.remove_hook(STEP_HOOK, recurse=False)
     for module in model.modules():
         child = getattr(module, "_diffusers_hook", None)
@@ -476,6 +462,19 @@ def full_compute(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         state.paused = False
+
+
+def _sampling_plan(model: nn.Module) -> SamplingPlan:
+    """The attached table's sampling plan: per step, the fraction of a full call's MACs the table runs."""
+    table = table_of(model)
+    return SamplingPlan(
+        artifact="skip table",
+        scheduler=table.scheduler,
+        timesteps=tuple(table.timesteps),
+        computed=tuple(kept_fractions(table, unit_costs(model, table.units))),
+        full_compute=full_compute,
+        details={"skip_granularity": table.granularity},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ import torch
 
 from slimdiff.data import load_data
 from slimdiff.diffusion import sample
-from slimdiff.engines.skip import full_compute, kept_fractions, unit_costs
-from slimdiff.engines.skip import table_of as skip_table_of
+from slimdiff.engines import full_compute, sampling_plan
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config, read_spec
 from slimdiff.io import atomic_write_json, read_json
@@ -61,6 +60,12 @@ def evaluate_model(
     settings.validate()
     model = load(model_dir, device=settings.device)
     adapter = adapter_for(model)
+    plan = sampling_plan(model)
+    if plan is not None and plan.steps != settings.steps:
+        raise SlimdiffError(
+            f"the model's {plan.artifact} is for {plan.described()}; evaluate it with those steps "
+            f"(asked for {settings.steps})"
+        )
     quality = [m for m in settings.metrics if m in ("fid", "kid", "is", "pr")]
     common = {
         "n": settings.n,
@@ -111,20 +116,18 @@ def evaluate_model(
         value = clip_score(images, inputs.description, settings.clip_dir)
         report["metrics"]["clip"] = {"value": value, "clip_dir": settings.clip_dir} | common
     if "macs" in settings.metrics:
-        per_call = count_macs(model)
+        with full_compute(model):
+            per_call = count_macs(model)
         guided = settings.guidance_scale != 1.0 and adapter.cond_kind != "none"
-        table = skip_table_of(model)
-        skipped = None if table is None else [1 - f for f in kept_fractions(table, unit_costs(model, table.units))]
-        if skipped is not None and len(skipped) != settings.steps:
-            raise SlimdiffError(f"the model's skip table is for {table.described()}; evaluate it with those steps")
-        run = sampling_macs(per_call, settings.steps, guidance=guided, skipped_fraction_per_step=skipped)
+        computed = None if plan is None else plan.computed
+        run = sampling_macs(per_call, settings.steps, guidance=guided, computed_fraction_per_step=computed)
         counts = "per denoiser call, batch 1"
         report["metrics"]["macs"] = {"value": per_call.total, "counts": counts + ", attention matmuls included"}
         report["metrics"]["macs_no_attn"] = {"value": per_call.without_attention, "counts": counts}
         steps = (
             f"one image, {settings.steps} {settings.scheduler} steps"
             + (", guided (2 calls a step)" if guided else "")
-            + ("" if table is None else ", with its skip table")
+            + ("" if plan is None else f", with its {plan.artifact}")
         )
         report["metrics"]["sampling_macs"] = {"value": run.total, "counts": steps}
     if "latency" in settings.metrics:

@@ -5,19 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimdiff.export import load_architecture, read_artifact, read_provenance, read_spec
-from slimdiff.metrics.cost import count_macs, count_params, macs_by_module
+from slimdiff.engines import full_compute, sampling_plan
+from slimdiff.export import load_architecture, read_provenance
+from slimdiff.metrics.cost import count_macs, count_params, macs_by_module, sampling_macs
 from slimdiff.models import adapter_for
 
 
 def model_info(model_dir: str | Path) -> dict[str, Any]:
-    """Family, size and structure of a model directory, without reading its weights."""
+    """Family, size and structure of a model directory, without reading its weights; with the sampling MACs and
+    sampler of the sampling plan its artifacts declare, if any."""
     model = load_architecture(model_dir)
     adapter = adapter_for(model)
     provenance = read_provenance(model_dir)
-    macs = count_macs(model)
     blocks = adapter.blocks()
-    block_macs = macs_by_module(model, [block.name for block in blocks])
+    with full_compute(model):
+        macs = count_macs(model)
+        block_macs = macs_by_module(model, [block.name for block in blocks])
     report = {
         "path": str(model_dir),
         "family": adapter.family,
@@ -41,8 +44,15 @@ def model_info(model_dir: str | Path) -> dict[str, Any]:
         "chain": [provenance.source or "?", *provenance.chain()],
         "provenance": vars(provenance),
     }
-    if "skip_table" in (read_spec(model_dir) or {}).get("artifacts", []):
-        from slimdiff.engines.skip import SkipTable, sampling_summary
-
-        report |= sampling_summary(model, SkipTable.from_json(read_artifact(model_dir, "skip_table")))
+    plan = sampling_plan(model)
+    if plan is not None:
+        run = sampling_macs(macs, plan.steps, guidance=False, computed_fraction_per_step=plan.computed)
+        report |= {
+            "sampling_macs": run.total,
+            "sampling_macs_full": macs.total * plan.steps,
+            "sampling_macs_fraction": sum(plan.computed) / plan.steps,
+            "sampler": plan.sampler(),
+            **plan.details,
+            "sampling_macs_counts": "one image, one denoiser call per step (×2 with classifier-free guidance)",
+        }
     return report

@@ -95,25 +95,25 @@ def sampling_macs(
     steps: int,
     guidance: bool,
     *,
-    skipped_fraction_per_step: Sequence[float] | None = None,
+    computed_fraction_per_step: Sequence[float] | None = None,
 ) -> MacCount:
     """MACs of one whole sampling run for one image: `steps` denoiser calls on `per_call` (a batch-1 count).
 
     With classifier-free guidance every step runs the denoiser on a doubled batch (conditional + unconditional),
-    so each step costs 2× `per_call`. `skipped_fraction_per_step` (one float in [0, 1] per step) is the fraction
-    of a call's MACs that block skipping or caching saves at that step; the attention part is assumed to shrink
-    by the same fraction.
+    so each step costs 2× `per_call`. `computed_fraction_per_step` (one float in [0, 1] per step, e.g. a sampling
+    plan's `computed`) is the fraction of a call's MACs computed at that step (block skipping or caching saves the
+    rest); the attention part is assumed to shrink by the same fraction.
     """
     if steps < 1:
         raise SlimdiffError(f"steps must be ≥ 1 (got {steps})")
-    fractions = [0.0] * steps if skipped_fraction_per_step is None else [float(f) for f in skipped_fraction_per_step]
+    fractions = [1.0] * steps if computed_fraction_per_step is None else [float(f) for f in computed_fraction_per_step]
     if len(fractions) != steps:
-        raise SlimdiffError(f"skipped_fraction_per_step has {len(fractions)} entries; need one per step ({steps})")
+        raise SlimdiffError(f"computed_fraction_per_step has {len(fractions)} entries; need one per step ({steps})")
     bad = [f for f in fractions if not 0.0 <= f <= 1.0]
     if bad:
-        raise SlimdiffError(f"skipped fractions must lie in [0, 1] (got {bad[0]})")
+        raise SlimdiffError(f"computed fractions must lie in [0, 1] (got {bad[0]})")
     calls = 2 if guidance else 1
-    kept = sum(1.0 - f for f in fractions)
+    kept = sum(fractions)
     return MacCount(total=round(per_call.total * calls * kept), attention=round(per_call.attention * calls * kept))
 
 
