@@ -392,7 +392,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=60, help="dip-go optimizer steps per search")
     parser.add_argument("--search-batch", type=int, default=4)
     parser.add_argument("--search-noises", type=int, default=16)
-    parser.add_argument("--start", choices=skip.STARTS, default="full", help="dip-go: where the search starts")
+    parser.add_argument("--start", choices=skip.STARTS, default="step-reuse", help="dip-go: where the search starts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="dip-go search seeds")
     parser.add_argument("--wall-repeats", type=int, default=1, help="--stage wall: runs per timing (median)")
     parser.add_argument("--stage", choices=["curve", "tables", "all", "reference", "report", "wall"], default="all")

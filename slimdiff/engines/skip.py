@@ -523,8 +523,11 @@ class SkipConfig(LatencyBudget):
     noises: int = field(default=32, metadata={"help": "dip-go: fixed noises (and conditions) the search uses."})
     loss: Literal["ssim", "mse"] = field(default="ssim", metadata={"help": "dip-go consistency: ssim or mse."})
     start: Literal["full", "step-reuse"] = field(
-        default="full",
-        metadata={"help": "dip-go: search from everything kept (full, the paper) or from step reuse at the target."},
+        default="step-reuse",
+        metadata={
+            "help": "dip-go: search from step reuse at the target (a warm start) or from everything kept "
+            "(full, the paper's start)."
+        },
     )
     fallback: Literal["step-reuse", "none"] = field(
         default="step-reuse",
