@@ -11,10 +11,8 @@
    DPM-Solver++ at each step count in `--ddim-steps` / `--dpm-steps`.
 2. For each reference sampler (DDIM at `--refs` steps; `nstar` = the DDIM step count with the best FID on the curve)
    and each fraction in `--fractions` of its sampling MACs: dip-go (block and layer granularity, one search per
-   `--seeds` seed), deepcache (layer), step-reuse, and the free alternatives at equal sampling MACs — DDIM and
-   DPM-Solver++ with fraction × steps steps. Each dip-go search runs once per reference, granularity and seed, at
-   the smallest fraction; the tables for the larger fractions are post-processed from the same skip probabilities
-   and, as the engine does, compared with step reuse at that fraction on held-out noises.
+   fraction and `--seeds` seed, as `slimdiff compress skip` runs it), deepcache (layer), step-reuse, and the free
+   alternatives at equal sampling MACs — DDIM and DPM-Solver++ with fraction × steps steps.
 3. `--stage wall`: wall time of one whole sampling run at batch 64 and at batch 1 (CPU, the threads the process
    has), measured back to back for the reference sampler, each table and DDIM with fewer steps at equal MACs.
 
@@ -33,11 +31,11 @@ import torch
 
 from slimdiff.data import load_data
 from slimdiff.diffusion import sample
-from slimdiff.engines import Calibration, get_engine, skip
+from slimdiff.engines import get_engine, skip
 from slimdiff.errors import SlimdiffError
-from slimdiff.export import load, load_scheduler_config, read_spec, save
+from slimdiff.export import load, load_scheduler_config, read_spec
 from slimdiff.io import atomic_write_json
-from slimdiff.jobs.compression import calibration_for, compress_model
+from slimdiff.jobs.compression import compress_model
 from slimdiff.jobs.conditioning import sampling_inputs
 from slimdiff.metrics.cost import count_macs, sampling_latency
 from slimdiff.metrics.features import digits_feature_extractor
@@ -141,9 +139,6 @@ class Bench:
             self.add(row)
         return row
 
-    def calibration(self) -> Calibration:
-        return calibration_for(self.args.teacher, self.adapter, "digits", self.args.work / "conditioning", 0)[0]
-
     def skip_config(self, **values: Any) -> skip.SkipConfig:
         return get_engine("skip").make_config(guidance_scale=self.guidance, **values)
 
@@ -205,60 +200,39 @@ def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
 
 
 def dip_go(bench: Bench, ref_steps: int, fractions: list[float], granularity: str, seed: int) -> None:
-    """One DiP-GO search at the smallest fraction; the larger fractions' tables post-process its probabilities
-    (each compared, as the engine does, with step reuse at that fraction on the held-out noises)."""
+    """One DiP-GO search per fraction (`slimdiff compress skip --method dip-go --target-macs F`), warm-started as
+    configured; the engine keeps step reuse instead where that is more consistent on held-out noises."""
     args = bench.args
-    work = args.work / f"ddim{ref_steps}"
-    suffix = "" if seed == 0 else f"-s{seed}"
-    keys = {f: f"ddim{ref_steps}-dip-go-{granularity}-{f}{suffix}" for f in fractions}
-    if all(bench.done(k) for k in keys.values()):
-        return
-    smallest = min(fractions)
-    settings = dict(
-        method="dip-go",
-        granularity=granularity,
-        steps=ref_steps,
-        iterations=args.iterations,
-        batch_size=args.search_batch,
-        noises=args.search_noises,
-        start=args.start,
-        seed=seed,
-    )
-    config = bench.skip_config(target_macs=smallest, **settings)
-    searched = work / keys[smallest]
-    start = time.perf_counter()
-    result = compress_model("skip", args.teacher, "digits", searched, config, log=print)
-    search_seconds = time.perf_counter() - start
-    probs = torch.tensor(result.record["skip_probabilities"])
-    units = skip.skip_units(bench.adapter, granularity)
-    made = skip.table_of(load(searched))
-    base = skip.SkipTable.full(made.scheduler, made.timesteps, units, granularity)
-    costs = skip.unit_costs(bench.teacher, base.units)
-    calibration = bench.calibration()
-    noises = skip.held_out_noises(bench.adapter, config, calibration)
     for fraction in fractions:
-        out = searched if fraction == smallest else work / keys[fraction]
-        record = result.record
-        if fraction != smallest and not bench.done(keys[fraction]):
-            budget = bench.skip_config(target_macs=fraction, **settings)
-            chosen = skip.select(bench.adapter, budget, calibration, base, costs, probs, noises)
-            save(bench.teacher, out, artifacts={"skip_table": chosen.table.to_json()})
-            record = chosen.record()
-        if bench.done(keys[fraction]):
+        key = f"ddim{ref_steps}-dip-go-{granularity}-{fraction}" + ("" if seed == 0 else f"-s{seed}")
+        if bench.done(key):
             continue
+        config = bench.skip_config(
+            method="dip-go",
+            granularity=granularity,
+            steps=ref_steps,
+            target_macs=fraction,
+            iterations=args.iterations,
+            batch_size=args.search_batch,
+            noises=args.search_noises,
+            start=args.start,
+            seed=seed,
+        )
+        out = args.work / f"ddim{ref_steps}" / key
+        start = time.perf_counter()
+        result = compress_model("skip", args.teacher, "digits", out, config, log=print)
         how = {
             "method": "dip-go",
             "granularity": granularity,
             "seed": seed,
             "start": args.start,
-            "search_seconds": round(search_seconds, 1),
-            "searched_at": smallest,
+            "search_seconds": round(time.perf_counter() - start, 1),
             "iterations": args.iterations,
             "final_search": result.record["search_history"][-1],
-            "selected": record["selected"],
-            "held_out": record["held_out"],
+            "selected": result.record["selected"],
+            "held_out": result.record["held_out"],
         }
-        bench.table_row(keys[fraction], out, ref_steps, fraction, how)
+        bench.table_row(key, out, ref_steps, fraction, how)
 
 
 def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]:

@@ -10,9 +10,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slimdiff.errors import SlimdiffError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _fsync_dir(path: Path) -> None:
@@ -99,3 +102,25 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SlimdiffError(f"{what} {path} is not valid JSON: {error}") from None
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """An optimizer's state as flat tensors (`"<param index>.<name>"`, for safetensors) and its param groups (JSON)."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{key}": value.detach().cpu().contiguous()
+        for index, per_param in state["state"].items()
+        for key, value in per_param.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups: list[dict[str, Any]]
+) -> None:
+    """Restore what `optimizer_tensors` returned."""
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": param_groups})

@@ -41,7 +41,7 @@ from slimdiff.distill import (
     output_kd_loss,
 )
 from slimdiff.errors import SlimdiffError
-from slimdiff.io import atomic_dir, atomic_write_json, read_json
+from slimdiff.io import atomic_dir, atomic_write_json, load_optimizer_tensors, optimizer_tensors, read_json
 from slimdiff.models import Adapter, adapter_for
 
 CHECKPOINTS = "checkpoints"
@@ -182,12 +182,7 @@ def _save_checkpoint(
     meta: dict[str, Any],
     keep: int,
 ) -> None:
-    optim_state = optimizer.state_dict()
-    tensors = {
-        f"{index}.{key}": value.detach().cpu().contiguous()
-        for index, state in optim_state["state"].items()
-        for key, value in state.items()
-    }
+    tensors, param_groups = optimizer_tensors(optimizer)
     ema_state = ema.state_dict()
     shadow = ema_state.pop("shadow_params")
     with atomic_dir(out_dir / CHECKPOINTS / f"step-{step:08d}") as tmp:
@@ -198,7 +193,7 @@ def _save_checkpoint(
             tmp / "state.json",
             {
                 "step": step,
-                "optimizer_param_groups": optim_state["param_groups"],
+                "optimizer_param_groups": param_groups,
                 "lr_scheduler": lr_scheduler.state_dict(),
                 "ema": ema_state,
                 **meta,
@@ -215,12 +210,7 @@ def _load_checkpoint(
     model.load_state_dict(load_file(path / "model.safetensors"))
     shadow = load_file(path / "ema.safetensors")
     ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-    flat = load_file(path / "optimizer.safetensors")
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
+    load_optimizer_tensors(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer_param_groups"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     return state
 

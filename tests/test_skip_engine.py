@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import os
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from slimdiff.diffusion import make_scheduler, sample
 from slimdiff.engines import Calibration, get_engine, skip
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, read_provenance, save
+from slimdiff.io import read_json
 from slimdiff.models import adapter_for, build_tiny
 
 
@@ -172,6 +178,65 @@ def test_guided_dip_go_search_on_a_text_model(tmp_path: Path) -> None:
         "dip-go",
         "step-reuse",
     }
+
+
+def _search_setup(steps: int = 4) -> tuple[Any, skip.SkipTable, skip.UnitCosts, Calibration]:
+    model = build_tiny("tiny-unet").eval()
+    base = _base(model, "block", steps=steps)
+    return adapter_for(model), base, skip.unit_costs(model, base.units), _calibration(model)
+
+
+def test_checkpointed_trajectory_has_the_same_gradients_and_recomputes_each_step() -> None:
+    adapter, base, _, _ = _search_setup(steps=5)
+    model = copy.deepcopy(adapter.model).requires_grad_(False)
+    skip.attach(model, base)
+    calls = []
+    model.mid_block.register_forward_pre_hook(lambda *_: calls.append(1))
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for mode in ("steps", "none"):
+        calls.clear()
+        config = get_engine("skip").make_config(target_macs=0.5, steps=5, checkpointing=mode)
+        gates = torch.full((5, len(base.units)), 0.6, requires_grad=True)
+        final = skip._trajectory(adapter_for(model), config, {}, noise, None, None, 0, gates=gates, units=base.units)
+        final.square().mean().backward()
+        results[mode] = (final.detach(), gates.grad, len(calls))
+    assert torch.equal(results["steps"][0], results["none"][0])
+    assert torch.allclose(results["steps"][1], results["none"][1], atol=1e-7) and results["none"][1].abs().sum() > 0
+    # every step recomputed once in the backward pass, but step 0 (no cache to blend: no gate reaches it)
+    assert (results["none"][2], results["steps"][2]) == (5, 9)
+
+
+def test_an_interrupted_search_resumes_where_its_checkpoint_left_off(tmp_path: Path, monkeypatch) -> None:
+    adapter, base, costs, data = _search_setup()
+    monkeypatch.setattr(skip, "SEARCH_CHECKPOINT_EVERY", 2)
+    config = get_engine("skip").make_config(target_macs=0.5, steps=4, iterations=5, noises=4, batch_size=2)
+    straight, _ = skip.search(adapter, config, data, base, costs, lambda message: None)
+
+    def crash_at_4(message: str) -> None:
+        if message.startswith("search    4"):
+            raise KeyboardInterrupt
+
+    resumable = dataclasses.replace(data, work_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        skip.search(adapter, config, resumable, base, costs, crash_at_4)
+    assert read_json(tmp_path / skip.SEARCH_STATE / "state.json")["done"] == 4
+    messages: list[str] = []
+    resumed, history = skip.search(adapter, config, resumable, base, costs, messages.append)
+    assert "resuming the dip-go search after 4 of 5 steps" in messages[0]
+    assert torch.equal(resumed, straight) and [row["iteration"] for row in history] == [0, 4]
+    other = dataclasses.replace(config, lr=0.01)  # other settings: the checkpoint is not theirs
+    messages.clear()
+    skip.search(adapter, other, resumable, base, costs, messages.append)
+    assert "other settings; starting over" in messages[0]
+
+
+def test_two_gloo_processes_search_the_same_pruner(tmp_path: Path) -> None:
+    script = Path(__file__).parent / "dip_go_search_script.py"
+    command = ["torchrun", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["digest"] == ranks[1]["digest"]
 
 
 def test_cli_compress_skip_and_its_help(tmp_path: Path, monkeypatch, capsys) -> None:

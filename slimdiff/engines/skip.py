@@ -33,18 +33,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from accelerate import PartialState
+from accelerate.utils import reduce
 from diffusers.hooks import HookRegistry, ModelHook
+from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from slimdiff.diffusion import SAMPLERS, guided, make_scheduler, null_condition
@@ -64,6 +70,7 @@ from slimdiff.engines.base import (
     set_sampling_plan,
 )
 from slimdiff.errors import SlimdiffError
+from slimdiff.io import atomic_dir, atomic_write_json, load_optimizer_tensors, optimizer_tensors, read_json
 from slimdiff.metrics.cost import count_macs, macs_by_module
 from slimdiff.models import Adapter, adapter_for
 from slimdiff.models.base import count_params, get_submodule
@@ -310,8 +317,12 @@ class _RunState:
         self.caches: list[dict[str, Any]] = []
         self.active = False
         self.paused = False
-        #: search mode: unit name → gate tensor for the current call (None: follow the table)
+        #: search mode: unit name → gate tensor for the current call (None: follow the table), the units' outputs
+        #: of the previous step (in) and of this one (out) — passed explicitly, so that a checkpointed step
+        #: recomputed in the backward pass sees its own inputs
         self.gates: dict[str, torch.Tensor] | None = None
+        self.cache_in: dict[str, Any] = {}
+        self.cache_out: dict[str, Any] = {}
 
     def reset(self) -> None:
         self.step, self.slot, self.slots, self.caches = -1, 0, None, []
@@ -375,7 +386,8 @@ class _StepHook(ModelHook):
         t = None if state.paused else _timestep_value(args, kwargs)
         if t is None:  # paused, or counting on the meta device: a plain full call
             return self.fn_ref.original_forward(*args, **kwargs)
-        state.advance(t)
+        if state.gates is None:  # search mode: the step's gates and caches are given
+            state.advance(t)
         state.active = True
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -394,14 +406,14 @@ class _UnitHook(ModelHook):
         state = self.state
         if not state.active:
             return self.fn_ref.original_forward(*args, **kwargs)
-        cache = state.caches[state.slot]
-        if state.gates is not None:  # search: always compute, blend with the cache by the gate
-            fresh = self.fn_ref.original_forward(*args, **kwargs)
-            if self.name in cache:
+        if state.gates is not None:  # search: always compute, blend with the previous step's output by the gate
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if self.name in state.cache_in:
                 gate = state.gates[self.name]
-                fresh = tree_map(lambda f, c: gate * f + (1 - gate) * c, fresh, cache[self.name])
-            cache[self.name] = fresh
-            return fresh
+                out = tree_map(lambda fresh, cached: gate * fresh + (1 - gate) * cached, out, state.cache_in[self.name])
+            state.cache_out[self.name] = out
+            return out
+        cache = state.caches[state.slot]
         if state.live[state.step][self.index] or self.name not in cache:
             cache[self.name] = self.fn_ref.original_forward(*args, **kwargs)
         return cache[self.name]
@@ -486,6 +498,7 @@ SCHEDULES: tuple[str, ...] = ("uniform", "non-uniform")
 LOSSES: tuple[str, ...] = ("ssim", "mse")
 STARTS: tuple[str, ...] = ("full", "step-reuse")
 FALLBACKS: tuple[str, ...] = ("step-reuse", "none")
+CHECKPOINTINGS: tuple[str, ...] = ("steps", "none")
 
 FEWER_STEPS_ADVICE = (
     "A table is worth shipping only where it beats the same sampler with fewer steps at equal sampling MACs: for "
@@ -529,6 +542,13 @@ class SkipConfig(LatencyBudget):
             "(full, the paper's start)."
         },
     )
+    checkpointing: Literal["steps", "none"] = field(
+        default="steps",
+        metadata={
+            "help": "dip-go: recompute each sampling step's activations in the backward pass (steps: memory of one "
+            "step, not of the whole trajectory) or keep them all (none: faster where memory allows)."
+        },
+    )
     fallback: Literal["step-reuse", "none"] = field(
         default="step-reuse",
         metadata={
@@ -559,6 +579,7 @@ class SkipConfig(LatencyBudget):
             ("loss", self.loss, LOSSES),
             ("start", self.start, STARTS),
             ("fallback", self.fallback, FALLBACKS),
+            ("checkpointing", self.checkpointing, CHECKPOINTINGS),
         ):
             if value not in valid:
                 raise SlimdiffError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
@@ -715,7 +736,8 @@ def _trajectory(
     gates: torch.Tensor | None = None,
     units: Sequence[str] = (),
 ) -> torch.Tensor:
-    """The final sample of one sampling run from `noise` (gated by `gates[step, unit]` when given)."""
+    """The final sample of one sampling run from `noise` (gated by `gates[step, unit]` when given; then, with
+    `config.checkpointing == "steps"`, each step's activations are recomputed in the backward pass, not kept)."""
     state = _state_of(adapter.model)
     sched = make_scheduler(config.scheduler, schedule)
     sched.set_timesteps(config.steps)
@@ -723,15 +745,52 @@ def _trajectory(
     x = noise * sched.init_noise_sigma
     if state is not None:
         state.reset()
+    cache: dict[str, Any] = {}
     for step, t in enumerate(sched.timesteps):
-        if state is not None and gates is not None:
-            state.gates = {name: gates[step, i] for i, name in enumerate(units)}
-        eps = guided(adapter, sched.scale_model_input(x, t), t.expand(x.shape[0]), cond, null, config.guidance_scale)
+        x_in, t_in = sched.scale_model_input(x, t), t.expand(x.shape[0])
+        if gates is None:
+            eps = guided(adapter, x_in, t_in, cond, null, config.guidance_scale)
+        else:
+            assert state is not None
+            eps, cache = _gated_step(adapter, config, state, x_in, t_in, cond, null, gates[step], units, cache)
         x = sched.step(eps, t, x, generator=generator).prev_sample
     if state is not None:
         state.gates = None
+        state.cache_in, state.cache_out = {}, {}
         state.reset()
     return x.clamp(-1, 1)
+
+
+def _gated_step(
+    adapter: Adapter,
+    config: SkipConfig,
+    state: _RunState,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor | None,
+    null: torch.Tensor | None,
+    gate_row: torch.Tensor,
+    units: Sequence[str],
+    cache: dict[str, Any],
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One gated denoiser call: ε and every unit's output (the next step's cache). The cache goes in and comes out
+    as explicit tensors, so a checkpointed call recomputed in the backward pass sees exactly this step's inputs."""
+    leaves, spec = tree_flatten(cache)
+    out_spec: list[TreeSpec] = []
+
+    def call(x: torch.Tensor, gate_row: torch.Tensor, *leaves: Any) -> tuple[torch.Tensor, ...]:
+        state.gates = {name: gate_row[i] for i, name in enumerate(units)}
+        state.cache_in, state.cache_out = tree_unflatten(list(leaves), spec), {}
+        eps = guided(adapter, x, t, cond, null, config.guidance_scale)
+        out_leaves, made = tree_flatten(state.cache_out)
+        out_spec[:] = [made]
+        return (eps, *out_leaves)
+
+    if config.checkpointing == "steps" and torch.is_grad_enabled():
+        outputs = torch.utils.checkpoint.checkpoint(call, x, gate_row, *leaves, use_reentrant=False)
+    else:
+        outputs = call(x, gate_row, *leaves)
+    return outputs[0], tree_unflatten(list(outputs[1:]), out_spec[0])
 
 
 def postprocess(
@@ -772,7 +831,7 @@ class _Noises:
     null: torch.Tensor | None
     batches: list[slice]
     seed: int
-    references: list[torch.Tensor] = field(default_factory=list)
+    references: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def part(self, value: torch.Tensor | None, batch: slice) -> torch.Tensor | None:
         return None if value is None else value[batch]
@@ -794,8 +853,11 @@ class _Noises:
         )
 
 
-def _noises(adapter: Adapter, config: SkipConfig, data: Calibration, seed: int) -> _Noises:
-    """`config.noises` noises (and conditions drawn from the calibration data) from `seed`, with their references."""
+def _noises(
+    adapter: Adapter, config: SkipConfig, data: Calibration, seed: int, used: Sequence[int] | None = None
+) -> _Noises:
+    """`config.noises` noises (and conditions drawn from the calibration data) from `seed`, with the references of
+    the batches in `used` (default: all)."""
     generator = torch.Generator().manual_seed(seed)
     size = adapter.sample_size
     noise = torch.randn(config.noises, adapter.in_channels, size, size, generator=generator)
@@ -809,7 +871,8 @@ def _noises(adapter: Adapter, config: SkipConfig, data: Calibration, seed: int) 
     batches = [slice(i, i + step) for i in range(0, config.noises - step + 1, step)]
     noises = _Noises(noise, cond, null, batches, seed)
     with torch.no_grad():
-        noises.references = [noises.run(adapter, config, data.schedule, k) for k in range(len(batches))]
+        for k in range(len(batches)) if used is None else used:
+            noises.references[k] = noises.run(adapter, config, data.schedule, k)
     return noises
 
 
@@ -835,7 +898,7 @@ def held_out_consistency(
         with torch.no_grad():
             values = [
                 _consistency(config, noises.run(adapter_for(model), config, data.schedule, k), reference).item()
-                for k, reference in enumerate(noises.references)
+                for k, reference in noises.references.items()
             ]
         losses[name] = round(sum(values) / len(values), 6)
     return losses
@@ -882,6 +945,59 @@ def select(
     return Selection(table, how, "dip-go", losses)
 
 
+#: The search writes a resumable checkpoint every this many optimizer steps (where the calibration allows).
+SEARCH_CHECKPOINT_EVERY = 10
+SEARCH_STATE = "dip-go-search"
+
+
+def _search_settings(config: SkipConfig, base: SkipTable, start: SkipTable | None, processes: int) -> dict[str, Any]:
+    """Everything a search's trajectory depends on: a checkpoint made with other settings is not resumed."""
+    settings = {
+        "config": dataclasses.asdict(config),
+        "units": base.units,
+        "timesteps": base.timesteps,
+        "start": None if start is None else start.compute,
+        "processes": processes,
+    }
+    return json.loads(json.dumps(settings))
+
+
+def _save_search(
+    folder: Path,
+    done: int,
+    pruner: Pruner,
+    optimizer: torch.optim.Optimizer,
+    cosine: Any,
+    history: list,
+    settings: dict,
+) -> None:
+    tensors, param_groups = optimizer_tensors(optimizer)
+    with atomic_dir(folder) as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}, tmp / "pruner.safetensors"
+        )
+        save_file(tensors, tmp / "optimizer.safetensors")
+        state = {"done": done, "history": history, "lr_scheduler": cosine.state_dict(), "settings": settings}
+        atomic_write_json(tmp / "state.json", state | {"param_groups": param_groups})
+
+
+def _resume_search(
+    folder: Path, pruner: Pruner, optimizer: torch.optim.Optimizer, cosine: Any, settings: dict, log: Log
+) -> tuple[int, list[dict[str, float]]]:
+    """The optimizer steps done and the history of a checkpointed search with the same settings (else 0, [])."""
+    if not (folder / "state.json").is_file():
+        return 0, []
+    state = read_json(folder / "state.json", "search checkpoint")
+    if state.get("settings") != settings:
+        log(f"{folder}: a search with other settings; starting over")
+        return 0, []
+    pruner.load_state_dict(load_file(folder / "pruner.safetensors"))
+    load_optimizer_tensors(optimizer, load_file(folder / "optimizer.safetensors"), state["param_groups"])
+    cosine.load_state_dict(state["lr_scheduler"])
+    log(f"resuming the dip-go search after {state['done']} of {settings['config']['iterations']} steps")
+    return state["done"], state["history"]
+
+
 def search(
     adapter: Adapter,
     config: SkipConfig,
@@ -892,18 +1008,29 @@ def search(
     start: SkipTable | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Train the pruner on the gated vs full trajectories, from everything kept or from the table `start`; returns
-    the skip probabilities `(steps, units)`."""
+    the skip probabilities `(steps, units)`.
+
+    Under `accelerate launch` each process runs its own noise batches and the pruner's gradients are averaged, so
+    every process holds the same pruner. With `data.work_dir` set, the search checkpoints there (pruner, Adam and
+    schedule state; safetensors + JSON, atomically) and an interrupted search with the same settings resumes.
+    """
+    processes = PartialState(cpu=not torch.cuda.is_available())  # as training: gloo processes on CPU machines
+    rank, world = processes.process_index, processes.num_processes
     torch.manual_seed(config.seed)
-    noises = _noises(adapter, config, data, config.seed)
+    count = len(range(0, config.noises - config.batch_size + 1, config.batch_size))
+    used = sorted({(it * world + rank) % count for it in range(min(config.iterations, count))})
+    noises = _noises(adapter, config, data, config.seed, used)
     model = copy.deepcopy(adapter.model).eval().requires_grad_(False)
     attach(model, base)
     gated = adapter_for(model)
     pruner = Pruner(len(base.timesteps), len(base.units), start=None if start is None else torch.tensor(start.compute))
     optimizer = torch.optim.Adam(pruner.parameters(), lr=config.lr)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations)
-    history: list[dict[str, float]] = []
-    for it in range(config.iterations):
-        k = it % len(noises.batches)
+    settings = _search_settings(config, base, start, world)
+    folder = None if data.work_dir is None else data.work_dir / SEARCH_STATE
+    done, history = (0, []) if folder is None else _resume_search(folder, pruner, optimizer, cosine, settings, log)
+    for it in range(done, config.iterations):
+        k = (it * world + rank) % count
         keep = pruner()
         hard = (keep > 0.5).to(keep.dtype)
         gates = hard + keep - keep.detach()  # straight-through: hard forward, soft gradient
@@ -914,6 +1041,10 @@ def search(
         loss = consistency + (config.alpha * expected if expected.item() > config.target_macs else 0.0)
         optimizer.zero_grad()
         loss.backward()
+        if world > 1:
+            for parameter in pruner.parameters():
+                parameter.grad = reduce(parameter.grad, "mean")
+            consistency = reduce(consistency.detach(), "mean")
         optimizer.step()
         cosine.step()
         if it % 10 == 0 or it == config.iterations - 1:
@@ -925,6 +1056,8 @@ def search(
             }
             history.append(row)
             log(f"search {it:4d}: 1-ssim/mse {row['consistency']:.4f}, expected kept {row['expected_kept']:.3f}")
+        if folder is not None and (it + 1) % SEARCH_CHECKPOINT_EVERY == 0 and processes.is_main_process:
+            _save_search(folder, it + 1, pruner, optimizer, cosine, history, settings)
     with torch.no_grad():
         skip_probs = 1 - pruner()
     return skip_probs, history

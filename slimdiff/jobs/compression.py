@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from slimdiff.train import Conditioning, TrainConfig, TrainResult, train
 SHARED_RUN = "shared"
 #: The engine settings a shared run was started with (a rerun with other settings must not continue it).
 RUN_SETTINGS = "engine.json"
+#: Where an engine keeps the state that lets an interrupted run resume, inside `--out` (removed once saved).
+ENGINE_STATE = ".engine-state"
 
 
 def compress_model(
@@ -61,6 +64,7 @@ def compress_model(
     model = load(model_dir, artifacts=False)
     adapter = adapter_for(model)
     calibration, conditioning, recorded = calibration_for(model_dir, adapter, data, out_dir, getattr(config, "seed", 0))
+    calibration.work_dir = out_dir / ENGINE_STATE
     result = engine.compress(adapter, config, calibration, log=log)
     provenance = read_provenance(model_dir)
     provenance.engine = engine.name
@@ -77,7 +81,9 @@ def compress_model(
     if result.training is None:
         provenance.metrics.update({f"{unit}_fraction": value for unit, value in result.achieved.items()})
         provenance.history.append({**entry, "achieved": result.achieved})
-        result.save(out_dir, provenance=provenance, **save_kwargs)
+        if PartialState().is_main_process:  # under `accelerate launch` every process made the same product
+            result.save(out_dir, provenance=provenance, **save_kwargs)
+            shutil.rmtree(calibration.work_dir, ignore_errors=True)
         return result
 
     run = _shared_run(
@@ -106,6 +112,8 @@ def compress_model(
         if PartialState().is_main_process:  # under `accelerate launch` every process made the same products
             product.save(out_dir / name, provenance=product_provenance, **save_kwargs)
         log(product.summary)
+    if PartialState().is_main_process:
+        shutil.rmtree(calibration.work_dir, ignore_errors=True)
     return dataclasses.replace(
         result,
         record={**result.record, "products": {name: product.achieved for name, product in products.items()}},
