@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, tiny_vae
 
 from slimdiff.diffusion import make_scheduler, sample
 from slimdiff.engines import Calibration, get_engine, skip
@@ -229,6 +229,25 @@ def test_an_interrupted_search_resumes_where_its_checkpoint_left_off(tmp_path: P
     messages.clear()
     skip.search(adapter, other, resumable, base, costs, messages.append)
     assert "other settings; starting over" in messages[0]
+
+
+def test_the_search_scores_a_latent_model_through_its_vae() -> None:
+    model = build_tiny("tiny-sd", in_channels=4, out_channels=4).eval()
+    adapter, base = adapter_for(model), _base(model, "block", steps=3)
+    vae = tiny_vae(4).eval().requires_grad_(False)
+    seen: list[tuple[bool, int]] = []
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        images = vae.decode(latents).sample
+        seen.append((latents.requires_grad, images.shape[1]))
+        return images
+
+    labels_only = _calibration(build_tiny("tiny-unet"))  # the search reads only labels from the data
+    data = dataclasses.replace(labels_only, cond_for=lambda labels: torch.zeros(len(labels), 4, 32), decode=decode)
+    config = get_engine("skip").make_config(target_macs=0.5, steps=3, iterations=2, noises=2, batch_size=1)
+    skip.search(adapter, config, data, base, skip.unit_costs(model, base.units), lambda message: None)
+    # the references decoded without gradient, the gated trajectories with it; SSIM compares 3-channel images
+    assert seen == [(False, 3), (False, 3), (True, 3), (True, 3)]
 
 
 def test_two_gloo_processes_search_the_same_pruner(tmp_path: Path) -> None:

@@ -156,15 +156,16 @@ class Calibration:
 
     `cond_for(labels)` turns dataset labels into the model's condition (class labels or prompt embeddings, None
     for unconditional models); `schedule` is the model's training noise-scheduler config; `uncond_embedding` is a
-    text model's empty-prompt embedding `(1, tokens, dim)`, for classifier-free guidance; `work_dir`, when set, is
-    where the engine may keep state that lets an interrupted run resume (the compression job removes it once the
-    product is saved).
+    text model's empty-prompt embedding `(1, tokens, dim)`, for classifier-free guidance; `decode` turns a latent
+    model's latents into images (its VAE; None for pixel-space models); `work_dir`, when set, is where the engine
+    may keep state that lets an interrupted run resume (the compression job removes it once the product is saved).
     """
 
     dataset: ImageDataset
     cond_for: Callable[[torch.Tensor], torch.Tensor | None]
     schedule: dict[str, Any]
     uncond_embedding: torch.Tensor | None = None
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     work_dir: Path | None = None
 
 

@@ -736,7 +736,8 @@ def _trajectory(
     gates: torch.Tensor | None = None,
     units: Sequence[str] = (),
 ) -> torch.Tensor:
-    """The final sample of one sampling run from `noise` (gated by `gates[step, unit]` when given; then, with
+    """The final sample (latents, for latent models) of one sampling run from `noise` (gated by `gates[step, unit]`
+    when given; then, with
     `config.checkpointing == "steps"`, each step's activations are recomputed in the backward pass, not kept)."""
     state = _state_of(adapter.model)
     sched = make_scheduler(config.scheduler, schedule)
@@ -758,7 +759,7 @@ def _trajectory(
         state.gates = None
         state.cache_in, state.cache_out = {}, {}
         state.reset()
-    return x.clamp(-1, 1)
+    return x
 
 
 def _gated_step(
@@ -824,13 +825,15 @@ def postprocess(
 
 @dataclass
 class _Noises:
-    """Fixed noises and conditions for search or validation, in batches, with the full sampler's final samples."""
+    """Fixed noises and conditions for search or validation, in batches, with the full sampler's final images
+    (decoded by `decode` for latent models)."""
 
     noise: torch.Tensor
     cond: torch.Tensor | None
     null: torch.Tensor | None
     batches: list[slice]
     seed: int
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     references: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def part(self, value: torch.Tensor | None, batch: slice) -> torch.Tensor | None:
@@ -839,18 +842,11 @@ class _Noises:
     def run(
         self, adapter: Adapter, config: SkipConfig, schedule: dict[str, Any], k: int, **gating: Any
     ) -> torch.Tensor:
-        """The final samples of batch `k` (with the model's table, or gated by `gates`/`units`)."""
+        """The final images of batch `k` in [-1, 1] (with the model's table, or gated by `gates`/`units`)."""
         b = self.batches[k]
-        return _trajectory(
-            adapter,
-            config,
-            schedule,
-            self.noise[b],
-            self.part(self.cond, b),
-            self.part(self.null, b),
-            self.seed + k,
-            **gating,
-        )
+        cond, null = self.part(self.cond, b), self.part(self.null, b)
+        final = _trajectory(adapter, config, schedule, self.noise[b], cond, null, self.seed + k, **gating)
+        return (final if self.decode is None else self.decode(final)).clamp(-1, 1)
 
 
 def _noises(
@@ -869,7 +865,7 @@ def _noises(
             null = null_condition(adapter, cond, data.uncond_embedding)
     step = config.batch_size
     batches = [slice(i, i + step) for i in range(0, config.noises - step + 1, step)]
-    noises = _Noises(noise, cond, null, batches, seed)
+    noises = _Noises(noise, cond, null, batches, seed, data.decode)
     with torch.no_grad():
         for k in range(len(batches)) if used is None else used:
             noises.references[k] = noises.run(adapter, config, data.schedule, k)

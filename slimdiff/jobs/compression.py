@@ -24,7 +24,7 @@ from slimdiff.engines.base import Log, Training, no_log
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config, read_provenance
 from slimdiff.io import atomic_write_json, read_json
-from slimdiff.jobs.conditioning import training_conditioning, training_data
+from slimdiff.jobs.conditioning import decoder_for, training_conditioning, training_data
 from slimdiff.models import Adapter, adapter_for
 from slimdiff.train import Conditioning, TrainConfig, TrainResult, train
 
@@ -134,7 +134,8 @@ def calibration_for(
     def cond_for(labels: torch.Tensor) -> torch.Tensor | None:
         return conditioning(labels, torch.zeros_like(labels, dtype=torch.bool))
 
-    return Calibration(dataset, cond_for, schedule, conditioning.empty_prompt), conditioning, recorded
+    calibration = Calibration(dataset, cond_for, schedule, conditioning.empty_prompt, decoder_for(model_dir))
+    return calibration, conditioning, recorded
 
 
 def _run_settings(engine_name: str, config: EngineConfig) -> dict[str, Any]:

@@ -38,19 +38,20 @@ def _load_vae(model_dir: str | Path) -> AutoencoderKL | None:
         return None
     if not any(vae_dir.glob("*.safetensors")):
         raise SlimdiffError(f"{vae_dir} has no .safetensors weights (pickled weights are never loaded)")
-    return AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, local_files_only=True).eval()
+    return (
+        AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, local_files_only=True).eval().requires_grad_(False)
+    )
 
 
 def decoder_for(model_dir: str | Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Latents → images for latent models (VAE beside the denoiser), None for pixel-space models."""
+    """Latents → images for latent models (the frozen VAE beside the denoiser), None for pixel-space models."""
     vae = _load_vae(model_dir)
     if vae is None:
         return None
     factor = vae.config.scaling_factor
 
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return vae.decode(latents.to(vae.dtype) / factor).sample
+    def decode(latents: torch.Tensor) -> torch.Tensor:  # differentiable in the latents (a skip search needs it)
+        return vae.decode(latents.to(vae.dtype) / factor).sample
 
     return decode
 
