@@ -195,7 +195,7 @@ def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
                 {"method": method, "granularity": granularity, "how": result.record["how"]},
             )
     for seed in args.seeds:
-        for granularity in ("block", "layer"):
+        for granularity in args.granularities:
             dip_go(bench, ref_steps, fractions, granularity, seed)
 
 
@@ -236,8 +236,9 @@ def dip_go(bench: Bench, ref_steps: int, fractions: list[float], granularity: st
 
 
 def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]:
-    """Sampling MACs of DeepCache (uniform N = 5, branch 0, layer units) and of 20 %-MACs tables (step reuse,
-    deepcache) for DDIM-`steps` on a reference architecture (counted on the meta device: random weights, none read)."""
+    """Sampling MACs of DeepCache (uniform N = 5, branch 0, layer units; U-Nets) and of 20 %-MACs tables (step
+    reuse, deepcache) for DDIM-`steps` on a reference architecture (counted on the meta device: random weights, none
+    read)."""
     import tempfile
 
     from diffusers import DDIMScheduler
@@ -249,24 +250,27 @@ def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]
         model = load_architecture(folder)
     sched = DDIMScheduler(steps_offset=1)
     sched.set_timesteps(steps)
-    units = skip.skip_units(adapter_for(model), "layer")
+    adapter = adapter_for(model)
+    units = skip.skip_units(adapter, "layer")
     base = skip.SkipTable.full("DDIMScheduler", sched.timesteps.tolist(), units, "layer")
     costs = skip.unit_costs(model, base.units)
-    deepcache = skip.interval_table(
-        base, skip.full_steps(steps, steps // 5, "uniform"), skip.deepcache_branches(base)["branch 0"]
-    )
     report = {
         "architecture": config_path.name,
         "sampler": f"DDIM-{steps}",
+        "layer_units": len(units),
         "macs_per_call": costs.total,
         "sampling_macs_full": costs.total * steps,
-        "deepcache_N5_branch0": skip.kept_fraction(deepcache, costs) * costs.total * steps,
     }
+    if adapter.family != "dit":  # DeepCache's cache sits on a U-Net's skip branches
+        deepcache = skip.interval_table(
+            base, skip.full_steps(steps, steps // 5, "uniform"), skip.deepcache_branches(base)["branch 0"]
+        )
+        report["deepcache_N5_branch0"] = skip.kept_fraction(deepcache, costs) * costs.total * steps
     engine = get_engine("skip")
     for method in ("step-reuse", "deepcache"):
         config = engine.make_config(method=method, granularity="layer", steps=steps, target_macs=0.2)
         try:
-            table, how = skip._baseline(adapter_for(model), config, base, costs)
+            table, how = skip._baseline(adapter, config, base, costs)
             report[f"{method}_0.2"] = {
                 "sampling_macs": skip.kept_fraction(table, costs) * costs.total * steps,
                 "how": how,
@@ -368,6 +372,7 @@ def main() -> None:
     parser.add_argument("--search-noises", type=int, default=16)
     parser.add_argument("--start", choices=skip.STARTS, default="step-reuse", help="dip-go: where the search starts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="dip-go search seeds")
+    parser.add_argument("--granularities", nargs="+", choices=skip.GRANULARITIES, default=list(skip.GRANULARITIES))
     parser.add_argument("--wall-repeats", type=int, default=1, help="--stage wall: runs per timing (median)")
     parser.add_argument("--stage", choices=["curve", "tables", "all", "reference", "report", "wall"], default="all")
     parser.add_argument("--report", type=Path, nargs="+", help="--stage report: result files to print as Markdown")
