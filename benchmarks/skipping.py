@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/skipping.py --teacher /work/runs/demo/teacher --n 1000 \
         --out benchmarks/results/skipping_demo.json --work /tmp/bench-skipping-demo
     ... --stage wall      # then: back-to-back wall times at batch 64 and batch 1
+    ... --stage grids     # and a grid of 64 samples per row, in <work>/grids/
     ... --stage report --report benchmarks/results/skipping_demo.json
 
 1. The curve: FID/KID (digits features, `--n` samples, seed 0; conditional teachers: classifier-free guidance at
@@ -41,7 +42,7 @@ from slimdiff.metrics.cost import count_macs, sampling_latency
 from slimdiff.metrics.features import digits_feature_extractor
 from slimdiff.metrics.quality import class_agreement, compute_quality, reference_features
 from slimdiff.models import adapter_for
-from slimdiff.report import markdown_table
+from slimdiff.report import markdown_table, save_grid
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 
@@ -95,21 +96,25 @@ class Bench:
         print(json.dumps({k: v for k, v in row.items() if k != "table"}), flush=True)
         return row
 
-    def quality(self, model: torch.nn.Module, scheduler: str, steps: int) -> dict[str, float]:
-        """FID/KID (and, for conditional models, class agreement) of `n` samples from seed 0."""
-        images = sample(
+    def samples(self, model: torch.nn.Module, scheduler: str, steps: int, n: int) -> torch.Tensor:
+        """The first `n` of the benchmark's samples (seed 0, the conditions in turn)."""
+        return sample(
             adapter_for(model),
-            n=self.args.n,
+            n=n,
             steps=steps,
             scheduler=scheduler,
             schedule=self.schedule,
-            cond=self.inputs.cond,
+            cond=None if self.inputs.cond is None else self.inputs.cond[:n],
             guidance_scale=self.guidance,
             uncond_embedding=self.inputs.uncond_embedding,
             seed=0,
             batch_size=64,
             progress=False,
         )
+
+    def quality(self, model: torch.nn.Module, scheduler: str, steps: int) -> dict[str, float]:
+        """FID/KID (and, for conditional models, class agreement) of `n` samples from seed 0."""
+        images = self.samples(model, scheduler, steps, self.args.n)
         values = compute_quality(images, self.real, self.extractor, metrics=("fid", "kid"), seed=0)
         if self.labels is not None:
             values["agreement"] = class_agreement(images, self.labels, self.extractor)
@@ -326,6 +331,23 @@ def wall_times(bench: Bench) -> None:
         print(row["key"], wall, flush=True)
 
 
+def grids(bench: Bench) -> None:
+    """A grid of the first 64 samples of every row (the same noises and conditions as its FID), to look at before
+    quoting the number: `<work>/grids/<key>.png`."""
+    folder = bench.args.work / "grids"
+    for row in bench.results["rows"]:
+        path = folder / f"{row['key']}.png"
+        if path.is_file() or "infeasible" in row:
+            continue
+        if row["kind"] == "sampler":
+            images = bench.samples(bench.teacher, row["scheduler"], row["steps"], 64)
+        else:
+            model = load(bench.args.work / f"ddim{row['ref_steps']}" / row["key"])
+            images = bench.samples(model, "ddim", row["ref_steps"], 64)
+        save_grid(images, path, scale=2)
+        print(path, flush=True)
+
+
 def _wall(row: dict[str, Any], batch: int) -> str:
     wall = row.get("wall")
     if wall is None:
@@ -400,7 +422,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="dip-go search seeds")
     parser.add_argument("--granularities", nargs="+", choices=skip.GRANULARITIES, default=list(skip.GRANULARITIES))
     parser.add_argument("--wall-repeats", type=int, default=1, help="--stage wall: runs per timing (median)")
-    parser.add_argument("--stage", choices=["curve", "tables", "all", "reference", "report", "wall"], default="all")
+    parser.add_argument(
+        "--stage", choices=["curve", "tables", "all", "reference", "report", "wall", "grids"], default="all"
+    )
     parser.add_argument("--report", type=Path, nargs="+", help="--stage report: result files to print as Markdown")
     parser.add_argument("--reference-config", type=Path, default=REFERENCE / "sd-1.5.unet.json")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-skipping"))
@@ -417,6 +441,9 @@ def main() -> None:
     bench = Bench(args)
     if args.stage == "wall":
         wall_times(bench)
+        return
+    if args.stage == "grids":
+        grids(bench)
         return
     if args.stage in ("curve", "all"):
         for steps in args.ddim_steps:
