@@ -361,7 +361,7 @@ def _quality(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _name(row: dict[str, Any]) -> str:
-    name = f"{row['method']} ({row['granularity']}"
+    name = f"{row['method']} ({row.get('granularity', 'layer')}"  # rows from before granularity was recorded
     if row["method"] == "dip-go":
         name += f", seed {row['seed']}" + {
             "step-reuse": ", shipped step reuse",

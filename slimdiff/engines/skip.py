@@ -502,10 +502,12 @@ CHECKPOINTINGS: tuple[str, ...] = ("steps", "none")
 
 FEWER_STEPS_ADVICE = (
     "A table is worth shipping only where it beats the same sampler with fewer steps at equal sampling MACs: for "
-    "DDIM, whole-step reuse (--method step-reuse) IS a DDIM sampler with fewer steps, and small models are often as "
-    "good or better at 10-20 DDIM steps than at 50. Measure the teacher's FID against its step count first "
-    "(benchmarks/skipping.py); if DDIM with target-macs x steps steps is as good as the table, sample with fewer "
-    "steps instead."
+    "DDIM, whole-step reuse (--method step-reuse) IS a DDIM sampler with fewer steps, and DPM-Solver++ with fewer "
+    "steps is often better still. Measure the teacher's FID against its step count first (benchmarks/skipping.py "
+    "--stage curve) and make the table for the step count where the teacher is best: if DDIM or DPM-Solver++ with "
+    "target-macs x steps steps is as good as the table, sample with fewer steps and ship no table. Measured on "
+    "digits U-Nets, fewer steps matched every table; on a DiT, layer tables from its best step count beat fewer "
+    "steps (docs/skipping.md)."
 )
 
 
