@@ -157,6 +157,22 @@ def test_recipe_rerun_with_changed_settings_starts_that_step_and_the_next_afresh
     assert (tmp_path / "out" / "01-finetune" / "diffusion_pytorch_model.safetensors").read_bytes() != first
 
 
+def test_recipe_rerun_from_another_directory_finds_its_finished_steps(tmp_path: Path, monkeypatch, capsys) -> None:
+    def write(out: str) -> Path:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(
+            f"model: tiny-dit\ndata: digits\nout: {out}\nsteps:\n"
+            "  - train: {steps: 2, batch_size: 8}\n  - finetune: {steps: 1, batch_size: 8}\n"
+        )
+        return recipe
+
+    assert run_cli(monkeypatch, capsys, "run", write(str(tmp_path / "out")))[0] == 0
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "run", write("out"))  # the same folders, named relatively
+    assert code == 0, err
+    assert not list((tmp_path / "out").glob("*.superseded-*"))  # nothing reran
+
+
 def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("SLIMDIFF_CACHE", str(tmp_path / "cache"))
     save(build_tiny("tiny-unet"), tmp_path / "teacher")

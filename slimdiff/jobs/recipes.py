@@ -125,7 +125,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
     for index, step in enumerate(recipe.steps):
         kind = _KIND_OF[type(step)]
         ctx = StepContext(recipe, current, Path(recipe.out) / f"{index:02d}-{kind}", progress)
-        settings = json.loads(json.dumps({"input": current, "data": recipe.data, **dataclasses.asdict(step)}))
+        source = str(Path(current).resolve()) if Path(current).exists() else current  # a folder, or a preset name
+        settings = json.loads(json.dumps({"input": source, "data": recipe.data, **dataclasses.asdict(step)}))
         done = None if reran else _finished(ctx.out, settings)
         if done is None:
             if reran or (ctx.out / DONE_NAME).is_file():  # made from another input or with other settings
