@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
     for index, step in enumerate(recipe.steps):
         kind = _KIND_OF[type(step)]
         ctx = StepContext(recipe, current, Path(recipe.out) / f"{index:02d}-{kind}", progress)
-        source = str(Path(current).resolve()) if Path(current).exists() else current  # a folder, or a preset name
+        source = os.path.abspath(current) if Path(current).exists() else current  # a folder, or a preset name
         settings = json.loads(json.dumps({"input": source, "data": recipe.data, **dataclasses.asdict(step)}))
         done = None if reran else _finished(ctx.out, settings)
         if done is None:
