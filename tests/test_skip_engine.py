@@ -271,3 +271,6 @@ def test_cli_compress_skip_and_its_help(tmp_path: Path, monkeypatch, capsys) -> 
     assert code == 0 and skip.table_of(load(tmp_path / "o")).num_inference_steps == 6
     code, _, err = run(*args, "--method", "magic", "--out", tmp_path / "bad")
     assert code == 2 and "method" in err and "dip-go" in err and len(err.strip().splitlines()) == 1
+    low = ["compress", "skip", tmp_path / "m", "--steps", "4", "--target-macs", "0.1", "--out", tmp_path / "low"]
+    code, _, err = run(*low)  # below what reusing every unit after step 0 keeps: refused by name, with the least
+    assert code != 0 and "dip-go's warm start" in err and "its least is" in err and len(err.strip().splitlines()) == 1

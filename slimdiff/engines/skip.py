@@ -1129,7 +1129,10 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
         if skip_probs is None:  # the search runs once, for the first budget asked
             start = None
             if config.start == "step-reuse":
-                start, _ = _baseline(adapter, dataclasses.replace(budget, method="step-reuse"), base, costs)
+                try:
+                    start, _ = _baseline(adapter, dataclasses.replace(budget, method="step-reuse"), base, costs)
+                except SlimdiffError as error:  # reusing every unit after step 0 keeps no less: dip-go cannot either
+                    raise SlimdiffError(f"dip-go's warm start: {error}") from None
             skip_probs, history = search(adapter, budget, data, base, costs, log, start=start)
             record.update(
                 search_history=history,
