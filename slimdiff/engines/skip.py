@@ -851,6 +851,12 @@ class _Noises:
         return (final if self.decode is None else self.decode(final)).clamp(-1, 1)
 
 
+def _batches(config: SkipConfig) -> list[slice]:
+    """The search's noise batches: `noises` noises in whole batches of `batch_size`."""
+    step = config.batch_size
+    return [slice(i, i + step) for i in range(0, config.noises - step + 1, step)]
+
+
 def _noises(
     adapter: Adapter, config: SkipConfig, data: Calibration, seed: int, used: Sequence[int] | None = None
 ) -> _Noises:
@@ -865,11 +871,9 @@ def _noises(
         cond = data.cond_for(torch.tensor([data.dataset[int(i)][1] for i in picks]))
         if config.guidance_scale != 1.0:
             null = null_condition(adapter, cond, data.uncond_embedding)
-    step = config.batch_size
-    batches = [slice(i, i + step) for i in range(0, config.noises - step + 1, step)]
-    noises = _Noises(noise, cond, null, batches, seed, data.decode)
+    noises = _Noises(noise, cond, null, _batches(config), seed, data.decode)
     with torch.no_grad():
-        for k in range(len(batches)) if used is None else used:
+        for k in range(len(noises.batches)) if used is None else used:
             noises.references[k] = noises.run(adapter, config, data.schedule, k)
     return noises
 
@@ -1015,7 +1019,7 @@ def search(
     processes = PartialState(cpu=not torch.cuda.is_available())  # as training: gloo processes on CPU machines
     rank, world = processes.process_index, processes.num_processes
     torch.manual_seed(config.seed)
-    count = len(range(0, config.noises - config.batch_size + 1, config.batch_size))
+    count = len(_batches(config))
     used = sorted({(it * world + rank) % count for it in range(min(config.iterations, count))})
     noises = _noises(adapter, config, data, config.seed, used)
     model = copy.deepcopy(adapter.model).eval().requires_grad_(False)
