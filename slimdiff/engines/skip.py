@@ -939,7 +939,11 @@ def select(
         reuse, reuse_how = _baseline(adapter, dataclasses.replace(config, method="step-reuse"), base, costs)
     except SlimdiffError:  # step reuse cannot keep this little: nothing to compare with
         return Selection(table, how, "dip-go", {})
-    losses = held_out_consistency(adapter, config, data, noises, {"dip-go": table, "step-reuse": reuse})
+    same = table.compute == reuse.compute  # the search ended where it started: one run scores both
+    losses = held_out_consistency(
+        adapter, config, data, noises, {"dip-go": table} | ({} if same else {"step-reuse": reuse})
+    )
+    losses.setdefault("step-reuse", losses["dip-go"])
     if losses["step-reuse"] < losses["dip-go"]:
         why = "more consistent on held-out noises than the dip-go search's table"
         why += f" ({losses['step-reuse']:.4f} vs {losses['dip-go']:.4f})"
