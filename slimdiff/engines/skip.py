@@ -16,13 +16,15 @@ each unit is computed or reused at each step.
    blocks (DeepCache's branches), or the attention and the MLP of every DiT block (Learning-to-Cache; a DiT layer
    unit caches its branch output, the residual add and adaLN gate stay fresh).
 3. Search (`dip-go`). A pruner network maps N×S learnable queries (units × steps) through self-attention and an MLP
-   to keep/skip logits (keep initialised high). Gates are hard with a straight-through gradient; every unit runs
+   to keep/skip logits, offset by a prior: the step-reuse table at the target (default) or "keep everything" (the
+   paper's start). Gates are hard with a straight-through gradient; every unit runs
    and returns `g·fresh + (1−g)·cache`, so the gated trajectory from fixed noise is differentiable in the gates.
    Loss = 1 − SSIM (or MSE) between the final samples of the gated and the full trajectory + α · the expected kept
    fraction of the sampling MACs (dead units counted as dead), the sparsity term dropped once below the target.
    The denoiser is frozen. Post-processing (METHODS §4): from the output side to the input side, skip the steps
    with the highest skip probability above a threshold (0.95, lowered by 0.05 per sweep, never step 0) until the
-   table keeps at most the target fraction of the sampling MACs.
+   table keeps at most the target fraction of the sampling MACs. By default the table is then compared with step
+   reuse at the same budget on held-out noises and the more consistent one is shipped (`fallback`).
 4. Baselines through the same runtime: `deepcache` (full steps at a uniform or non-uniform interval, otherwise
    only the shallow branch — the first units and the up-side units that consume them) and `step-reuse` (full steps
    at an interval, otherwise the whole step's output reused). For DDIM, step reuse is the same sampler with fewer
@@ -689,7 +691,8 @@ KEEP_LOGIT = 3.0
 
 class Pruner(nn.Module):
     """DiP-GO's pruner: learnable queries, one per (step, unit), through self-attention and an MLP head to
-    (skip, keep) logits; the keep logit starts high so the search starts from the full model."""
+    (skip, keep) logits plus a fixed prior: ±KEEP_LOGIT from the table `start` (a warm start), or +KEEP_LOGIT
+    everywhere (the paper's start: the full model)."""
 
     def __init__(
         self, steps: int, units: int, dim: int = 64, heads: int = 4, start: torch.Tensor | None = None
@@ -894,12 +897,13 @@ def held_out_consistency(
 ) -> dict[str, float]:
     """Each table's mean consistency loss against the full sampler on `noises`."""
     model = copy.deepcopy(adapter.model).eval()
+    skipping = adapter_for(model)
     losses = {}
     for name, table in tables.items():
         attach(model, table)
         with torch.no_grad():
             values = [
-                _consistency(config, noises.run(adapter_for(model), config, data.schedule, k), reference).item()
+                _consistency(config, noises.run(skipping, config, data.schedule, k), reference).item()
                 for k, reference in noises.references.items()
             ]
         losses[name] = round(sum(values) / len(values), 6)
