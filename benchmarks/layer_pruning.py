@@ -52,7 +52,7 @@ ROWS = (
     "output-loss/none",
     "handcrafted-mid/normalized",
 )
-#: BK-SDM's published U-Nets (from SD-v1.4's 0.86 B; METHODS.md §3).
+#: BK-SDM's published U-Nets (from SD-v1.4's 0.86 B; Kim et al., BK-SDM, arXiv 2305.15798).
 BK_SDM = {"base": 0.58e9, "small": 0.49e9, "tiny": 0.33e9}
 
 

@@ -39,7 +39,7 @@ def feature_kd_terms(
     """One feature-MSE term per stage; `normalized` divides each by the teacher feature's mean square.
 
     Normalizing makes every stage count equally however large its activations are: BK-SDM's plain sum is
-    dominated by the few stages with the largest magnitudes (LAPTOP-Diff, METHODS.md §3).
+    dominated by the few stages with the largest magnitudes (LAPTOP-Diff, Zhang et al., arXiv 2404.11098).
     """
     if len(student) != len(teacher) or not student:
         raise SlimdiffError(

@@ -1,6 +1,6 @@
 """Diff-Pruning: structural channel pruning scored by a timestep-aware Taylor expansion, to a MACs/params budget.
 
-Fang, Ma, Wang, *Structural Pruning for Diffusion Models* (NeurIPS 2023); ../shared/METHODS.md §1.
+Fang, Ma, Wang, *Structural Pruning for Diffusion Models* (NeurIPS 2023); summary in docs/methods.md.
 
 1. Importance. `diff-pruning` accumulates ∂L_t/∂w over a sweep t = 0, s, 2s, … on one calibration batch with one
    fixed noise tensor, stopping once L_t < thr · max L (the pure-noise steps carry little information); the

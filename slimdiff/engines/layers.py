@@ -1,6 +1,6 @@
 """LAPTOP-Diff: one-shot layer pruning by an additive output-loss criterion, solved as a 0/1 knapsack to a budget.
 
-Zhang et al., *LAPTOP-Diff* (arXiv 2404.11098); ../shared/METHODS.md §3.
+Zhang et al., *LAPTOP-Diff* (arXiv 2404.11098); summary in docs/methods.md.
 
 1. Candidates. Every removable residual layer the adapter lists (`Adapter.layers()`): resnets that keep their
    channels and resolution, attention / transformer layers, DiT blocks after the first, and U-Net up-block resnets

@@ -1,6 +1,6 @@
 """OFA-Diffusion: one weight-sharing training run yields K nested sizes, each extracted as a plain diffusers model.
 
-Jiang et al., *OFA-Diffusion Compression* (arXiv 2604.12668); ../shared/METHODS.md §2. The engine never trains: it
+Jiang et al., *OFA-Diffusion Compression* (arXiv 2604.12668); summary in docs/methods.md. The engine never trains: it
 returns an elastic model and a `Training` that the compression job runs through the one training loop, then
 `finish` extracts every size.
 

@@ -1,6 +1,6 @@
 """DiP-GO: learned, timestep-wise block skipping — a static skip table that plain diffusers pipelines honour.
 
-Zhu et al., *DiP-GO: A Diffusion Pruner via Few-step Gradient Optimization* (NeurIPS 2024); ../shared/METHODS.md §4.
+Zhu et al., *DiP-GO: A Diffusion Pruner via Few-step Gradient Optimization* (NeurIPS 2024); summary in docs/methods.md.
 
 The product is a table, not new weights: for one sampler (scheduler class, number of steps, its timesteps), whether
 each unit is computed or reused at each step.
