@@ -91,12 +91,12 @@ def export_pipeline(model: str | Path, pipeline: str | Path, out_dir: str | Path
             f"{pipeline} has no {' or '.join(DENOISER_SUBFOLDERS)} component (it has: {components or 'none'})"
         )
     ours, theirs = _architecture(read_config(model_dir)), _architecture(read_config(source / denoiser))
-    differing = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    differing = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])  # a key one lacks: default
     if differing:
         key = differing[0]
         raise SlimdiffError(
-            f"{model} was not made from this pipeline's {denoiser}: its config has {key} = {ours.get(key)!r}, "
-            f"the pipeline's {theirs.get(key)!r}"
+            f"{model} was not made from this pipeline's {denoiser}: its config has {key} = {ours[key]!r}, "
+            f"the pipeline's {theirs[key]!r}"
         )
     out_dir = Path(out_dir)
     for given, folder in ((pipeline, source), (model, model_dir)):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
 from helpers import cache_repo, run_cli
@@ -18,19 +17,6 @@ from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, save
 from slimdiff.hub import ALLOW_PATTERNS, HubId, parse_hub_id
 from slimdiff.models import build_tiny
-
-
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache, offline: the environment for subprocesses, huggingface_hub's constants (read
-    once at its import) for this process."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def _pipeline_repo(tmp_path: Path, name: str, seed: int) -> tuple[Path, torch.nn.Module]:
