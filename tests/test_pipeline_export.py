@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +130,18 @@ def test_bad_exports_are_one_line_each(
     assert (tmp_path / "src" / "unet" / "config.json").is_file()  # nothing was replaced
     with pytest.raises(SlimdiffError, match="cannot be loaded with device_map"):
         slimdiff.pipeline.SlimdiffModel.from_pretrained(tmp_path / "pruned", device_map="auto")
+
+
+@pytest.mark.subprocess
+def test_importing_slimdiff_pipeline_is_what_loading_needs(tmp_path: Path) -> None:
+    """A fresh process: diffusers refuses the folder until `slimdiff.pipeline` is imported, then loads it."""
+    teacher = build_tiny("tiny-unet").eval()
+    out = _export(DDIMPipeline(teacher, DDIMScheduler()), prune_copy(teacher, 0.5, "magnitude").model, tmp_path)
+    load_it = f"from diffusers import DiffusionPipeline; print(type(DiffusionPipeline.from_pretrained({str(out)!r})))"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        for code in (load_it, "import slimdiff.pipeline; " + load_it)
+    ]
+    assert runs[0].returncode != 0 and "import slimdiff.pipeline before calling `from_pretrained`" in runs[0].stderr
+    assert runs[1].returncode == 0 and "DDIMPipeline" in runs[1].stdout, runs[1].stderr
