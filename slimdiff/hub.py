@@ -48,7 +48,7 @@ class HubId:
 def parse_hub_id(text: str) -> HubId | None:
     """`ORG/NAME[/SUBFOLDER][@REVISION]` as a `HubId`; None for anything that cannot be one (absolute, `./x`, …)."""
     match = _HUB_ID.match(text)
-    if match is None or text.startswith((".", "~")):
+    if match is None or text.startswith((".", "~")) or {".", ".."} & set(text.split("@")[0].split("/")):
         return None
     return HubId(match["repo"], match["revision"], match["subfolder"].strip("/"))
 

@@ -36,7 +36,7 @@ def test_hub_ids_parse_repo_subfolder_and_revision() -> None:
     assert parse_hub_id("org/name") == HubId("org/name")
     assert parse_hub_id("org/name@v1.0") == HubId("org/name", "v1.0")
     assert parse_hub_id("org/name/unet@refs/pr/3") == HubId("org/name", "refs/pr/3", "unet")
-    for not_an_id in ("/abs/path", "./org/name", "name", "org/", "~/org/name", "org/na me"):
+    for not_an_id in ("/abs/path", "./org/name", "name", "org/", "~/org/name", "org/na me", "org/name/../x"):
         assert parse_hub_id(not_an_id) is None, not_an_id
 
 
@@ -116,6 +116,14 @@ def test_commands_take_a_hub_id(
     args = ("finetune", "org/tiny@main", "--steps", "1", "--batch-size", "4", "--out", finetuned)
     code, out, err = run_cli(monkeypatch, capsys, *args, "--teacher", "org/tiny/unet")
     assert code == 0, err
+    code, out, err = run_cli(
+        monkeypatch, capsys, "compress", "layers", "org/tiny", "--target-params", "0.9", "--criterion", "magnitude",
+        "--out", tmp_path / "layers",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "layers" / "slimdiff.json").read_text())["provenance"]["history"][-1]["source"] == (
+        "org/tiny"
+    )
     assert json.loads((finetuned / "slimdiff.json").read_text())["provenance"]["history"][-1]["teacher"] == (
         "org/tiny/unet"
     )
