@@ -145,3 +145,19 @@ def test_importing_slimdiff_pipeline_is_what_loading_needs(tmp_path: Path) -> No
     ]
     assert runs[0].returncode != 0 and "import slimdiff.pipeline before calling `from_pretrained`" in runs[0].stderr
     assert runs[1].returncode == 0 and "DDIMPipeline" in runs[1].stdout, runs[1].stderr
+
+
+def test_files_are_copied_where_hard_links_cannot_be_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(source: object, target: object) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    teacher = build_tiny("tiny-unet").eval()
+    pruned = prune_copy(teacher, 0.5, "magnitude").model
+    monkeypatch.setattr(os, "link", no_links)
+    out = _export(DDIMPipeline(teacher, DDIMScheduler()), pruned, tmp_path)
+    weights = "diffusion_pytorch_model.safetensors"
+    assert not _same_file(out / "unet" / weights, tmp_path / "pruned" / weights)
+    loaded = DiffusionPipeline.from_pretrained(out)
+    np.testing.assert_array_equal(
+        _sample(loaded, batch_size=1), _sample(DDIMPipeline(pruned, DDIMScheduler()), batch_size=1)
+    )
