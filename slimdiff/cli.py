@@ -373,6 +373,18 @@ def compress() -> None:
     """Compress a model with one of the engines (`slimdiff compress ENGINE --help` for its settings)."""
 
 
+@app.command("export")
+@click.argument("model_dir", type=PathArg)
+@click.option("--pipeline", "pipeline_dir", type=PathArg, required=True, help="Source pipeline: a folder or a Hub id.")
+@click.option("--out", type=PathArg, required=True, help="Pipeline folder to write (replaced if it exists).")
+def export_command(model_dir: Path, pipeline_dir: Path, out: Path) -> None:
+    """Write a complete diffusers pipeline folder: the source pipeline with MODEL_DIR as its denoiser."""
+    from slimdiff.pipeline import export_pipeline
+
+    export_pipeline(model_dir, pipeline_dir, out)
+    click.echo(f"wrote {out}; load it with `import slimdiff.pipeline` and `DiffusionPipeline.from_pretrained('{out}')`")
+
+
 @app.command()
 @click.argument("recipe", type=PathArg)
 def run(recipe: Path) -> None:

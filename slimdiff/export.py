@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slimdiff.errors import SlimdiffError
+from slimdiff.hub import locate
 from slimdiff.io import atomic_path, atomic_write_json, read_json, sha256_file
 from slimdiff.models import SkippedLayer, build, config_of, model_class
 from slimdiff.models.base import get_submodule, set_submodule
@@ -241,10 +242,9 @@ def save(
 # load
 # ----------------------------------------------------------------------------------------------------------------
 def resolve_model_dir(path: str | Path) -> Path:
-    """The directory that holds the denoiser: `path` itself, or its `unet/`/`transformer/` pipeline subfolder."""
-    path = Path(path)
-    if not path.exists():
-        raise SlimdiffError(f"model directory not found: {path}")
+    """The directory that holds the denoiser: `path` (a folder or a Hub id, `slimdiff.hub.locate`) itself, or its
+    `unet/`/`transformer/` pipeline subfolder."""
+    path = locate(path)
     if not path.is_dir():
         raise SlimdiffError(f"{path} is a file; pass a diffusers model or pipeline directory")
     if (path / CONFIG_NAME).is_file():

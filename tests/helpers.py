@@ -63,3 +63,27 @@ def tiny_sd_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def cache_repo(cache: Path, repo: str, folder: Path, *, revision: str = "main", commit: str = "0" * 40) -> Path:
+    """Lay out `folder` as `repo` in a Hugging Face cache as huggingface_hub writes it: content-addressed
+    `blobs/`, `snapshots/<commit>/` of relative symlinks to them, and `refs/<revision>` naming the commit."""
+    import hashlib
+    import os
+    import shutil
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        blob = root / "blobs" / digest
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / revision).write_text(commit)
+    return snapshot
