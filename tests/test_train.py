@@ -268,7 +268,7 @@ def test_channel_pruned_student_distils_from_same_shaped_blocks_only(tmp_path: P
         tmp_path,
         TrainConfig(steps=2, batch_size=8, log_every=1),
         teacher=teacher,
-        kd=KDConfig(),
+        kd=KDConfig(feature_weight=1.0),
         progress=False,
     )
     assert "feat_kd" in result.history[-1]
