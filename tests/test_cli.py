@@ -190,7 +190,7 @@ def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monke
     assert summaries[0]["achieved"]["macs"] == pytest.approx(0.6, rel=0.02)
     history = json.loads((tmp_path / "out" / "01-finetune" / "slimdiff.json").read_text())["provenance"]["history"]
     assert [h["job"] for h in history] == ["compress channels", "finetune"]
-    assert history[1]["kd"]["feature_weight"] == 0 and history[1]["kd"]["output_weight"] == 1
+    assert history[1]["kd"]["feature_weight"] == 0 and history[1]["kd"]["output_weight"] == 10  # the default
     assert history[1]["teacher"] == str(tmp_path / "teacher")
     assert summaries[2]["metrics"]["fid"] > 0
     assert (tmp_path / "out" / "02-eval" / "eval.json").is_file()
