@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from slimdiff import __version__
 from slimdiff.cli_config import data_option, settings_command
 from slimdiff.errors import SlimdiffError
 from slimdiff.settings import CompareSettings, EvalSettings, FinetuneConfig, SampleConfig, TrainConfig
@@ -22,6 +23,7 @@ resume_option = click.Option(["--resume"], is_flag=True, help="Continue from the
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slimdiff")
 def app() -> None:
     """Make trained diffusion models (diffusers U-Nets and DiTs) smaller and faster."""
 

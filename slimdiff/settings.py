@@ -173,7 +173,7 @@ class FinetuneConfig(TrainConfig):
                 "kd_output_weight": (self.kd_output_weight >= 0, "≥ 0"),
                 "kd_feature_weight": (self.kd_feature_weight >= 0, "≥ 0"),
             },
-            what="fine-tune setting",
+            what="training setting",
         )
 
     def training(self) -> TrainConfig:

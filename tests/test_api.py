@@ -66,7 +66,7 @@ def test_finetune_distils_an_in_memory_teacher(tmp_path) -> None:
     assert count_params(load(tmp_path / "tuned")) == count_params(student)
     with pytest.raises(SlimdiffError, match="give the teacher once"):
         slimdiff.finetune(student, slimdiff.FinetuneConfig(teacher="somewhere"), teacher=teacher)
-    with pytest.raises(SlimdiffError, match=r"invalid fine-tune setting kd_output_weight \('--kd-output-weight'\)"):
+    with pytest.raises(SlimdiffError, match=r"invalid training setting kd_output_weight \('--kd-output-weight'\)"):
         slimdiff.finetune(student, slimdiff.FinetuneConfig(kd_output_weight=-1))
 
 

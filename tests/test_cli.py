@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,10 +11,20 @@ import pytest
 from helpers import reference_config, run_cli
 from PIL import Image
 
+from slimdiff import __version__
 from slimdiff.demo import RECIPE, recipe_label
 from slimdiff.export import save
 from slimdiff.models import build_tiny
 from slimdiff.recipe import load_recipe
+from slimdiff.settings import (
+    CompareSettings,
+    EvalSettings,
+    FinetuneConfig,
+    KDConfig,
+    SampleConfig,
+    TrainConfig,
+    flag_of,
+)
 
 REFERENCE_PARAMS = {
     "ddpm-cifar10-32.unet.json": 35_746_307,
@@ -218,3 +229,58 @@ def test_shipped_recipe_prunes_distils_and_evaluates() -> None:
     recipe = load_recipe(RECIPE)
     assert [type(step).__name__ for step in recipe.steps] == ["CompressStep", "FinetuneStep", "EvalStep"]
     assert recipe_label(recipe) == "diff-pruning 50% MACs + 225-step fine-tune with output KD"
+
+
+@pytest.mark.parametrize(
+    ("command", "settings"),
+    [("train", TrainConfig), ("finetune", FinetuneConfig), ("sample", SampleConfig), ("eval", EvalSettings)]
+    + [("compare", CompareSettings)],
+)
+def test_every_setting_is_a_flag_spelled_as_its_field(command: str, settings: type, monkeypatch, capsys) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
+    assert code == 0
+    flags = {line.split()[0].rstrip(",") for line in out.splitlines() if line.strip().startswith("--")}
+    assert {flag_of(f) for f in dataclasses.fields(settings)} <= flags
+    defaults = settings()
+    assert f"[default: {defaults.steps}]" in out.replace("\n", " ").split(f"{flag_of(_field(settings, 'steps'))}")[1]
+
+
+def _field(settings: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(settings) if f.name == name)
+
+
+def test_a_bad_setting_is_refused_alike_from_the_cli_and_a_recipe(tmp_path: Path, monkeypatch, capsys) -> None:
+    expected = "invalid training setting lr ('--lr'): must be > 0, got -1.0"
+    code, _, err = run_cli(monkeypatch, capsys, "finetune", tmp_path, "--out", tmp_path / "o", "--lr", "-1")
+    _one_line_error(code, err, expected)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tmp_path}\nsteps:\n  - finetune: {{lr: -1}}\n")
+    code, _, err = run_cli(monkeypatch, capsys, "run", recipe)
+    _one_line_error(code, err, f"r.yaml.steps[0].finetune: {expected}")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", tmp_path, "--out", tmp_path / "g.png", "--n", "0")
+    _one_line_error(code, err, "invalid sample setting n ('--n'): must be ≥ 1, got 0")
+
+
+def test_settings_are_recorded_as_given(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A warm-up longer than the run is kept (the run ends before the peak lr); older flag spellings still work."""
+    from slimdiff.jobs import training
+
+    seen = []
+    monkeypatch.setattr(training, "finetune_model", lambda *a, **kw: seen.append((a[3], kw)) or _done())
+    args = ("finetune", tmp_path, "--out", tmp_path / "ft", "--steps", "5", "--warmup", "50", "--teacher", tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    config, kwargs = seen[-1]
+    assert (config.steps, config.warmup_steps, config.lr, config.ema_decay) == (5, 50, 5e-4, 0.995)
+    assert kwargs["kd"] == KDConfig("normalized", 10.0, 0.0) and kwargs["teacher_dir"] == str(tmp_path)
+
+
+def _done() -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(seconds=0, final_loss=0.0)
+
+
+def test_version(monkeypatch, capsys) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"slimdiff, version {__version__}"
