@@ -1,7 +1,8 @@
 """`slimdiff` — the command line (click). Thin: parse, call `slimdiff.jobs`, print.
 
-`slimdiff compress ENGINE` has one subcommand per registered engine, built from the engine's `Config` dataclass
-(`slimdiff.cli_config`): a new engine gets its command without touching this file.
+Each job's options are derived from its settings dataclass (`slimdiff.settings`, through `slimdiff.cli_config`),
+so a flag is its field spelled with dashes. `slimdiff compress ENGINE` has one subcommand per registered engine,
+built the same way from the engine's `Config` dataclass: a new engine gets its command without touching this file.
 """
 
 from __future__ import annotations

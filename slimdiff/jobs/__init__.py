@@ -10,6 +10,6 @@
 | `evaluation` | `evaluate_model`, `eval_table`, `compare_models` |
 | `recipes` | `run_recipe`: the steps of a recipe, dispatched by kind |
 
-Each job takes plain arguments (paths, the settings dataclasses of `slimdiff.settings`), does its work through the library modules and returns a
-result; printing and argument parsing stay in `cli.py`.
+Each job takes plain arguments (paths, the settings dataclasses of `slimdiff.settings`), does its work through
+the library modules and returns a result; printing and argument parsing stay in `cli.py`.
 """
