@@ -13,6 +13,7 @@ from PIL import Image
 
 from slimdiff import __version__
 from slimdiff.demo import RECIPE, recipe_label
+from slimdiff.errors import SlimdiffError
 from slimdiff.export import save
 from slimdiff.models import build_tiny
 from slimdiff.recipe import load_recipe
@@ -284,3 +285,20 @@ def _done() -> object:
 def test_version(monkeypatch, capsys) -> None:
     code, out, _ = run_cli(monkeypatch, capsys, "--version")
     assert code == 0 and out.strip() == f"slimdiff, version {__version__}"
+
+
+def test_recipe_steps_take_the_settings_dataclasses(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: tiny-unet\nsteps:\n  - train: {steps: 3, warmup_steps: 10}\n"
+        "  - sample: {n: 4, guidance_scale: 2, labels: [1, 2]}\n  - eval: {n: 8, metrics: [macs]}\n"
+    )
+    train, sample, evaluation = (
+        vars(step)[kind] for step, kind in zip(load_recipe(recipe).steps, "train sample eval".split())
+    )
+    assert train == TrainConfig(steps=3, warmup_steps=10)
+    assert sample == SampleConfig(n=4, guidance_scale=2.0, labels=(1, 2))
+    assert evaluation == EvalSettings(n=8, metrics=("macs",))
+    recipe.write_text("model: tiny-unet\nsteps:\n  - eval: {data: elsewhere}\n")
+    with pytest.raises(SlimdiffError, match=r"r.yaml.steps\[0\].eval.data: an eval step measures against the recipe's"):
+        load_recipe(recipe)
