@@ -302,3 +302,17 @@ def test_recipe_steps_take_the_settings_dataclasses(tmp_path: Path) -> None:
     recipe.write_text("model: tiny-unet\nsteps:\n  - eval: {data: elsewhere}\n")
     with pytest.raises(SlimdiffError, match=r"r.yaml.steps\[0\].eval.data: an eval step measures against the recipe's"):
         load_recipe(recipe)
+
+
+def test_the_defaults_are_the_shipped_recipes_tuned_settings() -> None:
+    """The settings every measurement used (docs/training.md, "Defaults") are what a user gets without flags."""
+    from slimdiff.engines.ofa import OFAConfig
+    from slimdiff.recipe import EvalStep, FinetuneStep
+
+    ofa, default_ofa = load_recipe(RECIPE.parent / "digits-ofa.yaml").steps[0].config, OFAConfig()
+    assert (ofa.lr, ofa.warmup, ofa.teacher_kd) == (default_ofa.lr, default_ofa.warmup, default_ofa.teacher_kd)
+    steps = load_recipe(RECIPE).steps
+    finetune = next(step.finetune for step in steps if isinstance(step, FinetuneStep))
+    tuned = ("lr", "warmup_steps", "ema_decay", "kd", "kd_output_weight", "kd_feature_weight")
+    assert {k: getattr(finetune, k) for k in tuned} == {k: getattr(FinetuneConfig(), k) for k in tuned}
+    assert next(step.eval for step in steps if isinstance(step, EvalStep)).n == EvalSettings().n
