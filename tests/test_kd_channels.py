@@ -46,7 +46,7 @@ def test_channel_pruned_student_distils_features_at_the_kept_channels(tmp_path: 
     compress_model("channels", tmp_path / "teacher", "digits", tmp_path / "student", config)
     kept = kept_block_channels(read_provenance(tmp_path / "student"))
     assert kept and all(len(k.indices) < k.width for k in kept.values())
-    train_config = TrainConfig(steps=8, batch_size=16, lr=1e-3, log_every=1)
+    train_config = TrainConfig(steps=8, batch_size=16, lr=1e-3, warmup_steps=0, log_every=1)
     result = finetune_model(
         tmp_path / "student", "digits", tmp_path / "tuned", train_config, teacher_dir=tmp_path / "teacher",
         kd=KDConfig(feature_weight=1.0), progress=False,
