@@ -2,10 +2,13 @@
 
 The public API (imported lazily, so that `slimdiff --help` stays fast):
 
+- `compress(model, config, data, out)`, `finetune(...)`, `evaluate(...)` — the jobs on folders or in-memory
+  models (`slimdiff.api`); each engine's config is in `slimdiff.engines.<name>` (e.g. `ChannelPruningConfig`)
+- `TrainConfig`, `KDConfig`, `FinetuneConfig`, `SampleConfig`, `EvalSettings` — every job's settings
+  (`slimdiff.settings`): the same fields, defaults and checks as the command's flags and a recipe step's keys
 - `load(dir)`, `save(model, dir)`, `load_architecture(dir)`, `Provenance` — pickle-free export (`slimdiff.export`)
 - `adapter_for(model)`, `build_tiny(name)` — the family adapters (`slimdiff.models`)
-- `train(...)`, `TrainConfig`, `KDConfig` — the training loop (`slimdiff.train`, `slimdiff.distill`)
-- `sample(...)` — sampling through diffusers schedulers (`slimdiff.diffusion`)
+- `train(...)` — the training loop (`slimdiff.train`); `sample(...)` — sampling through diffusers schedulers
 - `SlimdiffError` — raised for bad input
 """
 
@@ -17,6 +20,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "compress": "slimdiff.api",
+    "finetune": "slimdiff.api",
+    "evaluate": "slimdiff.api",
+    "TrainConfig": "slimdiff.settings",
+    "KDConfig": "slimdiff.settings",
+    "FinetuneConfig": "slimdiff.settings",
+    "SampleConfig": "slimdiff.settings",
+    "EvalSettings": "slimdiff.settings",
     "load": "slimdiff.export",
     "save": "slimdiff.export",
     "load_architecture": "slimdiff.export",
@@ -24,8 +35,6 @@ _EXPORTS = {
     "adapter_for": "slimdiff.models",
     "build_tiny": "slimdiff.models",
     "train": "slimdiff.train",
-    "TrainConfig": "slimdiff.train",
-    "KDConfig": "slimdiff.distill",
     "sample": "slimdiff.diffusion",
     "SlimdiffError": "slimdiff.errors",
 }
@@ -36,3 +45,7 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'slimdiff' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,7 +1,8 @@
 """`slimdiff` — the command line (click). Thin: parse, call `slimdiff.jobs`, print.
 
-`slimdiff compress ENGINE` has one subcommand per registered engine, built from the engine's `Config` dataclass
-(`slimdiff.cli_config`): a new engine gets its command without touching this file.
+Each job's options are derived from its settings dataclass (`slimdiff.settings`, through `slimdiff.cli_config`),
+so a flag is its field spelled with dashes. `slimdiff compress ENGINE` has one subcommand per registered engine,
+built the same way from the engine's `Config` dataclass: a new engine gets its command without touching this file.
 """
 
 from __future__ import annotations
@@ -10,35 +11,20 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
-from slimdiff.cli_config import CommaSeparated
+from slimdiff import __version__
+from slimdiff.cli_config import data_option, settings_command
 from slimdiff.errors import SlimdiffError
+from slimdiff.settings import CompareSettings, EvalSettings, FinetuneConfig, SampleConfig, TrainConfig
 
 PathArg = click.Path(path_type=Path)
-steps_option = click.option("--steps", type=click.IntRange(min=1), help="Number of optimizer steps.")
-seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-batch_option = click.option(
-    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Global batch size."
-)
-resume_option = click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
-data_option = click.option(
-    "--data", default="digits", show_default=True, help="'digits' (bundled) or an image folder (class subfolders)."
-)
-accumulation_option = click.option(
-    "--grad-accumulation", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step."
-)
-snr_gamma_option = click.option(
-    "--snr-gamma",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Min-SNR-γ weighting of the denoising loss (e.g. 5); default: plain MSE over uniform timesteps.",
-)
+resume_option = click.Option(["--resume"], is_flag=True, help="Continue from the latest checkpoint in --out.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slimdiff")
 def app() -> None:
     """Make trained diffusion models (diffusers U-Nets and DiTs) smaller and faster."""
 
@@ -70,276 +56,128 @@ def info(model_dir: Path, as_json: bool) -> None:
         click.echo("made by: " + " → ".join(report["chain"]))
 
 
-@app.command()
-@click.argument("model_dir", type=PathArg)
-@click.option("--out", type=PathArg, required=True, help="PNG grid to write.")
-@click.option("--n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of samples.")
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Sampling steps.")
-@click.option("--scheduler", default="ddim", show_default=True, help="ddpm, ddim or dpm.")
-@seed_option
-@batch_option
-@click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance (1 = off).")
-@click.option("--labels", help="Class labels, comma-separated.")
-@click.option("--prompts", type=PathArg, help="Prompts file, one per line.")
-def sample(
-    model_dir: Path,
-    out: Path,
-    n: int,
-    steps: int,
-    scheduler: str,
-    seed: int,
-    batch_size: int,
-    guidance: float,
-    labels: str | None,
-    prompts: Path | None,
-) -> None:
+def _sample(config: SampleConfig, model_dir: Path, out: Path) -> None:
     """Sample a seeded, batched grid of images."""
-    from slimdiff.data import load_prompts
     from slimdiff.jobs.sampling import sample_model
 
-    label_list = _parse_labels(labels) if labels else None
-    prompt_list = load_prompts(prompts) if prompts else None
     start = time.perf_counter()
-    sample_model(
-        model_dir,
-        out,
-        n=n,
-        steps=steps,
-        scheduler=scheduler,
-        seed=seed,
-        batch_size=batch_size,
-        guidance_scale=guidance,
-        labels=label_list,
-        prompts=prompt_list,
+    sample_model(model_dir, out, config)
+    click.echo(
+        f"wrote {out} ({config.n} samples, {config.scheduler} {config.steps} steps, "
+        f"{time.perf_counter() - start:.1f} s)"
     )
-    click.echo(f"wrote {out} ({n} samples, {scheduler} {steps} steps, {time.perf_counter() - start:.1f} s)")
 
 
-def _parse_labels(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise SlimdiffError(f"--labels must be comma-separated integers, got '{text}'") from None
-
-
-@app.command()
-@click.option("--out", type=PathArg, required=True, help="Output directory (model, checkpoints, log.jsonl).")
-@click.option("--model", default="tiny-unet", show_default=True, help="tiny-unet, tiny-sd, tiny-dit or a config.json.")
-@data_option
-@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True, help="Optimizer steps.")
-@batch_option
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True, help="Linear warm-up steps.")
-@click.option("--ema-decay", type=float, default=0.995, show_default=True, help="EMA decay of the saved weights.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True)
-@accumulation_option
-@snr_gamma_option
-@seed_option
-@resume_option
-def train(
-    out: Path,
-    model: str,
-    data: str,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    warmup: int,
-    ema_decay: float,
-    checkpoint_every: int,
-    grad_accumulation: int,
-    snr_gamma: float | None,
-    seed: int,
-    resume: bool,
-) -> None:
-    """Train a model from scratch (e.g. a teacher on digits); the final EMA weights land in --out."""
+def _train(config: TrainConfig, out: Path, model: str, data: str, resume: bool) -> None:
     import torch
 
     from slimdiff.jobs.training import new_model, train_model
-    from slimdiff.train import TrainConfig
 
-    torch.manual_seed(seed)
-    config = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=min(warmup, steps),
-        ema_decay=ema_decay,
-        checkpoint_every=checkpoint_every,
-        grad_accumulation=grad_accumulation,
-        snr_gamma=snr_gamma,
-        seed=seed,
-    )
+    torch.manual_seed(config.seed)
     result = train_model(new_model(model), data, out, config, source=f"scratch:{model}", resume=resume)
-    click.echo(f"trained {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
+    click.echo(f"trained {config.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
-@app.command()
-@click.argument("model_dir", type=PathArg)
-@click.option("--out", type=PathArg, required=True, help="Output directory.")
-@data_option
-@click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True, help="Optimizer steps.")
-@batch_option
-@click.option("--lr", type=float, default=5e-4, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Linear warm-up steps.")
-@click.option("--ema-decay", type=float, default=0.995, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True)
-@click.option("--teacher", type=PathArg, help="Teacher model for distillation.")
-@click.option(
-    "--kd", default="normalized", show_default=True, help="Feature KD: plain (BK-SDM) or normalized (LAPTOP)."
-)
-@click.option("--kd-output-weight", type=float, default=1.0, show_default=True, help="Weight of output KD.")
-@click.option(
-    "--kd-feature-weight",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Weight of feature KD (a channel-pruned student is compared at the channels it kept).",
-)
-@accumulation_option
-@snr_gamma_option
-@seed_option
-@resume_option
-def finetune(
-    model_dir: Path,
-    out: Path,
-    data: str,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    warmup: int,
-    ema_decay: float,
-    checkpoint_every: int,
-    teacher: Path | None,
-    kd: str,
-    kd_output_weight: float,
-    kd_feature_weight: float,
-    grad_accumulation: int,
-    snr_gamma: float | None,
-    seed: int,
-    resume: bool,
-) -> None:
-    """Fine-tune a (compressed) model, optionally distilling from a teacher."""
-    from slimdiff.distill import KDConfig
-    from slimdiff.jobs.training import finetune_model
-    from slimdiff.train import TrainConfig
+def _finetune(config: FinetuneConfig, model_dir: Path, out: Path, data: str, resume: bool) -> None:
+    from slimdiff.jobs import training
 
-    config = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=min(warmup, steps),
-        ema_decay=ema_decay,
-        checkpoint_every=checkpoint_every,
-        grad_accumulation=grad_accumulation,
-        snr_gamma=snr_gamma,
-        seed=seed,
+    result = training.finetune_model(
+        model_dir, data, out, config.training(), teacher_dir=config.teacher, kd=config.distillation(), resume=resume
     )
-    kd_config = KDConfig(kd, kd_output_weight, kd_feature_weight) if teacher is not None else None
-    result = finetune_model(model_dir, data, out, config, teacher_dir=teacher, kd=kd_config, resume=resume)
-    click.echo(f"fine-tuned {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
+    click.echo(f"fine-tuned {config.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
-def eval_options(default_n: int) -> Any:
-    """The options `eval` and `compare` share (one evaluation's settings)."""
-
-    def decorate(command: Any) -> Any:
-        options = [
-            data_option,
-            click.option(
-                "--metrics",
-                default="fid,kid,macs,latency",
-                show_default=True,
-                help="Comma-separated: fid,kid,is,pr,clip,macs,latency.",
-            ),
-            click.option("--n", type=click.IntRange(min=1), default=default_n, show_default=True, help="Samples."),
-            click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Sampling steps."),
-            click.option("--scheduler", default="ddim", show_default=True, help="ddpm, ddim or dpm."),
-            seed_option,
-            batch_option,
-            click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance."),
-            click.option(
-                "--feature",
-                default="digits",
-                show_default=True,
-                help="'digits' or 'digits-ms' (our two digits networks) or the FID Inception TorchScript file.",
-            ),
-            click.option("--clip-dir", type=PathArg, help="Local CLIP folder for the clip metric."),
-            click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
-        ]
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
-
-
-def _eval_settings(options: dict[str, Any]) -> Any:
-    from slimdiff.jobs.evaluation import EvalSettings
-
-    return EvalSettings(
-        data=options["data"],
-        metrics=tuple(m.strip() for m in options["metrics"].split(",") if m.strip()),
-        n=options["n"],
-        steps=options["steps"],
-        scheduler=options["scheduler"],
-        seed=options["seed"],
-        batch_size=options["batch_size"],
-        guidance_scale=options["guidance"],
-        feature=options["feature"],
-        clip_dir=str(options["clip_dir"]) if options["clip_dir"] else None,
-        device=options["device"],
-    )
-
-
-@app.command("eval")
-@click.argument("model_dir", type=PathArg)
-@eval_options(default_n=1000)
-@click.option("--json", "json_out", type=PathArg, help="Write the results as JSON here.")
-def evaluate(model_dir: Path, json_out: Path | None, **options: Any) -> None:
-    """Measure quality (FID/KID/IS/precision-recall/CLIP), MACs and latency; print a table, write JSON."""
+def _evaluate(settings: EvalSettings, model_dir: Path, json_out: Path | None) -> None:
     from slimdiff.io import atomic_write_json
     from slimdiff.jobs.evaluation import eval_table, evaluate_model
 
-    report = evaluate_model(model_dir, _eval_settings(options))
+    report = evaluate_model(model_dir, settings)
     click.echo(eval_table(report))
     if json_out is not None:
         atomic_write_json(json_out, report)
         click.echo(f"wrote {json_out}")
 
 
-@app.command()
-@click.argument("model_dirs", type=PathArg, nargs=-1, required=True)
-@click.option("--out", type=PathArg, required=True, help="Report directory (index.html, plots, grids).")
-@eval_options(default_n=500)
-@click.option(
-    "--curve-steps",
-    type=CommaSeparated(click.INT),
-    default="",
-    help="Also evaluate the first model (the teacher) at these sampler step counts, e.g. 4,6,8,13,25,50,100: "
-    "the curve every other model is read against.",
-)
-@click.option(
-    "--curve-schedulers",
-    type=CommaSeparated(click.STRING),
-    default="ddim,dpm",
-    show_default=True,
-    help="Samplers of the teacher's curve.",
-)
-def compare(
-    model_dirs: tuple[Path, ...],
-    out: Path,
-    curve_steps: tuple[int, ...],
-    curve_schedulers: tuple[str, ...],
-    **options: Any,
-) -> None:
-    """Evaluate several models alike and write one HTML report: table with each model's chain, quality vs sampling
-    MACs and vs sampling time (Pareto front, the teacher's step curve), MACs per block, sample grids."""
+def _compare(settings: CompareSettings, model_dirs: tuple[Path, ...], out: Path) -> None:
     from slimdiff.jobs.evaluation import compare_models
 
     index = compare_models(
-        list(model_dirs), out, _eval_settings(options), curve_steps=curve_steps, curve_schedulers=curve_schedulers
+        list(model_dirs),
+        out,
+        settings.evaluation(),
+        curve_steps=settings.curve_steps,
+        curve_schedulers=settings.curve_schedulers,
     )
     click.echo(f"wrote {index}")
+
+
+def _model_dir() -> click.Argument:
+    return click.Argument(["model_dir"], type=PathArg)
+
+
+def _out(what: str) -> click.Option:
+    return click.Option(["--out"], type=PathArg, required=True, help=what)
+
+
+app.add_command(
+    settings_command(
+        "sample",
+        SampleConfig,
+        _sample,
+        [_model_dir(), _out("PNG grid to write.")],
+        help="Sample a seeded, batched grid of images.",
+    )
+)
+app.add_command(
+    settings_command(
+        "train",
+        TrainConfig,
+        _train,
+        [
+            _out("Output directory (model, checkpoints, log.jsonl)."),
+            click.Option(
+                ["--model"],
+                default="tiny-unet",
+                show_default=True,
+                help="tiny-unet, tiny-sd, tiny-dit or a config.json.",
+            ),
+            data_option(),
+            resume_option,
+        ],
+        help="Train a model from scratch (e.g. a teacher on digits); the final EMA weights land in --out.",
+    )
+)
+app.add_command(
+    settings_command(
+        "finetune",
+        FinetuneConfig,
+        _finetune,
+        [_model_dir(), _out("Output directory."), data_option(), resume_option],
+        help="Fine-tune a (compressed) model, optionally distilling from a teacher.",
+    )
+)
+app.add_command(
+    settings_command(
+        "eval",
+        EvalSettings,
+        _evaluate,
+        [_model_dir(), click.Option(["--json", "json_out"], type=PathArg, help="Write the results as JSON here.")],
+        help="Measure quality (FID/KID/IS/precision-recall/CLIP), MACs and latency; print a table, write JSON.",
+    )
+)
+app.add_command(
+    settings_command(
+        "compare",
+        CompareSettings,
+        _compare,
+        [
+            click.Argument(["model_dirs"], type=PathArg, nargs=-1, required=True),
+            _out("Report directory (index.html, plots, grids)."),
+        ],
+        help="Evaluate several models alike and write one HTML report: table with each model's chain, quality vs "
+        "sampling MACs and vs sampling time (Pareto front, the teacher's step curve), MACs per block, sample grids.",
+    )
+)
 
 
 class EngineGroup(click.Group):

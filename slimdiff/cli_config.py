@@ -1,8 +1,11 @@
-"""Command-line options derived from a config dataclass, so that every engine gets its `slimdiff compress NAME`.
+"""Command-line options derived from a settings dataclass: every job's command and every engine's
+`slimdiff compress NAME` is built from its config, so a flag is always spelled as its field.
 
-A field becomes `--field-name` (or `metadata["flag"]`), with the field's type, default and `metadata["help"]`.
-Supported field types: `int`, `float`, `str`, `bool` (a `--flag/--no-flag` pair), a `Literal` of strings (listed
-in the help; checked by the config's `validate`), `X | None`, and `tuple[X, ...]` / `list[X]` (comma-separated).
+A field becomes `--field-name`, with the field's type, default and `metadata["help"]`; `metadata["flag"]`, when
+given, is an older spelling still accepted beside it. Supported field types: `int`, `float`, `str`, `bool` (a
+`--flag/--no-flag` pair), a `Literal` of strings (listed in the help; checked by the config's `validate`),
+`X | None`, and `tuple[X, ...]` / `list[X]` of those scalars (comma-separated). Values are checked by the config's
+`validate`, so the command line and a recipe refuse a bad value with the same line.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 import click
 
 from slimdiff.errors import SlimdiffError
+from slimdiff.settings import flag_of
 
 if TYPE_CHECKING:
     from slimdiff.engines import Engine
@@ -34,7 +39,11 @@ class CommaSeparated(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
         if isinstance(value, (tuple, list)):
             return tuple(value)
-        return tuple(self.item.convert(part.strip(), param, ctx) for part in str(value).split(",") if part.strip())
+        try:
+            return tuple(self.item.convert(part.strip(), param, ctx) for part in str(value).split(",") if part.strip())
+        except click.BadParameter:
+            flag = param.opts[0] if param is not None and param.opts else "the value"
+            self.fail(f"{flag} must be comma-separated {self.item.name}s, got '{value}'", param, ctx)
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -45,9 +54,18 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _scalar(tp: Any, name: str) -> click.ParamType:
+    """The click type of a scalar field type (a `Literal` is a string its config's `validate` checks)."""
+    if typing.get_origin(tp) is Literal:
+        return click.STRING
+    if tp not in _SCALARS:
+        raise TypeError(f"unsupported config field type {tp!r} for field {name}")
+    return _SCALARS[tp]
+
+
 def _option(field: dataclasses.Field, tp: Any) -> click.Option:
     """The click option for one config field."""
-    flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+    flags = [flag_of(field), *[f for f in [field.metadata.get("flag")] if f and f != flag_of(field)]]
     help_text = field.metadata.get("help", "")
     default = (
         field.default
@@ -60,24 +78,17 @@ def _option(field: dataclasses.Field, tp: Any) -> click.Option:
     tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
     if tp is bool:
-        name = flag.removeprefix("--")
+        name = flags[0].removeprefix("--")
         return click.Option([f"--{name}/--no-{name}", field.name], default=default, show_default=True, help=help_text)
     if origin is Literal:
-        choices = typing.get_args(tp)
-        help_text = help_text or "One of " + ", ".join(map(str, choices)) + "."
-        param_type: click.ParamType = click.STRING
-    elif origin in (tuple, list):
-        item = typing.get_args(tp)[0]
-        if item not in _SCALARS:
-            raise TypeError(f"unsupported list item type {item!r} for field {field.name}")
-        param_type = CommaSeparated(_SCALARS[item])
+        help_text = help_text or "One of " + ", ".join(map(str, typing.get_args(tp))) + "."
+    if origin in (tuple, list):
+        param_type: click.ParamType = CommaSeparated(_scalar(typing.get_args(tp)[0], field.name))
         default = ",".join(map(str, default)) if default else None
-    elif tp in _SCALARS:
-        param_type = _SCALARS[tp]
     else:
-        raise TypeError(f"unsupported config field type {tp!r} for field {field.name}")
+        param_type = _scalar(tp, field.name)
     return click.Option(
-        [flag, field.name], type=param_type, default=default, required=required, show_default=True, help=help_text
+        [*flags, field.name], type=param_type, default=default, required=required, show_default=True, help=help_text
     )
 
 
@@ -87,33 +98,63 @@ def config_options(config_class: type) -> list[click.Option]:
     return [_option(f, hints[f.name]) for f in dataclasses.fields(config_class) if f.init]
 
 
+def make_settings(config_class: type, values: dict[str, Any], command: str) -> Any:
+    """The validated `config_class` from parsed option values (an option left unset keeps the field's default)."""
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if v is not None}
+    try:
+        config = config_class(**values)
+    except TypeError as error:  # a field the dataclass itself rejects
+        raise SlimdiffError(f"{command}: {error}") from None
+    config.validate()
+    return config
+
+
+def settings_command(
+    name: str,
+    config_class: type,
+    run: Callable[..., None],
+    params: Sequence[click.Parameter] = (),
+    *,
+    help: str,
+) -> click.Command:
+    """A command whose options are `params` plus one per field of `config_class`; `run(config, **params)` gets the
+    validated settings and the other parameters' values."""
+    own = {p.name for p in params}
+    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
+    if own & fields:
+        raise SlimdiffError(f"command '{name}' may not define {sorted(own & fields)} (its settings have them)")
+
+    def callback(**values: Any) -> None:
+        settings = {k: v for k, v in values.items() if k in fields}
+        run(make_settings(config_class, settings, name), **{k: v for k, v in values.items() if k in own})
+
+    return click.Command(
+        name, callback=callback, params=[*params, *config_options(config_class)], help=help, short_help=help
+    )
+
+
 def engine_command(engine: Engine) -> click.Command:
     """`slimdiff compress ENGINE MODEL_DIR --out DIR --data D [config fields]`."""
-    fields = [f.name for f in dataclasses.fields(engine.config) if f.init]
-    reserved = {"model_dir", "out", "data"} & set(fields)
-    if reserved:
-        raise SlimdiffError(f"engine '{engine.name}' config may not define {sorted(reserved)} (the command has them)")
 
-    def callback(model_dir: Path, out: Path, data: str, **values: Any) -> None:
+    def run(config: Any, model_dir: Path, out: Path, data: str) -> None:
         from slimdiff.jobs.compression import compress_model
 
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}
-        try:
-            config = engine.make_config(**values)
-        except TypeError as error:  # a field the dataclass itself rejects
-            raise SlimdiffError(f"compress {engine.name}: {error}") from None
         result = compress_model(engine.name, model_dir, data, out, config, log=click.echo)
         click.echo(f"{result.summary or 'compressed'} in {result.seconds:.0f} s → {out}")
 
     params: list[click.Parameter] = [
         click.Argument(["model_dir"], type=click.Path(path_type=Path)),
         click.Option(["--out"], type=click.Path(path_type=Path), required=True, help="Output directory."),
-        click.Option(
-            ["--data"],
-            default="digits",
-            show_default=True,
-            help="Calibration data: 'digits' (bundled) or an image folder (class subfolders).",
-        ),
-        *config_options(engine.config),
+        data_option(),
     ]
-    return click.Command(engine.name, callback=callback, params=params, help=engine.help, short_help=engine.help)
+    return settings_command(engine.name, engine.config, run, params, help=engine.help)
+
+
+def data_option() -> click.Option:
+    """`--data` of the commands that train or calibrate on data."""
+    return click.Option(
+        ["--data"],
+        default="digits",
+        show_default=True,
+        help="Training / calibration data: 'digits' (bundled) or an image folder (class subfolders).",
+    )

@@ -27,7 +27,7 @@ from slimdiff.jobs.sampling import sample_model
 from slimdiff.jobs.training import new_model, train_model
 from slimdiff.recipe import CompressStep, EvalStep, FinetuneStep, Recipe, load_recipe
 from slimdiff.report import markdown_table
-from slimdiff.train import TrainConfig
+from slimdiff.settings import SampleConfig, TrainConfig
 
 #: The digits teacher: tiny-unet, 16² grayscale, 1500 steps of batch 64.
 TEACHER_MODEL = "tiny-unet"
@@ -132,7 +132,7 @@ def run_demo(out: str | Path, echo: Callable[[str], None] = print) -> dict[str, 
     out = Path(out)
     teacher_dir = ensure_teacher(out, echo)
     echo(f"[2/4] teacher samples: DDIM {EVALUATION.steps} steps")
-    sample_model(teacher_dir, out / "teacher_samples.png", n=64, steps=EVALUATION.steps, progress=False)
+    sample_model(teacher_dir, out / "teacher_samples.png", SampleConfig(n=64, steps=EVALUATION.steps), progress=False)
     echo(f"[3/4] {len(ROWS)} recipes, one per engine (resumable)")
     made = run_rows(teacher_dir, out, echo)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,24 +12,8 @@ from torch import nn
 
 from slimdiff.errors import SlimdiffError
 from slimdiff.models import Adapter
-
-KDMode = Literal["plain", "normalized"]
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    """Weights of the distillation terms; `features` pairs (student module, teacher module) by name."""
-
-    mode: KDMode = "normalized"
-    output_weight: float = 1.0
-    feature_weight: float = 1.0
-    features: tuple[tuple[str, str], ...] | None = None  # None: match the shared blocks automatically
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("plain", "normalized"):
-            raise SlimdiffError(f"unknown KD mode '{self.mode}'; valid: plain, normalized")
-        if self.output_weight < 0 or self.feature_weight < 0:
-            raise SlimdiffError("KD weights must be ≥ 0")
+from slimdiff.settings import KDConfig as KDConfig
+from slimdiff.settings import KDMode
 
 
 def feature_kd_terms(

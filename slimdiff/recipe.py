@@ -7,10 +7,13 @@ out: runs/my-recipe
 steps:
   - train: {steps: 1500, batch_size: 64, lr: 1.0e-3}
   - compress: {engine: channels, importance: diff-pruning, target_macs: 0.5}   # any engine + its settings
-  - finetune: {steps: 225, lr: 2.0e-4, teacher: runs/my-recipe/00-train}
-  - eval: {n: 500, steps: 20, metrics: [fid, kid, macs, latency]}
+  - finetune: {steps: 225, teacher: runs/my-recipe/00-train}
+  - eval: {n: 1000, steps: 20, metrics: [fid, kid, macs, latency]}
 ```
-Each step writes to `out/<index>-<kind>/`; a step that makes a model hands it to the next step.
+Each step writes to `out/<index>-<kind>/`; a step that makes a model hands it to the next step. A step's settings
+are the fields of the dataclass its command is built from (`slimdiff.settings`, each engine's config), with the
+same names and defaults as the flags (`warmup_steps` is `--warmup-steps`); an eval step measures against the
+recipe's `data`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import yaml
 
 from slimdiff.engines import EngineConfig, get_engine
 from slimdiff.errors import SlimdiffError
-from slimdiff.train import TrainConfig
+from slimdiff.settings import EvalSettings, FinetuneConfig, SampleConfig, TrainConfig
 
 
 @dataclass
@@ -37,40 +40,17 @@ class TrainStep:
 
 
 @dataclass
-class FinetuneOptions(TrainConfig):
-    """Fine-tune settings: the training settings, plus an optional teacher for distillation.
-
-    `teacher` is a model directory, or `model` for the recipe's own input model (the uncompressed original).
-    """
-
-    teacher: str | None = None
-    kd: Literal["plain", "normalized"] = "normalized"
-    kd_output_weight: float = 1.0
-    kd_feature_weight: float = 1.0
-
-
-@dataclass
 class FinetuneStep:
-    """Continue training the current model."""
+    """Continue training the current model; `teacher: model` names the recipe's own input model."""
 
-    finetune: FinetuneOptions
-
-
-@dataclass
-class SampleOptions:
-    n: int = 64
-    steps: int = 50
-    scheduler: Literal["ddpm", "ddim", "dpm"] = "ddim"
-    seed: int = 0
-    batch_size: int = 64
-    guidance_scale: float = 1.0
+    finetune: FinetuneConfig
 
 
 @dataclass
 class SampleStep:
     """Sample a grid from the current model."""
 
-    sample: SampleOptions
+    sample: SampleConfig
 
 
 @dataclass
@@ -98,22 +78,16 @@ class CompressStep:
 
 
 @dataclass
-class EvalOptions:
-    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "macs", "latency"])
-    n: int = 500
-    steps: int = 50
-    scheduler: Literal["ddpm", "ddim", "dpm"] = "ddim"
-    seed: int = 0
-    batch_size: int = 64
-    guidance_scale: float = 1.0
-    feature: str = "digits"
-
-
-@dataclass
 class EvalStep:
-    """Measure the current model (and write eval.json)."""
+    """Measure the current model (and write eval.json) against the recipe's `data`."""
 
-    eval: EvalOptions
+    eval: EvalSettings
+
+    @classmethod
+    def parse(cls, options: Any, where: str) -> EvalStep:
+        if isinstance(options, dict) and "data" in options:
+            raise SlimdiffError(f"{where}.data: an eval step measures against the recipe's `data`; drop it here")
+        return cls(from_dict(EvalSettings, options, where))
 
 
 Step = Union[TrainStep, FinetuneStep, SampleStep, CompressStep, EvalStep]

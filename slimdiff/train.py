@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -43,58 +43,10 @@ from slimdiff.distill import (
 from slimdiff.errors import SlimdiffError
 from slimdiff.io import atomic_dir, atomic_write_json, load_optimizer_tensors, optimizer_tensors, read_json
 from slimdiff.models import Adapter, adapter_for
+from slimdiff.settings import TrainConfig as TrainConfig
 
 CHECKPOINTS = "checkpoints"
 LOG_NAME = "log.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run. `batch_size` is the global batch (split across processes)."""
-
-    steps: int
-    batch_size: int = 64
-    lr: float = 2e-4
-    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    grad_accumulation: int = 1
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    seed: int = 0
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    log_every: int = 10
-    snr_gamma: float | None = None  # min-SNR-γ weighting of the denoising loss (Hang et al. 2023); None: plain MSE
-
-    def validate(self) -> None:
-        checks = {
-            "steps": self.steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "lr_schedule": self.lr_schedule in ("constant", "cosine", "linear"),
-            "warmup_steps": 0 <= self.warmup_steps <= self.steps,
-            "grad_clip": self.grad_clip >= 0,
-            "grad_accumulation": self.grad_accumulation >= 1,
-            "ema_decay": 0 <= self.ema_decay < 1,
-            "label_dropout": 0 <= self.label_dropout < 1,
-            "checkpoint_every": self.checkpoint_every >= 1,
-            "keep_checkpoints": self.keep_checkpoints >= 1,
-            "mixed_precision": self.mixed_precision in ("auto", "no", "fp16", "bf16"),
-            "log_every": self.log_every >= 1,
-            "snr_gamma": self.snr_gamma is None or self.snr_gamma > 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise SlimdiffError(f"invalid training setting {bad[0]}={getattr(self, bad[0])!r}")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Settings a resumed run must share with the run it continues (`steps` may grow). Settings that are off
-        (None) are left out, so a checkpoint written before such a setting existed still resumes."""
-        skip = ("steps", "checkpoint_every", "keep_checkpoints")
-        return {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
 
 
 @dataclass

@@ -20,8 +20,10 @@ student = build_tiny("tiny-dit")
 student.load_state_dict(teacher.state_dict())
 adapter_for(student).remove_layer("transformer_blocks.2")
 data = load_data("digits", size=16)
-config = TrainConfig(steps=steps, batch_size=8, checkpoint_every=2, lr=1e-3, log_every=1)
-result = train(student, data, out, config, teacher=teacher, kd=KDConfig(), resume=True, progress=False)
+config = TrainConfig(steps=steps, batch_size=8, checkpoint_every=2, lr=1e-3, warmup_steps=0, log_every=1)
+result = train(
+    student, data, out, config, teacher=teacher, kd=KDConfig(feature_weight=1.0), resume=True, progress=False
+)
 state = PartialState()
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in result.model.parameters())).hexdigest()
 (out / f"rank{state.process_index}.json").write_text(

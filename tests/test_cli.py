@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,10 +11,21 @@ import pytest
 from helpers import reference_config, run_cli
 from PIL import Image
 
+from slimdiff import __version__
 from slimdiff.demo import RECIPE, recipe_label
+from slimdiff.errors import SlimdiffError
 from slimdiff.export import save
 from slimdiff.models import build_tiny
 from slimdiff.recipe import load_recipe
+from slimdiff.settings import (
+    CompareSettings,
+    EvalSettings,
+    FinetuneConfig,
+    KDConfig,
+    SampleConfig,
+    TrainConfig,
+    flag_of,
+)
 
 REFERENCE_PARAMS = {
     "ddpm-cifar10-32.unet.json": 35_746_307,
@@ -190,7 +202,7 @@ def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monke
     assert summaries[0]["achieved"]["macs"] == pytest.approx(0.6, rel=0.02)
     history = json.loads((tmp_path / "out" / "01-finetune" / "slimdiff.json").read_text())["provenance"]["history"]
     assert [h["job"] for h in history] == ["compress channels", "finetune"]
-    assert history[1]["kd"]["feature_weight"] == 0 and history[1]["kd"]["output_weight"] == 1
+    assert history[1]["kd"]["feature_weight"] == 0 and history[1]["kd"]["output_weight"] == 10  # the default
     assert history[1]["teacher"] == str(tmp_path / "teacher")
     assert summaries[2]["metrics"]["fid"] > 0
     assert (tmp_path / "out" / "02-eval" / "eval.json").is_file()
@@ -218,3 +230,89 @@ def test_shipped_recipe_prunes_distils_and_evaluates() -> None:
     recipe = load_recipe(RECIPE)
     assert [type(step).__name__ for step in recipe.steps] == ["CompressStep", "FinetuneStep", "EvalStep"]
     assert recipe_label(recipe) == "diff-pruning 50% MACs + 225-step fine-tune with output KD"
+
+
+@pytest.mark.parametrize(
+    ("command", "settings"),
+    [("train", TrainConfig), ("finetune", FinetuneConfig), ("sample", SampleConfig), ("eval", EvalSettings)]
+    + [("compare", CompareSettings)],
+)
+def test_every_setting_is_a_flag_spelled_as_its_field(command: str, settings: type, monkeypatch, capsys) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
+    assert code == 0
+    flags = {line.split()[0].rstrip(",") for line in out.splitlines() if line.strip().startswith("--")}
+    assert {flag_of(f) for f in dataclasses.fields(settings)} <= flags
+    defaults = settings()
+    assert f"[default: {defaults.steps}]" in out.replace("\n", " ").split(f"{flag_of(_field(settings, 'steps'))}")[1]
+
+
+def _field(settings: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(settings) if f.name == name)
+
+
+def test_a_bad_setting_is_refused_alike_from_the_cli_and_a_recipe(tmp_path: Path, monkeypatch, capsys) -> None:
+    expected = "invalid training setting lr ('--lr'): must be > 0, got -1.0"
+    code, _, err = run_cli(monkeypatch, capsys, "finetune", tmp_path, "--out", tmp_path / "o", "--lr", "-1")
+    _one_line_error(code, err, expected)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tmp_path}\nsteps:\n  - finetune: {{lr: -1}}\n")
+    code, _, err = run_cli(monkeypatch, capsys, "run", recipe)
+    _one_line_error(code, err, f"r.yaml.steps[0].finetune: {expected}")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", tmp_path, "--out", tmp_path / "g.png", "--n", "0")
+    _one_line_error(code, err, "invalid sample setting n ('--n'): must be ≥ 1, got 0")
+
+
+def test_settings_are_recorded_as_given(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A warm-up longer than the run is kept (the run ends before the peak lr); older flag spellings still work."""
+    from slimdiff.jobs import training
+
+    seen = []
+    monkeypatch.setattr(training, "finetune_model", lambda *a, **kw: seen.append((a[3], kw)) or _done())
+    args = ("finetune", tmp_path, "--out", tmp_path / "ft", "--steps", "5", "--warmup", "50", "--teacher", tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    config, kwargs = seen[-1]
+    assert (config.steps, config.warmup_steps, config.lr, config.ema_decay) == (5, 50, 5e-4, 0.995)
+    assert kwargs["kd"] == KDConfig("normalized", 10.0, 0.0) and kwargs["teacher_dir"] == str(tmp_path)
+
+
+def _done() -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(seconds=0, final_loss=0.0)
+
+
+def test_version(monkeypatch, capsys) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"slimdiff, version {__version__}"
+
+
+def test_recipe_steps_take_the_settings_dataclasses(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: tiny-unet\nsteps:\n  - train: {steps: 3, warmup_steps: 10}\n"
+        "  - sample: {n: 4, guidance_scale: 2, labels: [1, 2]}\n  - eval: {n: 8, metrics: [macs]}\n"
+    )
+    train, sample, evaluation = (
+        vars(step)[kind] for step, kind in zip(load_recipe(recipe).steps, "train sample eval".split())
+    )
+    assert train == TrainConfig(steps=3, warmup_steps=10)
+    assert sample == SampleConfig(n=4, guidance_scale=2.0, labels=(1, 2))
+    assert evaluation == EvalSettings(n=8, metrics=("macs",))
+    recipe.write_text("model: tiny-unet\nsteps:\n  - eval: {data: elsewhere}\n")
+    with pytest.raises(SlimdiffError, match=r"r.yaml.steps\[0\].eval.data: an eval step measures against the recipe's"):
+        load_recipe(recipe)
+
+
+def test_the_defaults_are_the_shipped_recipes_tuned_settings() -> None:
+    """The settings every measurement used (docs/training.md, "Defaults") are what a user gets without flags."""
+    from slimdiff.engines.ofa import OFAConfig
+    from slimdiff.recipe import EvalStep, FinetuneStep
+
+    ofa, default_ofa = load_recipe(RECIPE.parent / "digits-ofa.yaml").steps[0].config, OFAConfig()
+    assert (ofa.lr, ofa.warmup, ofa.teacher_kd) == (default_ofa.lr, default_ofa.warmup, default_ofa.teacher_kd)
+    steps = load_recipe(RECIPE).steps
+    finetune = next(step.finetune for step in steps if isinstance(step, FinetuneStep))
+    tuned = ("lr", "warmup_steps", "ema_decay", "kd", "kd_output_weight", "kd_feature_weight")
+    assert {k: getattr(finetune, k) for k in tuned} == {k: getattr(FinetuneConfig(), k) for k in tuned}
+    assert next(step.eval for step in steps if isinstance(step, EvalStep)).n == EvalSettings().n

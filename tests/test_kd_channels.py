@@ -40,16 +40,16 @@ def test_kept_channels_pick_the_teacher_channels_the_student_computes() -> None:
     assert ("up_blocks.0", "up_blocks.0") in pairs and len(pairs) == len(adapter_for(teacher).blocks())
 
 
-def test_channel_pruned_student_distils_features_with_default_flags(tmp_path: Path) -> None:
+def test_channel_pruned_student_distils_features_at_the_kept_channels(tmp_path: Path) -> None:
     save(build_tiny("tiny-unet"), tmp_path / "teacher")
     config = ChannelPruningConfig(importance="magnitude", target_macs=0.5)
     compress_model("channels", tmp_path / "teacher", "digits", tmp_path / "student", config)
     kept = kept_block_channels(read_provenance(tmp_path / "student"))
     assert kept and all(len(k.indices) < k.width for k in kept.values())
-    train_config = TrainConfig(steps=8, batch_size=16, lr=1e-3, log_every=1)
+    train_config = TrainConfig(steps=8, batch_size=16, lr=1e-3, warmup_steps=0, log_every=1)
     result = finetune_model(
         tmp_path / "student", "digits", tmp_path / "tuned", train_config, teacher_dir=tmp_path / "teacher",
-        kd=KDConfig(), progress=False,
+        kd=KDConfig(feature_weight=1.0), progress=False,
     )  # fmt: skip
     feature_kd = [record["feat_kd"] for record in result.history]
     assert all(torch.isfinite(torch.tensor(feature_kd)))

@@ -56,8 +56,9 @@ def no_log(message: str) -> None:
 
 @dataclass
 class EngineConfig:
-    """Base of every engine's settings. Fields carry their CLI help in `metadata["help"]` (and, optionally, a
-    different flag name in `metadata["flag"]`); `validate` raises `SlimdiffError` naming the bad field."""
+    """Base of every engine's settings. Fields carry their CLI help in `metadata["help"]` (and, optionally, an
+    older flag spelling accepted beside `--field-name` in `metadata["flag"]`); `validate` raises `SlimdiffError`
+    naming the bad field."""
 
     def validate(self) -> None:
         """Refuse settings that cannot work (called by every surface before `compress`)."""

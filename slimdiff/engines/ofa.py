@@ -110,11 +110,11 @@ class OFAConfig(EngineConfig):
     )
     tolerance: float = field(default=0.02, metadata={"help": "Relative tolerance of each size."})
     batch_size: int = field(default=64, metadata={"help": "Batch size of the shared run."})
-    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate of the shared run (AdamW, cosine)."})
-    warmup: int = field(default=0, metadata={"help": "Linear warm-up steps of the shared run."})
+    lr: float = field(default=5e-4, metadata={"help": "Peak learning rate of the shared run (AdamW, cosine)."})
+    warmup: int = field(default=20, metadata={"help": "Linear warm-up steps of the shared run."})
     ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the shared weights."})
     teacher_kd: float = field(
-        default=0.0, metadata={"help": "Weight of output distillation from the original model (0 = off)."}
+        default=10.0, metadata={"help": "Weight of output distillation from the original model (0 = off)."}
     )
     checkpoint_every: int = field(default=250, metadata={"help": "Checkpoint the shared run every N steps."})
     seed: int = field(default=0, metadata={"help": "Random seed (importance samples, subnet draws, training)."})
@@ -145,7 +145,7 @@ class OFAConfig(EngineConfig):
             "tolerance": (0 < self.tolerance < 0.5, "in (0, 0.5)"),
             "batch_size": (self.batch_size >= 1, "≥ 1"),
             "lr": (self.lr > 0, "> 0"),
-            "warmup": (0 <= self.warmup <= self.steps, "in [0, steps]"),
+            "warmup": (self.warmup >= 0, "≥ 0"),
             "ema_decay": (0 <= self.ema_decay < 1, "in [0, 1)"),
             "teacher_kd": (self.teacher_kd >= 0, "≥ 0"),
             "checkpoint_every": (self.checkpoint_every >= 1, "≥ 1"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,34 +22,7 @@ from slimdiff.metrics.features import feature_extractor
 from slimdiff.metrics.quality import clip_score, compute_quality, reference_features
 from slimdiff.models import adapter_for
 from slimdiff.report import markdown_table, save_grid, write_compare_report
-
-EVAL_METRICS = ("fid", "kid", "is", "pr", "clip", "macs", "latency")
-
-
-@dataclass
-class EvalSettings:
-    """How a model is evaluated; every reported metric carries these settings."""
-
-    data: str = "digits"
-    metrics: tuple[str, ...] = ("fid", "kid", "macs", "latency")
-    n: int = 1000
-    steps: int = 50
-    scheduler: str = "ddim"
-    seed: int = 0
-    batch_size: int = 64
-    guidance_scale: float = 1.0
-    feature: str = "digits"  # "digits", "digits-ms" (the second digits network) or an FID Inception file
-    clip_dir: str | None = None
-    device: str = "cpu"
-
-    def validate(self) -> None:
-        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
-        if unknown or not self.metrics:
-            raise SlimdiffError(
-                f"unknown metric {unknown[0] if unknown else '(none)'}; valid: {', '.join(EVAL_METRICS)}"
-            )
-        if self.n < 1 or self.steps < 1 or self.batch_size < 1:
-            raise SlimdiffError("n, steps and batch_size must be ≥ 1")
+from slimdiff.settings import EvalSettings as EvalSettings
 
 
 def evaluate_model(

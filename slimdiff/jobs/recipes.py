@@ -10,25 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimdiff.distill import KDConfig
 from slimdiff.errors import SlimdiffError
 from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.compression import compress_model
-from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
+from slimdiff.jobs.evaluation import evaluate_model
 from slimdiff.jobs.sampling import sample_model
 from slimdiff.jobs.training import finetune_model, new_model, train_model
 from slimdiff.models import TINY_CONFIGS
 from slimdiff.recipe import (
     STEP_KINDS,
     CompressStep,
-    EvalOptions,
     EvalStep,
     FinetuneStep,
     Recipe,
     SampleStep,
     TrainStep,
 )
-from slimdiff.train import TrainConfig
 
 
 @dataclass
@@ -59,16 +56,14 @@ def _train(step: TrainStep, ctx: StepContext) -> dict[str, Any]:
 
 
 def _finetune(step: FinetuneStep, ctx: StepContext) -> dict[str, Any]:
-    options = step.finetune
-    kd = KDConfig(options.kd, options.kd_output_weight, options.kd_feature_weight) if options.teacher else None
-    train_config = TrainConfig(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TrainConfig)})
+    config = dataclasses.replace(step.finetune, teacher=_recipe_teacher(ctx.recipe, step.finetune.teacher))
     result = finetune_model(
         _model_dir(ctx.current),
         ctx.recipe.data,
         ctx.out,
-        train_config,
-        teacher_dir=_recipe_teacher(ctx.recipe, options.teacher),
-        kd=kd,
+        config.training(),
+        teacher_dir=config.teacher,
+        kd=config.distillation(),
         resume=True,
         progress=ctx.progress,
     )
@@ -81,7 +76,7 @@ def _compress(step: CompressStep, ctx: StepContext) -> dict[str, Any]:
 
 
 def _eval(step: EvalStep, ctx: StepContext) -> dict[str, Any]:
-    settings = eval_settings(step.eval, ctx.recipe.data)
+    settings = dataclasses.replace(step.eval, data=ctx.recipe.data)
     report = evaluate_model(_model_dir(ctx.current), settings, grid=ctx.out / "samples.png", progress=ctx.progress)
     atomic_write_json(ctx.out / "eval.json", report)
     return {"out": str(ctx.out / "eval.json"), "metrics": {k: v["value"] for k, v in report["metrics"].items()}}
@@ -89,7 +84,7 @@ def _eval(step: EvalStep, ctx: StepContext) -> dict[str, Any]:
 
 def _sample(step: SampleStep, ctx: StepContext) -> dict[str, Any]:
     grid = ctx.out / "samples.png"
-    sample_model(_model_dir(ctx.current), grid, **vars(step.sample), progress=ctx.progress)
+    sample_model(_model_dir(ctx.current), grid, step.sample, progress=ctx.progress)
     return {"out": str(grid)}
 
 
@@ -158,13 +153,6 @@ def _finished(step_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None
         return None
     record = read_json(path, "recipe step record")
     return record["summary"] if isinstance(record, dict) and record.get("settings") == settings else None
-
-
-def eval_settings(options: EvalOptions, data: str) -> EvalSettings:
-    """The evaluation settings a recipe's eval step asks for."""
-    return EvalSettings(
-        data=data, **{k: v for k, v in vars(options).items() if k != "metrics"}, metrics=tuple(options.metrics)
-    )
 
 
 def _recipe_teacher(recipe: Recipe, teacher: str | None) -> str | None:

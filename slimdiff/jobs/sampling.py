@@ -6,42 +6,37 @@ from pathlib import Path
 
 import torch
 
+from slimdiff.data import load_prompts
 from slimdiff.diffusion import sample
 from slimdiff.export import load, load_scheduler_config
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
 from slimdiff.models import adapter_for
 from slimdiff.report import save_grid
+from slimdiff.settings import SampleConfig
 
 
 def sample_model(
-    model_dir: str | Path,
-    out: str | Path,
-    *,
-    n: int = 64,
-    steps: int = 50,
-    scheduler: str = "ddim",
-    seed: int = 0,
-    batch_size: int = 64,
-    guidance_scale: float = 1.0,
-    labels: list[int] | None = None,
-    prompts: list[str] | None = None,
-    progress: bool = True,
+    model_dir: str | Path, out: str | Path, config: SampleConfig | None = None, *, progress: bool = True
 ) -> torch.Tensor:
-    """Sample `n` images from a model directory and write a PNG grid to `out`; returns the images."""
+    """Sample `config.n` images from a model directory and write a PNG grid to `out`; returns the images."""
+    config = config or SampleConfig()
+    config.validate()
     model = load(model_dir)
     adapter = adapter_for(model)
-    inputs = sampling_inputs(model_dir, adapter, n, labels=labels, prompts=prompts)
+    prompts = load_prompts(config.prompts) if config.prompts else None
+    labels = list(config.labels) if config.labels else None
+    inputs = sampling_inputs(model_dir, adapter, config.n, labels=labels, prompts=prompts)
     images = sample(
         adapter,
-        n=n,
-        steps=steps,
-        scheduler=scheduler,
+        n=config.n,
+        steps=config.steps,
+        scheduler=config.scheduler,
         schedule=load_scheduler_config(model_dir),
         cond=inputs.cond,
-        guidance_scale=guidance_scale,
+        guidance_scale=config.guidance_scale,
         uncond_embedding=inputs.uncond_embedding,
-        seed=seed,
-        batch_size=batch_size,
+        seed=config.seed,
+        batch_size=config.batch_size,
         decode=decoder_for(model_dir),
         progress=progress,
     )

@@ -8,13 +8,14 @@ from typing import Any
 from torch import nn
 
 from slimdiff.diffusion import DEFAULT_SCHEDULE
-from slimdiff.distill import KDConfig, KeptChannels
+from slimdiff.distill import KeptChannels
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import Provenance, load, load_scheduler_config, read_provenance, save
 from slimdiff.io import read_json
 from slimdiff.jobs.conditioning import training_conditioning, training_data
 from slimdiff.models import TINY_CONFIGS, adapter_for, build, build_tiny
-from slimdiff.train import TrainConfig, TrainResult, train
+from slimdiff.settings import KDConfig, TrainConfig
+from slimdiff.train import TrainResult, train
 
 
 def new_model(spec: str) -> nn.Module:
@@ -100,7 +101,8 @@ def kept_block_channels(provenance: Provenance) -> dict[str, KeptChannels]:
 def finetune_model(
     model_dir: str | Path, data: str, out_dir: str | Path, config: TrainConfig, **kwargs: Any
 ) -> TrainResult:
-    """Continue training a saved (typically compressed) model."""
+    """Continue training a saved (typically compressed) model; `kwargs` as `train_model` (e.g. `teacher_dir`, `kd`:
+    a `FinetuneConfig` gives them as `teacher` and `distillation()`)."""
     model = load(model_dir)
     if Path(out_dir).resolve() == Path(model_dir).resolve():
         raise SlimdiffError("--out must differ from the model directory (the source is never overwritten)")

@@ -1,0 +1,296 @@
+"""Every job's settings, one dataclass each: `TrainConfig`, `KDConfig`, `FinetuneConfig`, `SampleConfig`,
+`EvalSettings`, `CompareSettings` (each engine's config lives with its engine, on `engines.base.EngineConfig`).
+
+A field carries its help in `metadata["help"]`; its default is the measured best setting, named in the docs
+(docs/training.md). The command line derives `--field-name` from each field (`slimdiff.cli_config`), a recipe
+step takes the field names (`slimdiff.recipe`), the Python API takes the dataclasses (`slimdiff.api`), and `check`
+refuses a bad value in one line naming the field and its flag, so a mistake reads the same from every surface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from slimdiff.errors import SlimdiffError
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    """The command-line flag of a settings field: `--` and its name with dashes."""
+    return "--" + field.name.replace("_", "-")
+
+
+def _literal_choices(tp: Any) -> tuple[Any, ...] | None:
+    """The choices of `Literal[...]` or `Literal[...] | None`, else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    options = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(options) == 1 and typing.get_origin(options[0]) is Literal:
+        return typing.get_args(options[0])
+    return None
+
+
+def check(settings: Any, rules: dict[str, tuple[bool, str]], *, what: str = "setting") -> None:
+    """Refuse the first `Literal` field outside its choices, then the first rule that fails.
+
+    `rules` maps a field name to (whether its value is valid, what a valid value is). The error names the field
+    and its flag: `invalid training setting warmup_steps ('--warmup-steps'): must be ≥ 0, got -1`.
+    """
+    fields = {f.name: f for f in dataclasses.fields(settings)}
+    hints = typing.get_type_hints(type(settings))
+    choices = {name: _literal_choices(hints[name]) for name in fields}
+    failures = [
+        (name, "one of " + ", ".join(map(str, options)))
+        for name, options in choices.items()
+        if options is not None and getattr(settings, name) is not None and getattr(settings, name) not in options
+    ] + [(name, valid) for name, (ok, valid) in rules.items() if not ok]
+    if failures:
+        name, valid = failures[0]
+        value = getattr(settings, name)
+        raise SlimdiffError(f"invalid {what} {name} ('{flag_of(fields[name])}'): must be {valid}, got {value!r}")
+
+
+Scheduler = Literal["ddpm", "ddim", "dpm"]
+KDMode = Literal["plain", "normalized"]
+EVAL_METRICS = ("fid", "kid", "is", "pr", "clip", "macs", "latency")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; the defaults train the digits teacher (`slimdiff train`, docs/training.md).
+
+    `batch_size` is the global batch (split across processes). The learning rate rises linearly from 0 over the
+    first `warmup_steps` optimizer steps (cosine and linear schedules), then decays; a run shorter than its warm-up
+    ends before the peak — the setting is recorded as given, never adjusted.
+    """
+
+    steps: int = field(default=1500, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=64, metadata={"help": "Global batch size (split across processes)."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    lr_schedule: Literal["constant", "cosine", "linear"] = field(
+        default="cosine", metadata={"help": "Decay after the warm-up: constant (no warm-up), cosine or linear."}
+    )
+    warmup_steps: int = field(
+        default=100, metadata={"help": "Steps of the linear warm-up to the peak lr.", "flag": "--warmup"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 = off)."})
+    grad_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the saved weights."})
+    label_dropout: float = field(
+        default=0.1, metadata={"help": "Conditioned models: drop the condition this often (classifier-free guidance)."}
+    )
+    checkpoint_every: int = field(default=250, metadata={"help": "Checkpoint every N steps."})
+    keep_checkpoints: int = field(default=3, metadata={"help": "Checkpoints kept (the newest)."})
+    seed: int = field(default=0, metadata={"help": "Random seed (data order, noise, timesteps, dropout)."})
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field(
+        default="auto", metadata={"help": "auto (bf16 on a GPU), no, fp16 or bf16."}
+    )
+    log_every: int = field(default=10, metadata={"help": "Log the losses every N steps (log.jsonl)."})
+    snr_gamma: float | None = field(
+        default=None,
+        metadata={"help": "Min-SNR-γ weighting of the denoising loss (e.g. 5; Hang et al. 2023); default: plain MSE."},
+    )
+
+    def validate(self) -> None:
+        check(
+            self,
+            {
+                "steps": (self.steps >= 1, "≥ 1"),
+                "batch_size": (self.batch_size >= 1, "≥ 1"),
+                "lr": (self.lr > 0, "> 0"),
+                "warmup_steps": (self.warmup_steps >= 0, "≥ 0"),
+                "weight_decay": (self.weight_decay >= 0, "≥ 0"),
+                "grad_clip": (self.grad_clip >= 0, "≥ 0"),
+                "grad_accumulation": (self.grad_accumulation >= 1, "≥ 1"),
+                "ema_decay": (0 <= self.ema_decay < 1, "in [0, 1)"),
+                "label_dropout": (0 <= self.label_dropout < 1, "in [0, 1)"),
+                "checkpoint_every": (self.checkpoint_every >= 1, "≥ 1"),
+                "keep_checkpoints": (self.keep_checkpoints >= 1, "≥ 1"),
+                "log_every": (self.log_every >= 1, "≥ 1"),
+                "snr_gamma": (self.snr_gamma is None or self.snr_gamma > 0, "> 0"),
+            },
+            what="training setting",
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings a resumed run must share with the run it continues (`steps` may grow). Settings that are off
+        (None) are left out, so a checkpoint written before such a setting existed still resumes."""
+        skip = ("steps", "checkpoint_every", "keep_checkpoints")
+        return {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Weights of the distillation terms; `features` pairs (student module, teacher module) by name.
+
+    The defaults are the measured fine-tune of a channel-pruned model (docs/training.md): output KD weight 10, no
+    feature KD (a layer-removed model gains from normalized feature KD weight 1: docs/layers.md).
+    """
+
+    mode: KDMode = "normalized"
+    output_weight: float = 10.0
+    feature_weight: float = 0.0
+    features: tuple[tuple[str, str], ...] | None = None  # None: match the shared blocks automatically
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("plain", "normalized"):
+            raise SlimdiffError(f"unknown KD mode '{self.mode}'; valid: plain, normalized")
+        if self.output_weight < 0 or self.feature_weight < 0:
+            raise SlimdiffError("KD weights must be ≥ 0")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Settings of a fine-tune: the training settings with the measured fine-tune's defaults (lr 5e-4, 20 warm-up
+    steps: docs/training.md), plus an optional teacher to distil (`teacher` is a model directory; in a recipe,
+    `model` names the recipe's input model)."""
+
+    steps: int = field(default=500, metadata={"help": "Optimizer steps."})
+    lr: float = field(default=5e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    warmup_steps: int = field(
+        default=20, metadata={"help": "Steps of the linear warm-up to the peak lr.", "flag": "--warmup"}
+    )
+    teacher: str | None = field(default=None, metadata={"help": "Teacher model directory: distil its outputs."})
+    kd: KDMode = field(
+        default=KDConfig.mode, metadata={"help": "Feature KD: plain (BK-SDM) or normalized (LAPTOP-Diff)."}
+    )
+    kd_output_weight: float = field(
+        default=KDConfig.output_weight, metadata={"help": "Weight of the MSE to the teacher's prediction."}
+    )
+    kd_feature_weight: float = field(
+        default=KDConfig.feature_weight,
+        metadata={"help": "Weight of feature KD (a channel-pruned student is compared at the channels it kept)."},
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        check(
+            self,
+            {
+                "kd_output_weight": (self.kd_output_weight >= 0, "≥ 0"),
+                "kd_feature_weight": (self.kd_feature_weight >= 0, "≥ 0"),
+            },
+            what="training setting",
+        )
+
+    def training(self) -> TrainConfig:
+        """The training-loop settings alone (what a resumed run must share)."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
+    def distillation(self) -> KDConfig | None:
+        """The distillation terms, when a teacher is given."""
+        return None if self.teacher is None else KDConfig(self.kd, self.kd_output_weight, self.kd_feature_weight)
+
+
+@dataclass
+class SampleConfig:
+    """How a sample grid is drawn: `n` seeded samples, `steps` of a diffusers scheduler, batched."""
+
+    n: int = field(default=64, metadata={"help": "Number of samples."})
+    steps: int = field(default=50, metadata={"help": "Sampling steps."})
+    scheduler: Scheduler = field(default="ddim", metadata={"help": "ddpm, ddim or dpm (DPM-Solver++)."})
+    seed: int = field(default=0, metadata={"help": "Random seed of the initial noise."})
+    batch_size: int = field(default=64, metadata={"help": "Samples per denoiser batch."})
+    guidance_scale: float = field(
+        default=1.0, metadata={"help": "Classifier-free guidance (1 = off).", "flag": "--guidance"}
+    )
+    labels: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "Class labels, comma-separated (default: the model's classes in turn)."}
+    )
+    prompts: str | None = field(
+        default=None, metadata={"help": "Prompts file, one per line (default: the prompts saved with the model)."}
+    )
+
+    def validate(self) -> None:
+        check(
+            self,
+            {
+                "n": (self.n >= 1, "≥ 1"),
+                "steps": (self.steps >= 1, "≥ 1"),
+                "batch_size": (self.batch_size >= 1, "≥ 1"),
+                "guidance_scale": (self.guidance_scale >= 0, "≥ 0 (1 = off)"),
+            },
+            what="sample setting",
+        )
+
+
+@dataclass
+class EvalSettings:
+    """How a model is evaluated; every reported metric carries these settings.
+
+    `n` is 1000: the sample count at which `digits` FID differences below about 0.1 are noise (docs/metrics.md).
+    """
+
+    data: str = field(
+        default="digits", metadata={"help": "Reference data: 'digits' (bundled) or an image folder (class subfolders)."}
+    )
+    metrics: tuple[str, ...] = field(
+        default=("fid", "kid", "macs", "latency"),
+        metadata={"help": "Comma-separated, of: " + ",".join(EVAL_METRICS) + "."},
+    )
+    n: int = field(default=1000, metadata={"help": "Samples for the quality metrics."})
+    steps: int = field(default=50, metadata={"help": "Sampling steps."})
+    scheduler: Scheduler = field(default="ddim", metadata={"help": "ddpm, ddim or dpm (DPM-Solver++)."})
+    seed: int = field(default=0, metadata={"help": "Random seed of the samples (and of KID's subsets)."})
+    batch_size: int = field(default=64, metadata={"help": "Samples per denoiser batch; latency is timed at it."})
+    guidance_scale: float = field(
+        default=1.0, metadata={"help": "Classifier-free guidance (1 = off).", "flag": "--guidance"}
+    )
+    feature: str = field(
+        default="digits",
+        metadata={"help": "'digits' or 'digits-ms' (our two digits networks) or the FID Inception TorchScript file."},
+    )
+    clip_dir: str | None = field(default=None, metadata={"help": "Local CLIP folder for the clip metric."})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+
+    def validate(self) -> None:
+        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
+        if unknown or not self.metrics:
+            raise SlimdiffError(
+                f"unknown metric {unknown[0] if unknown else '(none)'}; valid: {', '.join(EVAL_METRICS)}"
+            )
+        check(
+            self,
+            {
+                "n": (self.n >= 1, "≥ 1"),
+                "steps": (self.steps >= 1, "≥ 1"),
+                "batch_size": (self.batch_size >= 1, "≥ 1"),
+                "guidance_scale": (self.guidance_scale >= 0, "≥ 0 (1 = off)"),
+            },
+            what="evaluation setting",
+        )
+
+
+@dataclass
+class CompareSettings(EvalSettings):
+    """`compare`'s settings: one evaluation's, plus the teacher's curve over sampler step counts."""
+
+    curve_steps: tuple[int, ...] = field(
+        default=(),
+        metadata={
+            "help": "Also evaluate the first model (the teacher) at these sampler step counts, e.g. "
+            "4,6,8,13,25,50,100: the curve every other model is read against."
+        },
+    )
+    curve_schedulers: tuple[Scheduler, ...] = field(
+        default=("ddim", "dpm"), metadata={"help": "Samplers of the teacher's curve."}
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        bad = [s for s in self.curve_schedulers if s not in ("ddpm", "ddim", "dpm")]
+        check(
+            self,
+            {
+                "curve_steps": (all(s >= 1 for s in self.curve_steps), "step counts ≥ 1"),
+                "curve_schedulers": (not bad, "some of ddpm, ddim, dpm"),
+            },
+            what="comparison setting",
+        )
+
+    def evaluation(self) -> EvalSettings:
+        """The settings every model is evaluated with."""
+        return EvalSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EvalSettings)})
