@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from slimdiff.cli_config import CommaSeparated
+from slimdiff.cli_config import CommaSeparated, config_argument
 from slimdiff.errors import SlimdiffError
 
 PathArg = click.Path(path_type=Path)
@@ -24,9 +24,15 @@ batch_option = click.option(
     "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Global batch size."
 )
 resume_option = click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
-data_option = click.option(
-    "--data", default="digits", show_default=True, help="'digits' (bundled) or an image folder (class subfolders)."
-)
+
+
+def data_option(command: Any) -> Any:
+    """The data settings (`DataConfig`: --data, --caption-column, …) as the command's `data` argument."""
+    from slimdiff.data.config import DataConfig
+
+    return config_argument(DataConfig, "data")(command)
+
+
 accumulation_option = click.option(
     "--grad-accumulation", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step."
 )
@@ -139,7 +145,7 @@ def _parse_labels(text: str) -> list[int]:
 def train(
     out: Path,
     model: str,
-    data: str,
+    data: Any,
     steps: int,
     batch_size: int,
     lr: float,
@@ -202,7 +208,7 @@ def train(
 def finetune(
     model_dir: Path,
     out: Path,
-    data: str,
+    data: Any,
     steps: int,
     batch_size: int,
     lr: float,
@@ -235,7 +241,9 @@ def finetune(
         seed=seed,
     )
     kd_config = KDConfig(kd, kd_output_weight, kd_feature_weight) if teacher is not None else None
-    result = finetune_model(model_dir, data, out, config, teacher_dir=teacher, kd=kd_config, resume=resume)
+    result = finetune_model(
+        model_dir, data, out, config, teacher_dir=teacher, kd=kd_config, resume=resume, log=click.echo
+    )
     click.echo(f"fine-tuned {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 

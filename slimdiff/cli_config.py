@@ -8,8 +8,10 @@ in the help; checked by the config's `validate`), `X | None`, and `tuple[X, ...]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -87,16 +89,36 @@ def config_options(config_class: type) -> list[click.Option]:
     return [_option(f, hints[f.name]) for f in dataclasses.fields(config_class) if f.init]
 
 
+def config_argument(config_class: type, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A click decorator: the options of `config_class`'s fields, handed to the command as one `name=` instance."""
+    fields = [f.name for f in dataclasses.fields(config_class) if f.init]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {field: kwargs.pop(field) for field in fields}
+            return command(*args, **kwargs, **{name: config_class(**values)})
+
+        wrapper.__click_params__ = [*getattr(command, "__click_params__", []), *reversed(config_options(config_class))]
+        return wrapper
+
+    return decorate
+
+
 def engine_command(engine: Engine) -> click.Command:
     """`slimdiff compress ENGINE MODEL_DIR --out DIR --data D [config fields]`."""
+    from slimdiff.data.config import DataConfig
+
     fields = [f.name for f in dataclasses.fields(engine.config) if f.init]
-    reserved = {"model_dir", "out", "data"} & set(fields)
+    data_fields = [f.name for f in dataclasses.fields(DataConfig)]
+    reserved = {"model_dir", "out", *data_fields} & set(fields)
     if reserved:
         raise SlimdiffError(f"engine '{engine.name}' config may not define {sorted(reserved)} (the command has them)")
 
-    def callback(model_dir: Path, out: Path, data: str, **values: Any) -> None:
+    def callback(model_dir: Path, out: Path, **values: Any) -> None:
         from slimdiff.jobs.compression import compress_model
 
+        data = DataConfig(**{name: values.pop(name) for name in data_fields})
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}
         try:
             config = engine.make_config(**values)
@@ -108,12 +130,7 @@ def engine_command(engine: Engine) -> click.Command:
     params: list[click.Parameter] = [
         click.Argument(["model_dir"], type=click.Path(path_type=Path)),
         click.Option(["--out"], type=click.Path(path_type=Path), required=True, help="Output directory."),
-        click.Option(
-            ["--data"],
-            default="digits",
-            show_default=True,
-            help="Calibration data: 'digits' (bundled) or an image folder (class subfolders).",
-        ),
+        *config_options(DataConfig),
         *config_options(engine.config),
     ]
     return click.Command(engine.name, callback=callback, params=params, help=engine.help, short_help=engine.help)
