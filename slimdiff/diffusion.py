@@ -57,8 +57,8 @@ def task_loss(
     pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, scheduler: SchedulerMixin, snr_gamma: float | None
 ) -> torch.Tensor:
     """The denoising loss: MSE to the target, or with `snr_gamma` the min-SNR-γ weighted MSE (Hang et al. 2023)
-    — each sample weighted by min(SNR(t), γ) / SNR(t) for ε-prediction (/ (SNR(t) + 1) for v, / 1 for x0), which stops the
-    low-noise timesteps from dominating."""
+    — each sample weighted by min(SNR(t), γ) / SNR(t) for ε-prediction (/ (SNR(t) + 1) for v, / 1 for x0), which
+    stops the low-noise timesteps from dominating."""
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float())
     snr = compute_snr(scheduler, t).float()

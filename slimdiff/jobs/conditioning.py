@@ -28,7 +28,6 @@ from slimdiff.text import (
 )
 from slimdiff.train import Conditioning, default_conditioning, text_conditioning
 
-
 #: The VAE subfolder of a diffusers pipeline.
 VAE_DIR = "vae"
 
