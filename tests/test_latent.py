@@ -5,30 +5,28 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from helpers import (
+    CAPTIONS,
+    captioned_folder,
+    class_folders,
+    dit_pipeline,
+    run_cli,
+    sd21_pipeline,
+    sdxl_pipeline,
+)
 
 import slimdiff
-from slimdiff.data import DataConfig, load_data
+from slimdiff.data import DataConfig
 from slimdiff.data import cache as data_cache
 from slimdiff.errors import SlimdiffError
 from slimdiff.jobs.conditioning import load_text_encoder, training_data
 from slimdiff.models import adapter_for
 from slimdiff.models.unet import TIME_IDS
-from tests.helpers import (
-    CAPTIONS,
-    captioned_folder,
-    class_folders,
-    dit_pipeline,
-    odd_images,
-    run_cli,
-    sd21_pipeline,
-    sdxl_pipeline,
-)
 
 
 @pytest.fixture(scope="module")
@@ -68,59 +66,8 @@ def vae_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# captioned data
+# captioned data for latent pipelines (the data layer alone: tests/test_data.py)
 # ----------------------------------------------------------------------------------------------------------------
-def test_captioned_imagefolder_jsonl_and_csv(tmp_path: Path) -> None:
-    jsonl = load_data(str(captioned_folder(tmp_path / "j")), size=16, channels=3, split="all")
-    csv = load_data(str(captioned_folder(tmp_path / "c", "csv")), size=16, channels=3, split="all")
-    assert jsonl.captions == csv.captions == list(CAPTIONS)
-    assert torch.equal(torch.stack([jsonl[i][0] for i in range(4)]), torch.stack([csv[i][0] for i in range(4)]))
-    assert jsonl[1][0].shape == (3, 16, 16) and jsonl[1][1] == 1
-    # original size and crop offsets (in the 16 px frame) per image: 16×40 centered → left (40-16)/2 * 16/16
-    assert jsonl.load(1)[1] == (16, 40, 0, 12)
-    random = load_data(str(tmp_path / "j"), size=16, channels=3, split="all", crop="random", seed=3)
-    again = load_data(str(tmp_path / "j"), size=16, channels=3, split="all", crop="random", seed=3)
-    assert [random.load(i)[1] for i in range(4)] == [again.load(i)[1] for i in range(4)]  # one crop per image
-    assert any(random.load(i)[1] != jsonl.load(i)[1] for i in range(4))
-    train = load_data(str(tmp_path / "j"), size=16, channels=3, split="train")
-    assert train.captions == [CAPTIONS[i] for i in (0, 1, 3)] and [train[i][1] for i in range(3)] == [0, 1, 2]
-
-
-def test_saved_dataset(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
-    images = odd_images()
-    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
-    saved = datasets.Dataset.from_dict({"image": images, "caption": list(CAPTIONS)}, features=features)
-    saved.save_to_disk(str(tmp_path / "ds"))
-    loaded = load_data(DataConfig(str(tmp_path / "ds"), caption_column="caption"), size=16, channels=3, split="all")
-    folder = load_data(str(captioned_folder(tmp_path / "f")), size=16, channels=3, split="all")
-    assert loaded.captions == list(CAPTIONS)
-    assert torch.equal(loaded[0][0], folder[0][0])
-    with pytest.raises(SlimdiffError, match="no column 'text'; its columns are image, caption"):
-        load_data(str(tmp_path / "ds"), size=16, channels=3)
-
-
-def test_datasets_missing_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "state.json").write_text("{}")
-    monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(SlimdiffError, match=r"pip install 'slimdiff\[datasets\]'"):
-        load_data(str(tmp_path), size=16, channels=3)
-
-
-def test_caption_column_errors_list_the_columns(tmp_path: Path) -> None:
-    folder = captioned_folder(tmp_path / "d", column="prompt")
-    with pytest.raises(SlimdiffError, match="no column 'text'; its columns are file_name, prompt"):
-        load_data(str(folder), size=16, channels=3)
-    assert load_data(DataConfig(str(folder), caption_column="prompt"), size=16, channels=3, split="all").captions
-
-
-def test_zero_size_image_is_refused_by_name(tmp_path: Path) -> None:
-    folder = captioned_folder(tmp_path / "d")
-    (folder / "images" / "2.png").write_bytes(b"")
-    with pytest.raises(SlimdiffError, match=r"2\.png.*empty"):
-        load_data(str(folder), size=16, channels=3)
-
-
 def test_text_pipeline_needs_captions(sd21: Path, tmp_path: Path) -> None:
     adapter = adapter_for(slimdiff.load(sd21))
     with pytest.raises(SlimdiffError, match="no captions.*metadata.jsonl or metadata.csv"):
@@ -308,3 +255,20 @@ def test_dit_finetune_learned_sigma(
     pipe = DiTPipeline.from_pretrained(pipe_dir, transformer=model)
     images = pipe(class_labels=[0, 1], num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def test_in_memory_images_are_keyed_by_content(sd21: Path, tmp_path: Path, vae_calls: list[int]) -> None:
+    """Digits (held in memory) encode for a latent pipeline too, cached by each image's content."""
+    from slimdiff.data import ImageDataset
+    from slimdiff.data.cache import encode_images
+
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    dataset = ImageDataset(source="digits", classes=["a", "b"], size=16, channels=3, labels=[0, 1, 0, 1], images=images)
+    vae = AutoencoderKL.from_pretrained(sd21 / "vae")
+    latents = encode_images(dataset, vae, sd21 / "vae", tmp_path)
+    assert latents[3][0].shape == (4, 8, 8) and latents[3][1] == 1 and len(vae_calls) == 1
+    expected = vae.encode(images[3:]).latent_dist.mean[0] * vae.config.scaling_factor
+    assert torch.allclose(latents[3][0], expected, atol=1e-5)
+    dataset._images[0] = 0.0  # a changed image re-encodes its shard only
+    encode_images(dataset, vae, sd21 / "vae", tmp_path)
+    assert len(vae_calls) == 3  # one re-encoding, + the reference call above

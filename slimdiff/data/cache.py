@@ -111,9 +111,9 @@ def encode_images(
     The posterior mean is stored, not a sample: a cached sample would freeze one noise draw for every epoch anyway,
     the mean is what the latent really encodes, and it makes the cache (and every calibration) deterministic.
     """
-    keys = dataset.item_keys()
-    if keys is None:
-        raise SlimdiffError(f"{dataset.source!r} is held in memory; latent models need image files to encode")
+    keys = dataset.item_keys() or [
+        hashlib.sha256(dataset[i][0].numpy().tobytes()).hexdigest() for i in range(len(dataset))
+    ]  # in-memory images (digits): keyed by their content
     settings = {
         "vae": weights_checksum(vae_dir),
         "resolution": dataset.size,

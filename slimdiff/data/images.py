@@ -108,7 +108,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def load(self, index: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """Item `index` as an image tensor, with its original (height, width) and crop (top, left) at `size`."""
-        assert self._items is not None, "in-memory datasets have no original size"
+        if self._items is None:
+            return self._images[index], (self.size, self.size, 0, 0)
         item = self._items[index]
         rng = np.random.default_rng([self.seed, int(hashlib.sha256(item.key.encode()).hexdigest()[:8], 16)])
         return _load_image(item, self.size, self.channels, self.crop, rng, self.flip)
