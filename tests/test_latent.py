@@ -183,9 +183,11 @@ def test_text_embeddings_equal_the_pipelines_own(sd21: Path, sdxl: Path) -> None
 # ----------------------------------------------------------------------------------------------------------------
 # fine-tuning and calibration, each product inside its own pipeline class
 # ----------------------------------------------------------------------------------------------------------------
-def _finetune(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, pipe: Path, data: Path, out: Path) -> str:
+def _finetune(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, pipe: Path, data: Path, out: Path, *extra: object
+) -> str:
     code, stdout, stderr = run_cli(
-        monkeypatch, capsys, "finetune", pipe, "--data", data, "--out", out, "--steps", 2, "--batch-size", 2
+        monkeypatch, capsys, "finetune", pipe, "--data", data, "--out", out, "--steps", 2, "--batch-size", 2, *extra
     )
     assert code == 0, stderr
     return stdout
@@ -196,8 +198,10 @@ def test_sd21_finetune_and_channels(
 ) -> None:
     first = _finetune(monkeypatch, capsys, sd21, captioned, tmp_path / "ft")
     assert "encoded" in first
-    second = _finetune(monkeypatch, capsys, sd21, captioned, tmp_path / "ft2")
+    second = _finetune(monkeypatch, capsys, sd21, captioned, tmp_path / "kd", "--teacher", sd21)  # output + feature KD
     assert "3 reused" in second and "0 encoded" in second
+    history = json.loads((tmp_path / "kd" / "slimdiff.json").read_text())["provenance"]["history"]
+    assert history[-1]["teacher"] == str(sd21)
     code, _, stderr = run_cli(
         monkeypatch, capsys, "compress", "channels", sd21, "--data", captioned, "--out", tmp_path / "ch",
         "--target-macs", 0.35, "--tolerance", 0.3, "--calibration", 3, "--stride", 250,
