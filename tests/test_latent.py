@@ -193,7 +193,16 @@ def _finetune(
     return stdout
 
 
-def test_sd21_finetune_and_channels(
+def _run_sd21(pipe_dir: Path, product: Path) -> None:
+    """Two steps of the product inside StableDiffusionPipeline, with the pipeline's VAE, text encoder, scheduler."""
+    pipe = StableDiffusionPipeline.from_pretrained(
+        pipe_dir, unet=slimdiff.load(product), safety_checker=None, requires_safety_checker=False
+    )
+    images = pipe(CAPTIONS[0], num_inference_steps=2, output_type="np", height=16, width=16).images
+    assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def test_sd21_finetune_and_kd(
     sd21: Path, captioned: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     first = _finetune(monkeypatch, capsys, sd21, captioned, tmp_path / "ft")
@@ -202,6 +211,12 @@ def test_sd21_finetune_and_channels(
     assert "3 reused" in second and "0 encoded" in second
     history = json.loads((tmp_path / "kd" / "slimdiff.json").read_text())["provenance"]["history"]
     assert history[-1]["teacher"] == str(sd21)
+    _run_sd21(sd21, tmp_path / "ft")
+
+
+def test_sd21_channels_calibration(
+    sd21: Path, captioned: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     code, _, stderr = run_cli(
         monkeypatch, capsys, "compress", "channels", sd21, "--data", captioned, "--out", tmp_path / "ch",
         "--target-macs", 0.35, "--tolerance", 0.3, "--calibration", 3, "--stride", 250,
@@ -209,16 +224,12 @@ def test_sd21_finetune_and_channels(
     assert code == 0, stderr
     recorded = json.loads((tmp_path / "ch" / "slimdiff.json").read_text())["conditioning"]
     assert recorded["pipeline"] == str(sd21.resolve()) and recorded["prompts"][0] == CAPTIONS[0]
-    for product in ("ft", "ch"):
-        pipe = StableDiffusionPipeline.from_pretrained(
-            sd21, unet=slimdiff.load(tmp_path / product), safety_checker=None, requires_safety_checker=False
-        )
-        images = pipe(CAPTIONS[0], num_inference_steps=2, output_type="np", height=16, width=16).images
-        assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
+    _run_sd21(sd21, tmp_path / "ch")
     # sampling a product reads its pipeline's VAE and text encoder through the recorded folder
     code, _, stderr = run_cli(monkeypatch, capsys, "sample", tmp_path / "ch", "--out", tmp_path / "g.png", "--n", 2,
                               "--steps", 2)  # fmt: skip
     assert code == 0, stderr
+    assert (tmp_path / "g.png").stat().st_size > 0
 
 
 def test_sdxl_finetune(
