@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from slimdiff import __version__
-from slimdiff.cli_config import data_option, settings_command
+from slimdiff.cli_config import settings_command
+from slimdiff.data.config import DataConfig
 from slimdiff.errors import SlimdiffError
 from slimdiff.settings import CompareSettings, EvalSettings, FinetuneConfig, SampleConfig, TrainConfig
 
@@ -68,21 +69,28 @@ def _sample(config: SampleConfig, model_dir: Path, out: Path) -> None:
     )
 
 
-def _train(config: TrainConfig, out: Path, model: str, data: str, resume: bool) -> None:
+def _train(config: TrainConfig, out: Path, model: str, resume: bool, data: DataConfig) -> None:
     import torch
 
     from slimdiff.jobs.training import new_model, train_model
 
     torch.manual_seed(config.seed)
-    result = train_model(new_model(model), data, out, config, source=f"scratch:{model}", resume=resume)
+    result = train_model(new_model(model), data, out, config, source=f"scratch:{model}", resume=resume, log=click.echo)
     click.echo(f"trained {config.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
-def _finetune(config: FinetuneConfig, model_dir: Path, out: Path, data: str, resume: bool) -> None:
+def _finetune(config: FinetuneConfig, model_dir: Path, out: Path, resume: bool, data: DataConfig) -> None:
     from slimdiff.jobs import training
 
     result = training.finetune_model(
-        model_dir, data, out, config.training(), teacher_dir=config.teacher, kd=config.distillation(), resume=resume
+        model_dir,
+        data,
+        out,
+        config.training(),
+        teacher_dir=config.teacher,
+        kd=config.distillation(),
+        resume=resume,
+        log=click.echo,
     )
     click.echo(f"fine-tuned {config.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
@@ -141,9 +149,9 @@ app.add_command(
                 show_default=True,
                 help="tiny-unet, tiny-sd, tiny-dit or a config.json.",
             ),
-            data_option(),
             resume_option,
         ],
+        groups={"data": DataConfig},
         help="Train a model from scratch (e.g. a teacher on digits); the final EMA weights land in --out.",
     )
 )
@@ -152,7 +160,8 @@ app.add_command(
         "finetune",
         FinetuneConfig,
         _finetune,
-        [_model_dir(), _out("Output directory."), data_option(), resume_option],
+        [_model_dir(), _out("Output directory."), resume_option],
+        groups={"data": DataConfig},
         help="Fine-tune a (compressed) model, optionally distilling from a teacher.",
     )
 )

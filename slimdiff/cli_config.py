@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -115,28 +115,38 @@ def settings_command(
     run: Callable[..., None],
     params: Sequence[click.Parameter] = (),
     *,
+    groups: Mapping[str, type] | None = None,
     help: str,
 ) -> click.Command:
-    """A command whose options are `params` plus one per field of `config_class`; `run(config, **params)` gets the
-    validated settings and the other parameters' values."""
+    """A command whose options are `params` plus one per field of `config_class` and of each class in `groups`;
+    `run(config, **params, **groups)` gets the validated settings, the other parameters' values, and one validated
+    instance per group (e.g. `data=DataConfig(...)` for every command that reads images)."""
+    groups = dict(groups or {})
     own = {p.name for p in params}
     fields = {f.name for f in dataclasses.fields(config_class) if f.init}
-    if own & fields:
-        raise SlimdiffError(f"command '{name}' may not define {sorted(own & fields)} (its settings have them)")
+    grouped = {group: {f.name for f in dataclasses.fields(cls) if f.init} for group, cls in groups.items()}
+    taken = [own, fields, *grouped.values()]
+    clashes = sorted({n for i, a in enumerate(taken) for b in taken[i + 1 :] for n in a & b})
+    if clashes:
+        raise SlimdiffError(f"command '{name}' defines {clashes} twice (its settings have them)")
 
     def callback(**values: Any) -> None:
-        settings = {k: v for k, v in values.items() if k in fields}
-        run(make_settings(config_class, settings, name), **{k: v for k, v in values.items() if k in own})
+        settings = make_settings(config_class, {k: v for k, v in values.items() if k in fields}, name)
+        made = {
+            group: make_settings(groups[group], {k: v for k, v in values.items() if k in names}, name)
+            for group, names in grouped.items()
+        }
+        run(settings, **{k: v for k, v in values.items() if k in own}, **made)
 
-    return click.Command(
-        name, callback=callback, params=[*params, *config_options(config_class)], help=help, short_help=help
-    )
+    options = [*params, *config_options(config_class), *(o for cls in groups.values() for o in config_options(cls))]
+    return click.Command(name, callback=callback, params=options, help=help, short_help=help)
 
 
 def engine_command(engine: Engine) -> click.Command:
     """`slimdiff compress ENGINE MODEL_DIR --out DIR --data D [config fields]`."""
+    from slimdiff.data.config import DataConfig
 
-    def run(config: Any, model_dir: Path, out: Path, data: str) -> None:
+    def run(config: Any, model_dir: Path, out: Path, data: DataConfig) -> None:
         from slimdiff.jobs.compression import compress_model
 
         result = compress_model(engine.name, model_dir, data, out, config, log=click.echo)
@@ -145,16 +155,5 @@ def engine_command(engine: Engine) -> click.Command:
     params: list[click.Parameter] = [
         click.Argument(["model_dir"], type=click.Path(path_type=Path)),
         click.Option(["--out"], type=click.Path(path_type=Path), required=True, help="Output directory."),
-        data_option(),
     ]
-    return settings_command(engine.name, engine.config, run, params, help=engine.help)
-
-
-def data_option() -> click.Option:
-    """`--data` of the commands that train or calibrate on data."""
-    return click.Option(
-        ["--data"],
-        default="digits",
-        show_default=True,
-        help="Training / calibration data: 'digits' (bundled) or an image folder (class subfolders).",
-    )
+    return settings_command(engine.name, engine.config, run, params, groups={"data": DataConfig}, help=engine.help)

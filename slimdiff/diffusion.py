@@ -41,26 +41,30 @@ def make_scheduler(name: str, schedule: dict[str, Any] | None = None) -> Schedul
 
 
 def training_target(scheduler: SchedulerMixin, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser should predict at `t`: the noise (epsilon) or the velocity (v), per the schedule."""
+    """What the denoiser should predict at `t`, per the schedule's `prediction_type`: the noise (epsilon), the
+    velocity (v_prediction) or the clean sample (sample)."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
-    raise SlimdiffError(f"prediction_type '{kind}' is not supported for training; valid: epsilon, v_prediction")
+    if kind == "sample":
+        return x0
+    raise SlimdiffError(f"prediction_type '{kind}' is not supported for training; valid: epsilon, v_prediction, sample")
 
 
 def task_loss(
     pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, scheduler: SchedulerMixin, snr_gamma: float | None
 ) -> torch.Tensor:
     """The denoising loss: MSE to the target, or with `snr_gamma` the min-SNR-γ weighted MSE (Hang et al. 2023)
-    — each sample weighted by min(SNR(t), γ) / SNR(t) for ε-prediction (/ (SNR(t) + 1) for v), which stops the
-    low-noise timesteps from dominating."""
+    — each sample weighted by min(SNR(t), γ) / SNR(t) for ε-prediction (/ (SNR(t) + 1) for v, / 1 for x0), which
+    stops the low-noise timesteps from dominating."""
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float())
     snr = compute_snr(scheduler, t).float()
     clipped = torch.clamp(snr, max=snr_gamma)
-    weight = clipped / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+    kind = scheduler.config.prediction_type
+    weight = clipped if kind == "sample" else clipped / (snr + 1 if kind == "v_prediction" else snr)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
     return (weight * per_sample).mean()
 

@@ -43,6 +43,7 @@ from slimdiff.distill import (
 from slimdiff.errors import SlimdiffError
 from slimdiff.io import atomic_dir, atomic_write_json, load_optimizer_tensors, optimizer_tensors, read_json
 from slimdiff.models import Adapter, adapter_for
+from slimdiff.models.unet import with_time_ids
 from slimdiff.settings import TrainConfig as TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -51,12 +52,20 @@ LOG_NAME = "log.jsonl"
 
 @dataclass
 class Conditioning:
-    """How dataset labels become the model's condition: class labels, or per-class prompt embeddings."""
+    """How dataset labels become the model's condition: class labels, or prompt embeddings.
+
+    A text model's `prompt_table` holds one embedding per prompt; a label picks its row directly (one prompt per
+    class) or through `prompt_rows` (captioned data: label = item, row = its caption). `time_ids` (SDXL), one row
+    per label, are written into the packed condition after caption dropout, so a dropped caption keeps its image's
+    size and crop, as in diffusers' SDXL training script.
+    """
 
     kind: Literal["none", "class", "text"]
     null_class: int | None = None
-    prompt_table: torch.Tensor | None = None  # (num_classes, tokens, dim)
+    prompt_table: torch.Tensor | None = None  # (prompts, tokens, dim)
     empty_prompt: torch.Tensor | None = None  # (1, tokens, dim)
+    prompt_rows: torch.Tensor | None = None  # (labels,) → row of prompt_table
+    time_ids: torch.Tensor | None = None  # (labels, 6)
 
     def __call__(self, labels: torch.Tensor, drop: torch.Tensor) -> torch.Tensor | None:
         """Conditions for a batch; where `drop` is true the condition is replaced by the null one."""
@@ -64,10 +73,17 @@ class Conditioning:
             return None
         if self.kind == "class":
             return labels if self.null_class is None else torch.where(drop, self.null_class, labels)
-        cond = self.prompt_table[labels]
+        cond = self.prompt_table[labels if self.prompt_rows is None else self.prompt_rows[labels]]
         if self.empty_prompt is not None:
             cond = torch.where(drop[:, None, None], self.empty_prompt.expand_as(cond), cond)
-        return cond
+        return cond if self.time_ids is None else with_time_ids(cond, self.time_ids[labels])
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        """The same conditioning with its tensors on `device`."""
+        moved = {
+            name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in vars(self).items()
+        }
+        return Conditioning(**moved)
 
 
 @dataclass
@@ -369,10 +385,7 @@ def _prepare(run: _Run) -> None:
     run.bare = run.accelerator.unwrap_model(run.model)
     run.student = adapter_for(run.bare, forward_module=run.model)
     run.ema.to(device)
-    if run.conditioning.prompt_table is not None:
-        run.conditioning.prompt_table = run.conditioning.prompt_table.to(device)
-        if run.conditioning.empty_prompt is not None:
-            run.conditioning.empty_prompt = run.conditioning.empty_prompt.to(device)
+    run.conditioning = run.conditioning.to(device)
 
 
 def _optimizer_step(
@@ -469,6 +482,18 @@ def default_conditioning(adapter: Adapter) -> Conditioning:
     return Conditioning(kind=adapter.cond_kind, null_class=null)
 
 
-def text_conditioning(prompt_embeddings: torch.Tensor, empty_prompt: torch.Tensor | None) -> Conditioning:
-    """Per-class prompt embeddings `(num_classes, tokens, dim)`, and the empty prompt's for label dropout."""
-    return Conditioning(kind="text", prompt_table=prompt_embeddings, empty_prompt=empty_prompt)
+def text_conditioning(
+    prompt_embeddings: torch.Tensor,
+    empty_prompt: torch.Tensor | None,
+    prompt_rows: torch.Tensor | None = None,
+    time_ids: torch.Tensor | None = None,
+) -> Conditioning:
+    """Prompt embeddings `(prompts, tokens, dim)` (one per class, or per caption with `prompt_rows` mapping labels
+    to them), the empty prompt's for caption dropout, and SDXL's per-label `time_ids`."""
+    return Conditioning(
+        kind="text",
+        prompt_table=prompt_embeddings,
+        empty_prompt=empty_prompt,
+        prompt_rows=prompt_rows,
+        time_ids=time_ids,
+    )

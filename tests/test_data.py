@@ -1,16 +1,18 @@
-"""Tests for slimdiff.data: digits and image-folder datasets, deterministic splits, prompt files."""
+"""Tests for slimdiff.data: digits, image-folder and captioned datasets, deterministic splits, prompt files."""
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import CAPTIONS, captioned_folder, odd_images
 from PIL import Image
 
-from slimdiff.data import ImageDataset, check_fits, class_prompts, load_data, load_prompts
+from slimdiff.data import DataConfig, ImageDataset, check_fits, class_prompts, load_data, load_prompts
 from slimdiff.errors import SlimdiffError
 
 N_DIGITS = 1797
@@ -278,3 +280,57 @@ def test_class_prompts() -> None:
     assert class_prompts(["0", "7"]) == ["a photo of the digit 0", "a photo of the digit 7"]
     assert class_prompts(["cat", "dog"]) == ["a photo of a cat", "a photo of a dog"]
     assert class_prompts(["1", "10"]) == ["a photo of a 1", "a photo of a 10"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# captioned data: imagefolder (jsonl, csv) and 🤗 datasets folders
+# ----------------------------------------------------------------------------------------------------------------
+def test_captioned_imagefolder_jsonl_and_csv(tmp_path: Path) -> None:
+    jsonl = load_data(str(captioned_folder(tmp_path / "j")), size=16, channels=3, split="all")
+    csv = load_data(str(captioned_folder(tmp_path / "c", "csv")), size=16, channels=3, split="all")
+    assert jsonl.captions == csv.captions == list(CAPTIONS)
+    assert torch.equal(torch.stack([jsonl[i][0] for i in range(4)]), torch.stack([csv[i][0] for i in range(4)]))
+    assert jsonl[1][0].shape == (3, 16, 16) and jsonl[1][1] == 1
+    # original size and crop offsets (in the 16 px frame) per image: 16×40 centered → left (40-16)/2 * 16/16
+    assert jsonl.load(1)[1] == (16, 40, 0, 12)
+    random = load_data(str(tmp_path / "j"), size=16, channels=3, split="all", crop="random", seed=3)
+    again = load_data(str(tmp_path / "j"), size=16, channels=3, split="all", crop="random", seed=3)
+    assert [random.load(i)[1] for i in range(4)] == [again.load(i)[1] for i in range(4)]  # one crop per image
+    assert any(random.load(i)[1] != jsonl.load(i)[1] for i in range(4))
+    train = load_data(str(tmp_path / "j"), size=16, channels=3, split="train")
+    assert train.captions == [CAPTIONS[i] for i in (0, 1, 3)] and [train[i][1] for i in range(3)] == [0, 1, 2]
+
+
+def test_saved_dataset(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    images = odd_images()
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    saved = datasets.Dataset.from_dict({"image": images, "caption": list(CAPTIONS)}, features=features)
+    saved.save_to_disk(str(tmp_path / "ds"))
+    loaded = load_data(DataConfig(str(tmp_path / "ds"), caption_column="caption"), size=16, channels=3, split="all")
+    folder = load_data(str(captioned_folder(tmp_path / "f")), size=16, channels=3, split="all")
+    assert loaded.captions == list(CAPTIONS)
+    assert torch.equal(loaded[0][0], folder[0][0])
+    with pytest.raises(SlimdiffError, match="no column 'text'; its columns are image, caption"):
+        load_data(str(tmp_path / "ds"), size=16, channels=3)
+
+
+def test_datasets_missing_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "state.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(SlimdiffError, match=r"pip install 'slimdiff\[datasets\]'"):
+        load_data(str(tmp_path), size=16, channels=3)
+
+
+def test_caption_column_errors_list_the_columns(tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "d", column="prompt")
+    with pytest.raises(SlimdiffError, match="no column 'text'; its columns are file_name, prompt"):
+        load_data(str(folder), size=16, channels=3)
+    assert load_data(DataConfig(str(folder), caption_column="prompt"), size=16, channels=3, split="all").captions
+
+
+def test_zero_size_image_is_refused_by_name(tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "d")
+    (folder / "images" / "2.png").write_bytes(b"")
+    with pytest.raises(SlimdiffError, match=r"2\.png.*empty"):
+        load_data(str(folder), size=16, channels=3)

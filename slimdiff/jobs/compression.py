@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
+from slimdiff.data import DataConfig
 from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.distill import KDConfig
 from slimdiff.engines import Calibration, EngineConfig, Result, get_engine
@@ -39,7 +40,7 @@ ENGINE_STATE = ".engine-state"
 def compress_model(
     engine_name: str,
     model_dir: str | Path,
-    data: str,
+    data: str | DataConfig,
     out_dir: str | Path,
     config: EngineConfig,
     *,
@@ -63,7 +64,8 @@ def compress_model(
     # the bare denoiser: a skip table the source may carry belongs to the old model, not to its compressed copy
     model = load(model_dir, artifacts=False)
     adapter = adapter_for(model)
-    calibration, conditioning, recorded = calibration_for(model_dir, adapter, data, out_dir, getattr(config, "seed", 0))
+    seed = getattr(config, "seed", 0)
+    calibration, conditioning, recorded = calibration_for(model_dir, adapter, data, out_dir, seed, log)
     calibration.work_dir = out_dir / ENGINE_STATE
     result = engine.compress(adapter, config, calibration, log=log)
     provenance = read_provenance(model_dir)
@@ -122,13 +124,14 @@ def compress_model(
 
 
 def calibration_for(
-    model_dir: str | Path, adapter: Adapter, data: str, out_dir: Path, seed: int
+    model_dir: str | Path, adapter: Adapter, data: str | DataConfig, out_dir: Path, seed: int, log: Log = no_log
 ) -> tuple[Calibration, Conditioning, dict[str, Any]]:
-    """What an engine may look at for the model saved in `model_dir` (its training data `data`, conditions, noise
-    schedule), the training conditioning, and what to record about it (a text model's encoder is saved to
-    `out_dir`)."""
-    dataset = training_data(adapter, data, seed)
-    conditioning, recorded = training_conditioning(adapter, dataset.classes, out_dir, Path(model_dir), seed)
+    """What an engine may look at for the model saved in `model_dir` (its training data `data` — latents for a
+    latent model, center-cropped —, conditions, noise schedule), the training conditioning, and what to record
+    about it (a text model's encoder is saved to `out_dir`, or its pipeline recorded)."""
+    data = DataConfig.of(data)
+    dataset = training_data(adapter, data, seed, model_dir, purpose="calibrate", log=log)
+    conditioning, recorded = training_conditioning(adapter, dataset, out_dir, Path(model_dir), seed, data, log)
     schedule = load_scheduler_config(model_dir) or DEFAULT_SCHEDULE
 
     def cond_for(labels: torch.Tensor) -> torch.Tensor | None:

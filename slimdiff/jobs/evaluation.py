@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from slimdiff.data import load_data
+from slimdiff.data import DataConfig, load_data
 from slimdiff.diffusion import sample
 from slimdiff.engines import full_compute, sampling_plan
 from slimdiff.errors import SlimdiffError
@@ -79,7 +79,8 @@ def evaluate_model(
         reference = load_data(settings.data, size=images.shape[-1], channels=images.shape[1], split="train")
         real = reference_features(reference, extractor, split="train")
         values = compute_quality(images, real, extractor, metrics=quality, seed=settings.seed)
-        setting = common | {"extractor": extractor.name, "reference": f"{settings.data} train split ({len(real)})"}
+        source = DataConfig.of(settings.data).data
+        setting = common | {"extractor": extractor.name, "reference": f"{source} train split ({len(real)})"}
         for key, value in values.items():
             report["metrics"][key] = {"value": value} | setting
     if "clip" in settings.metrics:

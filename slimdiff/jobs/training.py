@@ -7,8 +7,10 @@ from typing import Any
 
 from torch import nn
 
+from slimdiff.data import DataConfig
 from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.distill import KeptChannels
+from slimdiff.engines.base import Log, no_log
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import Provenance, load, load_scheduler_config, read_provenance, save
 from slimdiff.io import read_json
@@ -30,7 +32,7 @@ def new_model(spec: str) -> nn.Module:
 
 def train_model(
     model: nn.Module,
-    data: str,
+    data: str | DataConfig,
     out_dir: str | Path,
     config: TrainConfig,
     *,
@@ -40,13 +42,15 @@ def train_model(
     kd: KDConfig | None = None,
     resume: bool = False,
     progress: bool = True,
+    log: Log = no_log,
 ) -> TrainResult:
     """Train (or fine-tune) `model` on `data` and save the EMA weights to `out_dir` in the export format."""
     out_dir = Path(out_dir)
     adapter = adapter_for(model)
-    dataset = training_data(adapter, data, config.seed)
+    data = DataConfig.of(data)
     source_path = Path(source_dir) if source_dir is not None else None
-    conditioning, recorded = training_conditioning(adapter, dataset.classes, out_dir, source_path, config.seed)
+    dataset = training_data(adapter, data, config.seed, source_path, log=log)
+    conditioning, recorded = training_conditioning(adapter, dataset, out_dir, source_path, config.seed, data, log)
     schedule = (load_scheduler_config(source_path) if source_path else None) or DEFAULT_SCHEDULE
     teacher = load(teacher_dir) if teacher_dir is not None else None
     provenance = read_provenance(source_path) if source_path else Provenance(source=source)
@@ -66,7 +70,7 @@ def train_model(
     provenance.history.append(
         {
             "job": "finetune" if source_path else "train",
-            "data": data,
+            "data": data.data,
             "steps": config.steps,
             "batch_size": config.batch_size,
             "seconds": round(result.seconds, 1),
@@ -99,7 +103,7 @@ def kept_block_channels(provenance: Provenance) -> dict[str, KeptChannels]:
 
 
 def finetune_model(
-    model_dir: str | Path, data: str, out_dir: str | Path, config: TrainConfig, **kwargs: Any
+    model_dir: str | Path, data: str | DataConfig, out_dir: str | Path, config: TrainConfig, **kwargs: Any
 ) -> TrainResult:
     """Continue training a saved (typically compressed) model; `kwargs` as `train_model` (e.g. `teacher_dir`, `kd`:
     a `FinetuneConfig` gives them as `teacher` and `distillation()`)."""

@@ -92,15 +92,11 @@ def reference_features(
 
 
 def _files_digest(dataset: ImageDataset) -> str | None:
-    """Hash of each image file's resolved path, size and mtime (None for in-memory datasets such as digits)."""
-    paths = getattr(dataset, "_paths", None)
-    if not paths:
+    """Hash of each image's key (a file's resolved path, size and mtime; None for in-memory datasets such as digits)."""
+    keys = dataset.item_keys()
+    if not keys:
         return None
-    digest = hashlib.sha256()
-    for p in paths:
-        stat = p.stat()
-        digest.update(f"{p.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    return hashlib.sha256("".join(f"{key}\n" for key in keys).encode()).hexdigest()
 
 
 def compute_quality(

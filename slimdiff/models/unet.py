@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -135,8 +136,40 @@ class UNetAdapter(_UNetAdapter):
         return inputs
 
 
+#: SDXL's micro-conditioning: original (h, w), crop (top, left), target (h, w).
+TIME_IDS = 6
+
+
+def added_rows(pooled_dim: int, width: int) -> int:
+    """Token rows an SDXL condition needs beyond the prompt's to carry the pooled embedding and the time ids."""
+    return math.ceil((pooled_dim + TIME_IDS) / width)
+
+
+def pack_added_cond(hidden: torch.Tensor, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL's three inputs as one condition tensor `(batch, tokens + rows, width)`: the prompt embeddings, then rows
+    holding the pooled `text_embeds` first and the `time_ids` last (zeros between), so that code handling one
+    condition tensor (batch slices, guidance's concatenation, dropout) carries all three."""
+    batch, _, width = hidden.shape
+    rows = added_rows(text_embeds.shape[1], width)
+    extra = hidden.new_zeros(batch, rows * width)
+    extra[:, : text_embeds.shape[1]] = text_embeds.to(extra.dtype)
+    extra[:, -TIME_IDS:] = time_ids.to(extra.dtype)
+    return torch.cat([hidden, extra.view(batch, rows, width)], dim=1)
+
+
+def with_time_ids(cond: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """A packed SDXL condition with its `time_ids` replaced (per item: its own size and crop)."""
+    flat = cond.clone()
+    flat[:, -1, -TIME_IDS:] = time_ids.to(cond.dtype)
+    return flat
+
+
 class SDUNetAdapter(_UNetAdapter):
-    """`UNet2DConditionModel`: cross-attention on prompt embeddings `(batch, tokens, cross_attention_dim)`."""
+    """`UNet2DConditionModel`: cross-attention on prompt embeddings `(batch, tokens, cross_attention_dim)`.
+
+    An SDXL U-Net (`addition_embed_type="text_time"`) also takes the pooled prompt embedding and the time ids as
+    `added_cond_kwargs`; its condition is one packed tensor (`pack_added_cond`) that the adapter unpacks.
+    """
 
     family = "sd-unet"
     cond_kind = "text"
@@ -150,15 +183,38 @@ class SDUNetAdapter(_UNetAdapter):
         dim = self.model.config.cross_attention_dim
         return dim[0] if isinstance(dim, (list, tuple)) else dim
 
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of the pooled text embedding an SDXL U-Net adds to its time embedding (None for SD 1.x/2.x)."""
+        config = self.model.config
+        if config.addition_embed_type != "text_time":
+            return None
+        return config.projection_class_embeddings_input_dim - TIME_IDS * config.addition_time_embed_dim
+
+    def _unpack(self, cond: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        pooled = self.pooled_dim
+        if pooled is None:
+            return cond, None
+        rows = added_rows(pooled, cond.shape[-1])
+        extra = cond[:, -rows:].flatten(1)
+        return cond[:, :-rows], {"text_embeds": extra[:, :pooled], "time_ids": extra[:, -TIME_IDS:]}
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         self.check_cond(cond, x_t.shape[0])
-        out = self.forward_module(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+        hidden, added = self._unpack(cond)
+        out = self.forward_module(x_t, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
         return out[:, : self.in_channels]
 
     def example_inputs(self, batch_size: int = 1, device: torch.device | str | None = None) -> dict[str, Any]:
         size = self.sample_size
-        return {
+        inputs = {
             "sample": torch.randn(batch_size, self.in_channels, size, size, device=device),
             "timestep": torch.full((batch_size,), 10, dtype=torch.long, device=device),
             "encoder_hidden_states": torch.randn(batch_size, self.text_tokens, self.cross_attention_dim, device=device),
         }
+        if self.pooled_dim is not None:
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(batch_size, self.pooled_dim, device=device),
+                "time_ids": torch.full((batch_size, TIME_IDS), float(size * 8), device=device),
+            }
+        return inputs

@@ -1,4 +1,4 @@
-"""The data layer: labelled image datasets (scikit-learn digits or a folder of images) and prompt files.
+"""Image datasets: scikit-learn digits, class folders, lazily loaded items with crops; prompt files.
 
 Every dataset yields `(image, label)` with `image` a float32 `[C, H, W]` tensor in [-1, 1]. Splits are
 deterministic: they depend only on `seed` and the sorted item list, never on global RNG state.
@@ -6,8 +6,11 @@ deterministic: they depend only on `seed` and the sorted item list, never on glo
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,14 +23,35 @@ from slimdiff.errors import SlimdiffError
 Split = Literal["train", "holdout", "all"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
-_SPLITS = ("train", "holdout", "all")
 _DIGITS_SIZES = (8, 32)
-_FOLDER_SIZES = (8, 1024)
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+FOLDER_SIZES = (8, 1024)
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of a lazily loaded dataset: `key` identifies its content (for caches), `name` is for messages."""
+
+    key: str
+    name: str
+    open: Callable[[], Image.Image]
+
+
+def file_item(path: Path) -> ImageItem:
+    """An image file as an item, keyed by its resolved path, size and modification time."""
+    stat = path.stat()
+    return ImageItem(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}", str(path), lambda: Image.open(path))
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Labelled square images, held in memory (`images`) or loaded lazily from files (`paths`)."""
+    """Labelled square images, held in memory (`images`) or loaded lazily (`paths` or `items`).
+
+    A captioned dataset has one caption per item (`captions`) and labels `0 … n-1` (an item's label is its own
+    index, so the caption and SDXL micro-conditioning of each item can be looked up); `crops` holds each item's
+    original (height, width) and crop (top, left) when its images were encoded from files. Lazily loaded images are
+    resized on the short side and cropped to `size` (`crop` "center", or "random": one seeded crop per item, the
+    same on every read), and mirrored where `flip` (one seeded coin per item).
+    """
 
     classes: list[str]
     size: int
@@ -44,19 +68,34 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         labels: list[int],
         images: torch.Tensor | None = None,
         paths: list[Path] | None = None,
+        items: list[ImageItem] | None = None,
+        captions: list[str] | None = None,
+        crops: torch.Tensor | None = None,
+        crop: Literal["center", "random"] = "center",
+        flip: bool = False,
+        seed: int = 0,
     ) -> None:
-        if (images is None) == (paths is None):
-            raise TypeError("ImageDataset needs exactly one of images= or paths=")
-        n = len(images) if images is not None else len(paths or [])
+        if paths is not None:
+            items = [file_item(p) for p in paths]
+        if (images is None) == (items is None):
+            raise TypeError("ImageDataset needs exactly one of images=, paths= or items=")
+        n = len(images) if images is not None else len(items or [])
         if n != len(labels):
             raise TypeError(f"ImageDataset got {n} images but {len(labels)} labels")
+        if captions is not None and (len(captions) != n or labels != list(range(n))):
+            raise TypeError("a captioned ImageDataset needs one caption per item and labels 0 … n-1")
         self.source = source
         self.classes = classes
         self.size = size
         self.channels = channels
+        self.captions = captions
+        self.crops = crops
+        self.crop = crop
+        self.flip = flip
+        self.seed = seed
         self._labels = labels
         self._images = images
-        self._paths = paths
+        self._items = items
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -65,63 +104,48 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         label = self._labels[index]
         if self._images is not None:
             return self._images[index], label
-        assert self._paths is not None
-        return _load_image(self._paths[index], self.size, self.channels), label
+        return self.load(index)[0], label
+
+    def load(self, index: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """Item `index` as an image tensor, with its original (height, width) and crop (top, left) at `size`."""
+        if self._items is None:
+            return self._images[index], (self.size, self.size, 0, 0)
+        item = self._items[index]
+        rng = np.random.default_rng([self.seed, int(hashlib.sha256(item.key.encode()).hexdigest()[:8], 16)])
+        return _load_image(item, self.size, self.channels, self.crop, rng, self.flip)
+
+    def item_keys(self) -> list[str] | None:
+        """What identifies each lazily loaded item's content (None for in-memory datasets)."""
+        return None if self._items is None else [item.key for item in self._items]
 
     def subset(self, indices: list[int]) -> ImageDataset:
         """A dataset with the items at `indices`, in that order."""
-        return ImageDataset(
+        return self._replace(
+            labels=list(range(len(indices))) if self.captions else [self._labels[i] for i in indices],
+            images=self._images[indices] if self._images is not None else None,
+            items=[self._items[i] for i in indices] if self._items is not None else None,
+            captions=[self.captions[i] for i in indices] if self.captions else None,
+            crops=self.crops[indices] if self.crops is not None else None,
+        )
+
+    def with_images(self, images: torch.Tensor, crops: torch.Tensor | None = None) -> ImageDataset:
+        """The same items (labels, captions) held as `images` (e.g. their latents) in memory, with their `crops`."""
+        return self._replace(
+            images=images, size=images.shape[-1], channels=images.shape[1], captions=self.captions, crops=crops
+        )
+
+    def _replace(self, **changes: Any) -> ImageDataset:
+        fields = dict(
             source=self.source,
             classes=self.classes,
             size=self.size,
             channels=self.channels,
-            labels=[self._labels[i] for i in indices],
-            images=self._images[indices] if self._images is not None else None,
-            paths=[self._paths[i] for i in indices] if self._paths is not None else None,
+            labels=self._labels,
+            crop=self.crop,
+            flip=self.flip,
+            seed=self.seed,
         )
-
-
-def load_data(
-    source: str,
-    *,
-    size: int = 16,
-    channels: int = 1,
-    split: Split = "train",
-    holdout_fraction: float = 0.2,
-    seed: int = 0,
-) -> ImageDataset:
-    """Load `source` ("digits" or a folder of images) as `size`x`size` images with `channels` channels.
-
-    `split` picks the "train" part, the "holdout" part (the first `round(n * holdout_fraction)` items of a
-    permutation drawn from `numpy.random.default_rng(seed)`), or "all" items.
-    """
-    if not isinstance(channels, int) or isinstance(channels, bool) or channels not in (1, 3):
-        raise SlimdiffError(f"channels={channels!r} is not supported; use 1 (grayscale) or 3 (RGB)")
-    if split not in _SPLITS:
-        raise SlimdiffError(f"split={split!r} is not valid; use 'train', 'holdout' or 'all'")
-    if (
-        not isinstance(holdout_fraction, (int, float))
-        or isinstance(holdout_fraction, bool)
-        or not 0 <= holdout_fraction < 1
-    ):
-        raise SlimdiffError(f"holdout_fraction={holdout_fraction!r} is out of range; use a number in [0, 1)")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise SlimdiffError(f"seed={seed!r} is not valid; use a non-negative integer")
-
-    dataset = _load_digits(size, channels) if source == "digits" else _load_folder(source, size, channels)
-    if split == "all":
-        return dataset
-
-    n = len(dataset)
-    order = np.random.default_rng(seed).permutation(n)
-    n_holdout = round(n * holdout_fraction)
-    chosen = order[:n_holdout] if split == "holdout" else order[n_holdout:]
-    if len(chosen) == 0:
-        raise SlimdiffError(
-            f"the {split!r} split of {source!r} is empty ({n} images, holdout_fraction={holdout_fraction}); "
-            "use split='all', change holdout_fraction, or add images"
-        )
-    return dataset.subset(sorted(chosen.tolist()))
+        return ImageDataset(**(fields | changes))
 
 
 def check_fits(dataset: ImageDataset, *, sample_size: int, in_channels: int) -> None:
@@ -165,17 +189,17 @@ def class_prompts(classes: list[str]) -> list[str]:
     return [f"a photo of a {c}" for c in classes]
 
 
-def _check_size(size: int, source: str, limits: tuple[int, int]) -> None:
+def check_size(size: int, source: str, limits: tuple[int, int]) -> None:
     lo, hi = limits
     if not isinstance(size, int) or isinstance(size, bool) or not lo <= size <= hi:
         raise SlimdiffError(f"size={size!r} is out of range for {source!r}; use an integer from {lo} to {hi}")
 
 
-def _load_digits(size: int, channels: int) -> ImageDataset:
+def digits_dataset(size: int, channels: int) -> ImageDataset:
     """scikit-learn's bundled 8x8 digits (no download), resized in memory."""
     from sklearn.datasets import load_digits
 
-    _check_size(size, "digits", _DIGITS_SIZES)
+    check_size(size, "digits", _DIGITS_SIZES)
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # [N, 1, 8, 8] in [0, 1]
     if size != 8:
@@ -201,7 +225,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _is_image(p))
 
 
-def _load_folder(source: str, size: int, channels: int) -> ImageDataset:
+def folder_dataset(source: str, size: int, channels: int) -> ImageDataset:
     """A folder of class subfolders (one class each, sorted by name) or a flat folder (one class)."""
     root = Path(source).expanduser()
     if not root.exists():
@@ -210,7 +234,7 @@ def _load_folder(source: str, size: int, channels: int) -> ImageDataset:
         raise SlimdiffError(
             f"data source {source!r} is a file; pass 'digits' or a folder of images (optionally in class subfolders)"
         )
-    _check_size(size, source, _FOLDER_SIZES)
+    check_size(size, source, FOLDER_SIZES)
 
     try:
         top = _images_in(root)
@@ -234,30 +258,47 @@ def _load_folder(source: str, size: int, channels: int) -> ImageDataset:
     classes = list(by_class)
     paths = [p for files in by_class.values() for p in files]
     labels = [label for label, files in enumerate(by_class.values()) for _ in files]
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except _PIL_ERRORS as e:
-            raise _unreadable(p, e) from None
+    verify_images(paths)
     return ImageDataset(source=source, classes=classes, size=size, channels=channels, labels=labels, paths=paths)
 
 
-def _unreadable(path: Path, error: Exception) -> SlimdiffError:
-    return SlimdiffError(f"image {str(path)!r} cannot be read ({type(error).__name__}: {error}); fix or remove it")
+def verify_images(paths: list[Path]) -> None:
+    """Refuse the first image file that is empty or cannot be decoded, naming it."""
+    for path in paths:
+        try:
+            if path.stat().st_size == 0:
+                raise ValueError("the file is empty (0 bytes)")
+            with Image.open(path) as im:
+                im.verify()
+        except PIL_ERRORS as e:
+            raise unreadable(path, e) from None
 
 
-def _load_image(path: Path, size: int, channels: int) -> torch.Tensor:
-    """Open one image file as a float32 [C, size, size] tensor in [-1, 1] (center crop, bicubic resize)."""
+def unreadable(name: str | Path, error: Exception) -> SlimdiffError:
+    return SlimdiffError(f"image {str(name)!r} cannot be read ({type(error).__name__}: {error}); fix or remove it")
+
+
+def _load_image(
+    item: ImageItem, size: int, channels: int, crop: str, rng: np.random.Generator, flip: bool
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """One image as a float32 [C, size, size] tensor in [-1, 1]: a square of the short side (centered, or at a
+    random offset), resized (bicubic), mirrored when `flip` wins its coin; with its original (h, w) and the crop's
+    (top, left) in the resized image (SDXL's micro-conditioning)."""
     try:
-        with Image.open(path) as im:
+        with item.open() as im:
             im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
             w, h = im.size
             s = min(w, h)
-            left, top = (w - s) // 2, (h - s) // 2
+            if crop == "random":
+                top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+            else:
+                top, left = (h - s) // 2, (w - s) // 2
             im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BICUBIC)
+            if flip and rng.random() < 0.5:
+                im = ImageOps.mirror(im)
             array = np.asarray(im, dtype=np.float32)
-    except _PIL_ERRORS as e:
-        raise _unreadable(path, e) from None
+    except PIL_ERRORS as e:
+        raise unreadable(item.name, e) from None
     tensor = torch.from_numpy(array / 127.5 - 1.0)
-    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+    tensor = tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+    return tensor, (h, w, round(top * size / s), round(left * size / s))
