@@ -30,6 +30,11 @@ data_option = click.option(
 accumulation_option = click.option(
     "--grad-accumulation", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step."
 )
+no_artifacts_option = click.option(
+    "--no-artifacts",
+    is_flag=True,
+    help="Ignore what an engine saved beside the weights (a skip table): the denoiser computes every step.",
+)
 snr_gamma_option = click.option(
     "--snr-gamma",
     type=click.FloatRange(min=0, min_open=True),
@@ -81,6 +86,7 @@ def info(model_dir: Path, as_json: bool) -> None:
 @click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance (1 = off).")
 @click.option("--labels", help="Class labels, comma-separated.")
 @click.option("--prompts", type=PathArg, help="Prompts file, one per line.")
+@no_artifacts_option
 def sample(
     model_dir: Path,
     out: Path,
@@ -92,6 +98,7 @@ def sample(
     guidance: float,
     labels: str | None,
     prompts: Path | None,
+    no_artifacts: bool,
 ) -> None:
     """Sample a seeded, batched grid of images."""
     from slimdiff.data import load_prompts
@@ -111,6 +118,7 @@ def sample(
         guidance_scale=guidance,
         labels=label_list,
         prompts=prompt_list,
+        artifacts=not no_artifacts,
     )
     click.echo(f"wrote {out} ({n} samples, {scheduler} {steps} steps, {time.perf_counter() - start:.1f} s)")
 
@@ -265,6 +273,7 @@ def eval_options(default_n: int) -> Any:
             ),
             click.option("--clip-dir", type=PathArg, help="Local CLIP folder for the clip metric."),
             click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
+            no_artifacts_option,
         ]
         for option in reversed(options):
             command = option(command)
@@ -288,6 +297,7 @@ def _eval_settings(options: dict[str, Any]) -> Any:
         feature=options["feature"],
         clip_dir=str(options["clip_dir"]) if options["clip_dir"] else None,
         device=options["device"],
+        artifacts=not options["no_artifacts"],
     )
 
 
