@@ -93,7 +93,7 @@ def test_a_table_saved_before_settings_were_recorded_loads_and_checks_class_and_
     del payload["sampler_settings"]  # exactly what an older slimdiff wrote
     save(model, path, artifacts={"skip_table": payload}, scheduler_config=dict(DEFAULT_SCHEDULE))
     loaded = load(path)
-    assert skip.table_of(loaded).settings == {} and sampling_plan(loaded).sampler()["settings"] == {}
+    assert skip.table_of(loaded).settings == {} and "settings" not in sampling_plan(loaded).sampler()
     # timesteps only (and the class): another clip_sample runs, another class does not
     assert np.isfinite(_run(DDIMPipeline(loaded, DDIMScheduler.from_config(DEFAULT_SCHEDULE, clip_sample=False)))).all()
     with pytest.raises(SlimdiffError, match="got DDPMScheduler"):

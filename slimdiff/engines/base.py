@@ -377,10 +377,11 @@ class SamplingPlan:
         return described_sampler(self.scheduler, self.timesteps)
 
     def sampler(self) -> dict[str, Any]:
-        """The sampler as JSON: scheduler, steps, timesteps (whole numbers as ints), trajectory settings."""
+        """The sampler as JSON: scheduler, steps, timesteps (whole numbers as ints) and its trajectory settings
+        where the plan records them."""
         timesteps = [int(t) if float(t).is_integer() else t for t in self.timesteps]
-        settings = dict(self.settings)
-        return {"scheduler": self.scheduler, "steps": self.steps, "timesteps": timesteps, "settings": settings}
+        sampler = {"scheduler": self.scheduler, "steps": self.steps, "timesteps": timesteps}
+        return sampler | ({"settings": dict(self.settings)} if self.settings else {})
 
     def check(self, scheduler: Any) -> None:
         """Refuse to sample with `scheduler` (its timesteps set) unless it is the sampler the plan was made for."""
