@@ -253,7 +253,7 @@ def searched_tables(bench: Bench, ref_steps: int) -> None:
         config = skip.SkipConfig(**entry["config"])
         made = skip.table_of(load(out))
         units = skip.skip_units(bench.adapter, config.granularity)
-        base = skip.SkipTable.full(made.scheduler, made.timesteps, units, config.granularity)
+        base = skip.SkipTable.full(made.scheduler, made.timesteps, units, config.granularity, made.settings)
         costs = skip.unit_costs(bench.teacher, base.units)
         probs = torch.tensor(entry["skip_probabilities"])
         table = skip.postprocess(probs, base, costs, config.target_macs, config.tolerance, config.threshold)

@@ -10,13 +10,21 @@ A model directory holds:
 - `<artifact>.json` — what an engine made beside the weights (e.g. a skip table), listed in `slimdiff.json` with
   its checksum and re-attached by `load` (`slimdiff.engines.attach_artifact`).
 
+A model saved with `weights_from=SOURCE` whose weights are SOURCE's, unchanged (a skip table on an untouched
+model), shares SOURCE's weights file instead of copying it: a hard link where the filesystem allows (the directory
+then looks like any other), otherwise `slimdiff.json` records the file's absolute path and sha256
+(`weights_reference`, format 2) and `load` refuses it, naming the checksum, once that file is gone or changed.
+
 `load` builds the skeleton with empty weights, applies the structure, resizes parameters to the shapes in the
 safetensors header, then assigns the weights: the result is an instance of the original diffusers class. Nothing
-in any file is executed; every mismatch is refused with an error that names it.
+in any file is executed; every mismatch is refused with an error that names it, and so are weights holding NaN or
+Inf (`check_finite` streams a model's weights for the same check without loading them).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +42,9 @@ from slimdiff.models import SkippedLayer, build, config_of, model_class
 from slimdiff.models.base import get_submodule, set_submodule
 
 FORMAT = "slimdiff"
-FORMAT_VERSION = 1
+#: The newest format this slimdiff reads: 2 adds `weights_reference` (weights shared with another model by checksum);
+#: a spec without a reference is still written as format 1, which older slimdiffs read.
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 BUFFERS_NAME = "slimdiff_buffers.safetensors"
 SPEC_NAME = "slimdiff.json"
@@ -188,13 +198,16 @@ def save(
     scheduler_config: dict[str, Any] | None = None,
     conditioning: dict[str, Any] | None = None,
     artifacts: dict[str, Any] | None = None,
+    weights_from: str | Path | None = None,
 ) -> Path:
     """Save `model` into `out_dir` (created if needed; other files there, e.g. checkpoints, are left alone).
 
     Every file is written atomically and `slimdiff.json` last, with the checksums of the files it belongs to: a
     save interrupted at any point leaves either the previous model or one that `load` refuses, never a wrong one.
     `conditioning` records what the model is conditioned on (e.g. `{"classes": [...]}`) for samplers;
-    `artifacts` maps artifact names to JSON-able payloads, each written to `<name>.json`.
+    `artifacts` maps artifact names to JSON-able payloads, each written to `<name>.json`. With `weights_from` (a
+    model directory), weights equal to that model's (names, shapes, dtypes and values) share its weights file — a
+    hard link, or a reference by checksum where links fail — instead of a second copy.
     """
     artifacts = artifacts or {}
     bad = [name for name in artifacts if not name.replace("_", "").replace("-", "").isalnum()]
@@ -211,7 +224,15 @@ def save(
     (out_dir / SPEC_NAME).unlink(missing_ok=True)  # the model is invalid until its new spec lands
     atomic_write_json(out_dir / CONFIG_NAME, config_of(model) | {"_diffusers_version": diffusers.__version__})
     files = {}
+    source = _same_weights(state, weights_from) if weights_from is not None else None
+    reference = None
+    if source is not None:
+        reference = _share_weights(source, out_dir / WEIGHTS_NAME)
+        if reference is None:  # hard-linked
+            files[WEIGHTS_NAME] = sha256_file(out_dir / WEIGHTS_NAME)
     for name, tensors in ((WEIGHTS_NAME, state), (BUFFERS_NAME, buffers)):
+        if name == WEIGHTS_NAME and source is not None:
+            continue
         if not tensors:
             (out_dir / name).unlink(missing_ok=True)
             continue
@@ -225,17 +246,49 @@ def save(
         atomic_write_json(out_dir / SCHEDULER_NAME, scheduler_config)
     spec = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if reference else 1,
         "class": type(model).__name__,
         "dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
         "structure": structure,
         "files": files,
+        **({"weights_reference": reference} if reference else {}),
         "conditioning": conditioning or {},
         "artifacts": sorted(artifacts),
         "provenance": asdict(provenance or Provenance()),
     }
     atomic_write_json(out_dir / SPEC_NAME, spec)
     return out_dir
+
+
+def _same_weights(state: dict[str, torch.Tensor], source_dir: str | Path) -> Path | None:
+    """The one weights file of the model in `source_dir` when it holds exactly `state`, else None (read one tensor
+    at a time, stopping at the first difference; a pruned model differs in the header already)."""
+    source_dir = resolve_model_dir(source_dir)
+    files = _weight_files(source_dir, read_spec(source_dir))
+    if len(files) != 1 or not files[0].is_file():
+        return None
+    header = _open_header(files[0])
+    if set(header) != set(state) or any(header[name][0] != tensor.shape for name, tensor in state.items()):
+        return None
+    with safe_open(files[0], framework="pt") as f:
+        for name, tensor in state.items():
+            stored = f.get_tensor(name)
+            if stored.dtype != tensor.dtype or not torch.equal(stored, tensor):
+                return None
+    return files[0]
+
+
+def _share_weights(source: Path, target: Path) -> dict[str, str] | None:
+    """Hard-link `source` (a weights file) to `target`: None on success; where the filesystem refuses, the reference
+    to record instead (`source`'s absolute path and sha256), `target` removed."""
+    try:
+        with atomic_path(target) as tmp:
+            tmp.unlink()
+            os.link(source, tmp)
+        return None
+    except OSError:
+        target.unlink(missing_ok=True)
+        return {"path": str(source.resolve()), "sha256": sha256_file(source)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,6 +342,15 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
 
 
 def _weight_files(model_dir: Path, spec: dict[str, Any] | None) -> list[Path]:
+    if spec is not None and "weights_reference" in spec:
+        reference = spec["weights_reference"]
+        path = Path(reference["path"])
+        if not path.is_file():
+            raise SlimdiffError(
+                f"{model_dir} shares the weights file {path} (sha256 {reference['sha256']}), which is gone: put "
+                "that file back there (the model it belongs to), or save this model with its own weights"
+            )
+        return [path]
     if spec is not None:
         return [model_dir / WEIGHTS_NAME]
     index = model_dir / f"{WEIGHTS_NAME}.index.json"
@@ -331,14 +393,69 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     some CPUs, so a model holding such tensors can differ from the original in the last bits. Copying into the
     allocator's memory gives the loaded model the layout of a freshly built one, hence bit-identical outputs.
     """
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {key: f.get_tensor(key).clone(memory_format=torch.contiguous_format) for key in f.keys()}
-    except (SafetensorError, OSError) as error:
-        raise SlimdiffError(f"{path} is corrupt or truncated (not a valid safetensors file): {error}") from None
+    return {key: tensor.clone(memory_format=torch.contiguous_format) for key, tensor in _streamed([path])}
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf: one sum (NaN and Inf carry through it), checked element-wise only when
+    the sum is not finite (it may overflow)."""
+    if not tensor.is_floating_point():
+        return True
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
+def _refuse_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]], where: Path) -> int:
+    """Refuse weights holding NaN or Inf in one line: the first such tensor and how many there are; returns the
+    number of tensors checked."""
+    checked, broken, first = 0, 0, ""
+    for name, tensor in tensors:
+        checked += 1
+        if _finite(tensor):
+            continue
+        broken += 1
+        if not first:
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            first = f"'{name}' ({nan} NaN, {inf} Inf of {tensor.numel()} values)"
+    if broken:
+        raise SlimdiffError(
+            f"{where}: the weights hold NaN or Inf in {broken} of {checked} tensors, the first {first} — the model "
+            "is broken (e.g. a diverged training run); restore or retrain it"
+        )
+    return checked
+
+
+def _streamed(paths: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of some safetensors files, one at a time (memory-mapped: at most one tensor in memory)."""
+    for path in paths:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as error:
+            raise SlimdiffError(f"{path} is corrupt or truncated (not a valid safetensors file): {error}") from None
+
+
+def check_finite(model_dir: str | Path) -> int:
+    """Refuse a model whose weights hold NaN or Inf (as `load` does), streaming them tensor by tensor instead of
+    loading the model; returns the number of tensors checked (0 for a directory with only a config)."""
+    model_dir = resolve_model_dir(model_dir)
+    spec = read_spec(model_dir)
+    if spec is None and not any(model_dir.glob("*.safetensors")):
+        return 0
+    paths = _weight_files(model_dir, spec)
+    if spec is not None and (model_dir / BUFFERS_NAME).is_file():
+        paths.append(model_dir / BUFFERS_NAME)
+    return _refuse_nonfinite(_streamed(paths), model_dir)
 
 
 def _verify_checksums(model_dir: Path, spec: dict[str, Any]) -> None:
+    reference = spec.get("weights_reference")
+    if reference is not None and sha256_file(reference["path"]) != reference["sha256"]:
+        raise SlimdiffError(
+            f"{model_dir} shares the weights file {reference['path']}, which has changed since (its sha256 is no "
+            f"longer {reference['sha256']}): restore that file, or save this model with its own weights"
+        )
     for name, digest in spec.get("files", {}).items():
         path = model_dir / name
         if not path.is_file():
@@ -450,10 +567,11 @@ def load(
         state: dict[str, torch.Tensor] = {}
         for path in files:
             state.update(_read_tensors(path))
+        buffers = _read_tensors(buffers_file) if buffers_file is not None else {}
+        _refuse_nonfinite([*state.items(), *buffers.items()], model_dir)
         model.load_state_dict(state, strict=True, assign=True)
-        if buffers_file is not None:
-            for name, value in _read_tensors(buffers_file).items():
-                _set_buffer(model, name, value)
+        for name, value in buffers.items():
+            _set_buffer(model, name, value)
         if any(p.is_meta for p in model.parameters()):
             raise SlimdiffError(f"{model_dir}: some parameters were not loaded")
         model.to(device)
@@ -502,6 +620,7 @@ def load_scheduler_config(model_dir: str | Path) -> dict[str, Any] | None:
 
 __all__ = [
     "Provenance",
+    "check_finite",
     "load",
     "load_architecture",
     "load_scheduler_config",

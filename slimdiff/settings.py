@@ -203,6 +203,13 @@ class SampleConfig:
     prompts: str | None = field(
         default=None, metadata={"help": "Prompts file, one per line (default: the prompts saved with the model)."}
     )
+    artifacts: bool = field(
+        default=True,
+        metadata={
+            "help": "Use what an engine saved beside the weights (a skip table); --no-artifacts: the bare denoiser, "
+            "computing every step."
+        },
+    )
 
     def validate(self) -> None:
         check(
@@ -245,6 +252,13 @@ class EvalSettings:
     )
     clip_dir: str | None = field(default=None, metadata={"help": "Local CLIP folder for the clip metric."})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    artifacts: bool = field(
+        default=True,
+        metadata={
+            "help": "Use what an engine saved beside the weights (a skip table); --no-artifacts: the bare denoiser, "
+            "computing every step."
+        },
+    )
 
     def validate(self) -> None:
         unknown = [m for m in self.metrics if m not in EVAL_METRICS]

@@ -228,3 +228,59 @@ def test_bad_values_are_named(variants: dict[str, Path], tmp_path: Path) -> None
     }
     for result, expected in zip(slimdiff_many(*cases), cases.values(), strict=True):
         fails_in_one_line(result, expected)
+
+
+# -- broken weights and skip tables (issue 27) ---------------------------------------------------------------------
+def test_a_nan_in_the_weights_is_named_by_every_command(tmp_path: Path) -> None:
+    model = build_tiny("tiny-unet").eval()
+    with torch.no_grad():
+        model.conv_in.weight[0, 0, 0, 0] = float("nan")
+    broken = _save_variant(model, tmp_path / "nan")
+    cases = {
+        ("info", broken): "info",
+        ("sample", broken, "--n", "2", "--steps", "2", "--out", tmp_path / "g.png"): "sample",
+        ("compress", "channels", broken, "--target-macs", "0.5", "--out", tmp_path / "p"): "compress",
+        ("finetune", broken, "--steps", "1", "--out", tmp_path / "f"): "finetune",
+        ("eval", broken, "--metrics", "macs", "--n", "2", "--steps", "2"): "eval",
+    }
+    for result, command in zip(slimdiff_many(*cases), cases.values(), strict=True):
+        fails_in_one_line(result, "NaN or Inf in 1 of ")
+        assert "the first 'conv_in.weight' (1 NaN, 0 Inf" in result.stderr, command
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "p").exists() and not (tmp_path / "f").exists()
+
+
+def test_a_skip_table_is_kept_true_from_the_command_line(variants: dict[str, Path], tmp_path: Path) -> None:
+    teacher, table = variants["unet-teacher"], tmp_path / "table"
+    succeeds(
+        slimdiff(
+            "compress", "skip", teacher, "--method", "step-reuse", "--target-macs", "0.6", "--steps", "4",
+            "--out", table,
+        )
+    )  # fmt: skip
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (table / weights).samefile(teacher / weights)  # the table's model shares the teacher's weights file
+    sampler = json.loads(succeeds(slimdiff("info", table, "--json")))["sampler"]
+    assert sampler["scheduler"] == "DDIMScheduler" and sampler["settings"]["timestep_spacing"] == "leading"
+    sample = ("sample", table, "--n", "2", "--out", tmp_path / "g.png")
+    refused = {
+        (*sample, "--steps", "4", "--scheduler", "ddpm"): "; got DDPMScheduler — sample with that sampler",
+        (*sample, "--steps", "5"): "got 5 steps",
+        ("eval", table, "--metrics", "macs", "--steps", "4", "--scheduler", "ddpm"): "got DDPMScheduler",
+        ("compress", "channels", table, "--target-macs", "0.5", "--out", tmp_path / "p"): (
+            f"carries skip_table, made for that model as it is; `compress channels` changes the model, so it would "
+            f"no longer hold: compress the model it was made from ({teacher})"
+        ),
+    }
+    results = slimdiff_many(
+        *refused,
+        (*sample, "--steps", "4"),
+        (*sample, "--steps", "5", "--scheduler", "ddpm", "--no-artifacts"),
+        ("eval", table, "--metrics", "macs", "--steps", "3", "--scheduler", "dpm", "--no-artifacts"),
+    )
+    for result, expected in zip(results[: len(refused)], refused.values(), strict=True):
+        fails_in_one_line(result, expected)  # one line: refused before any progress bar
+        assert "made for DDIMScheduler with 4 steps" in result.stderr or "carries" in result.stderr
+    assert "--no-artifacts on the command line" in results[0].stderr
+    for result in results[len(refused) :]:
+        succeeds(result)
+    assert not (tmp_path / "p").exists()

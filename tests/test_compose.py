@@ -22,9 +22,9 @@ from slimdiff.models import adapter_for, build_tiny
 from slimdiff.text import make_tiny_clip_text
 
 STEPS = 4  # the sampler every skip table here is made for: DDIM, 4 steps
-#: The teachers' noise schedule; steps_offset=1 as in SD-1.5's own scheduler config (StableDiffusionPipeline
-#: forces it), so that the tables are made for the timesteps the pipelines run.
-SCHEDULE = DEFAULT_SCHEDULE | {"steps_offset": 1}
+#: The teachers' noise schedule; steps_offset=1 and clip_sample=False as in SD-1.5's own scheduler config
+#: (StableDiffusionPipeline forces both), so that the tables are made for the sampler the pipelines run.
+SCHEDULE = DEFAULT_SCHEDULE | {"steps_offset": 1, "clip_sample": False}
 
 
 def _engine(name: str, **values):

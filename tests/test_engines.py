@@ -216,8 +216,9 @@ def test_an_artifacts_sampling_plan_is_what_info_and_evaluation_count(
     with pytest.raises(SlimdiffError) as refused:
         evaluate_model(tmp_path / "h", EvalSettings(metrics=("macs",), steps=5), progress=False)
     assert str(refused.value) == (
-        "the model's half plan is for DDIMScheduler with 4 steps (timesteps 750, 500, 250, …, 0); "
-        "evaluate it with those steps (asked for 5)"
+        "the model's half plan was made for DDIMScheduler with 4 steps (timesteps 750, 500, 250, …, 0); got 5 steps "
+        "— sample with that sampler and step count, or without the half plan (--no-artifacts on the command line, "
+        "slimdiff.load(..., artifacts=False) in Python)"
     )
 
 

@@ -267,3 +267,54 @@ def test_config_only_directory_gives_architecture(tmp_path: Path) -> None:
     model = load_architecture(tmp_path)
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build_tiny("tiny-sd").parameters())
+
+
+# -- broken weights: NaN or Inf -------------------------------------------------------------------------------------
+def _broken(tmp_path: Path) -> Path:
+    """A tiny U-Net with one NaN in `conv_in.weight` and an Inf in `time_embedding.linear_1.bias`, saved."""
+    model = build_tiny("tiny-unet").eval()
+    with torch.no_grad():
+        model.conv_in.weight[0, 0, 0, 0] = float("nan")
+        model.time_embedding.linear_1.bias[3] = float("inf")
+    return save(model, tmp_path / "broken")
+
+
+BROKEN = r"NaN or Inf in 2 of \d+ tensors, the first 'conv_in.weight' \(1 NaN, 0 Inf of \d+ values\)"
+
+
+def test_nonfinite_weights_are_refused_naming_the_first_tensor_and_the_count(tmp_path: Path) -> None:
+    from slimdiff.export import check_finite
+    from slimdiff.jobs.info import model_info
+
+    broken = _broken(tmp_path)
+    with pytest.raises(SlimdiffError, match=BROKEN):
+        load(broken)
+    with pytest.raises(SlimdiffError, match=BROKEN):
+        check_finite(broken)
+    with pytest.raises(SlimdiffError, match=BROKEN):
+        model_info(broken)
+    assert load_architecture(broken) is not None  # the architecture alone reads no weights
+    assert check_finite(save(build_tiny("tiny-unet"), tmp_path / "fine")) == len(build_tiny("tiny-unet").state_dict())
+
+
+def test_nonfinite_weights_of_a_plain_diffusers_directory_are_refused(tmp_path: Path) -> None:
+    model = build_tiny("tiny-unet").eval()
+    with torch.no_grad():
+        model.conv_out.bias.fill_(float("-inf"))
+    model.save_pretrained(tmp_path / "plain", safe_serialization=True)
+    with pytest.raises(
+        SlimdiffError, match=r"in 1 of \d+ tensors, the first 'conv_out.bias' \(0 NaN, 1 Inf of 1 values\)"
+    ):
+        load(tmp_path / "plain")
+
+
+def test_huge_finite_weights_whose_sum_overflows_are_not_refused(tmp_path: Path) -> None:
+    model = build_tiny("tiny-unet").eval()
+    with torch.no_grad():
+        model.conv_in.bias.fill_(3e38)  # the float32 sum of these overflows to Inf; every value is finite
+    half = build_tiny("tiny-unet").eval().half()
+    with torch.no_grad():
+        half.conv_in.weight.fill_(60000.0)  # likewise in float16
+    assert torch.isinf(model.conv_in.bias.sum()) and torch.isinf(half.conv_in.weight.sum())
+    assert load(save(model, tmp_path / "huge")).conv_in.bias.eq(3e38).all()
+    assert load(save(half, tmp_path / "half")).conv_in.weight.eq(60000.0).all()

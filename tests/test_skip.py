@@ -329,5 +329,5 @@ def test_eval_counts_the_tables_sampling_macs_and_times_it(tmp_path: Path) -> No
     assert report["metrics"]["sampling_macs"]["value"] == round(sum(skip.kept_fractions(table, costs)) * costs.total)
     assert "skip table" in report["metrics"]["sampling_macs"]["counts"]
     assert report["metrics"]["sampling_latency_ms"]["value"] > 0
-    with pytest.raises(SlimdiffError, match="evaluate it with those steps"):
+    with pytest.raises(SlimdiffError, match="made for DDIMScheduler with 4 steps .*; got 5 steps"):
         evaluate_model(tmp_path / "m", EvalSettings(metrics=("macs",), steps=5), progress=False)

@@ -226,6 +226,10 @@ class Engine:
     config: type[EngineConfig]
     compress: Compress
     help: str = ""
+    #: The engine hands the model back unchanged with artifacts (e.g. skip): it may run on a model that carries
+    #: artifacts (its own replace them). Any other engine changes the model, so the compression job refuses a
+    #: source carrying artifacts made for the model as it is.
+    keeps_model: bool = False
 
     def make_config(self, **values: Any) -> EngineConfig:
         """The engine's config from keyword values, validated."""
@@ -295,14 +299,57 @@ def attach_artifact(model: nn.Module, name: str, payload: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # sampling plans
 # ----------------------------------------------------------------------------------------------------------------
+#: The CLI flag that runs a model without its artifacts (e.g. a skip table): the denoiser computes every step.
+WITHOUT_ARTIFACTS_FLAG = "--no-artifacts"
+
+
+def sampler_settings(scheduler: Any) -> dict[str, Any]:
+    """The settings that shape a diffusers scheduler's trajectory, as JSON: its whole config without diffusers'
+    bookkeeping keys (`_class_name`, …) — every key of a scheduler's config is a constructor setting of its timesteps
+    (spacing, offset, train steps) or of its update (prediction type, betas, solver order, algorithm, clipping, …).
+    Non-finite floats (DPM's `lambda_min_clipped=-inf`) are written as strings."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value.tolist() if hasattr(value, "tolist") else value
+
+    return {key: plain(value) for key, value in scheduler.config.items() if not key.startswith("_")}
+
+
+def sampler_mismatch(
+    scheduler: Any, made_for: str, timesteps: Sequence[float], settings: Mapping[str, Any]
+) -> str | None:
+    """How `scheduler` (its timesteps set) differs from the sampler a plan was made for — its class `made_for`,
+    `timesteps` and trajectory `settings` — in words; None when it is that sampler. Empty `settings` (a plan
+    recorded before slimdiff kept them) compare the class and timesteps only; a setting this diffusers' scheduler
+    does not have is not compared."""
+    name = type(scheduler).__name__
+    if name != made_for:
+        return f"got {name}"
+    running = sampler_settings(scheduler)
+    for key, value in settings.items():
+        if key in running and running[key] != value:
+            return f"got {key}={running[key]!r} instead of {value!r}"
+    ran = [float(t) for t in scheduler.timesteps]
+    if len(ran) != len(timesteps):
+        return f"got {len(ran)} steps"
+    if any(abs(a - b) > 1e-3 for a, b in zip(ran, timesteps, strict=True)):
+        return f"got timesteps {_shown(ran)}"
+    return None
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """What a sampling run of a model computes, as declared by an attached artifact (e.g. a skip table).
 
-    `artifact` names it in messages ("skip table"); `scheduler` (class name) and `timesteps` are the sampler it was
-    made for, one timestep per step; `computed[step]` is the fraction of one full denoiser call's MACs computed at
-    that step; `full_compute(model)` is a context inside which the model computes everything and keeps no state
-    (one call timed or counted outside a sampling run); `details` are JSON-able extras `slimdiff info` reports.
+    `artifact` names it in messages ("skip table"); `scheduler` (class name), `timesteps` (one per step) and
+    `settings` (`sampler_settings`; empty for plans recorded before they were kept: class and timesteps only) are
+    the sampler it was made for; `computed[step]` is the fraction of one full denoiser call's MACs computed at that
+    step; `full_compute(model)` is a context inside which the model computes everything and keeps no state (one call
+    timed or counted outside a sampling run); `details` are JSON-able extras `slimdiff info` reports.
     """
 
     artifact: str
@@ -311,6 +358,7 @@ class SamplingPlan:
     computed: tuple[float, ...]
     full_compute: Callable[[nn.Module], AbstractContextManager[None]]
     details: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.timesteps or len(self.computed) != len(self.timesteps):
@@ -330,15 +378,36 @@ class SamplingPlan:
         return described_sampler(self.scheduler, self.timesteps)
 
     def sampler(self) -> dict[str, Any]:
-        """The sampler as JSON: scheduler, steps, timesteps (whole numbers as ints)."""
+        """The sampler as JSON: scheduler, steps, timesteps (whole numbers as ints) and its trajectory settings
+        where the plan records them."""
         timesteps = [int(t) if float(t).is_integer() else t for t in self.timesteps]
-        return {"scheduler": self.scheduler, "steps": self.steps, "timesteps": timesteps}
+        sampler = {"scheduler": self.scheduler, "steps": self.steps, "timesteps": timesteps}
+        return sampler | ({"settings": dict(self.settings)} if self.settings else {})
+
+    def check(self, scheduler: Any) -> None:
+        """Refuse to sample with `scheduler` (its timesteps set) unless it is the sampler the plan was made for."""
+        mismatch = sampler_mismatch(scheduler, self.scheduler, self.timesteps, self.settings)
+        if mismatch is not None:
+            raise sampler_refusal(self.artifact, self.described(), mismatch)
+
+
+def sampler_refusal(artifact: str, made_for: str, mismatch: str) -> SlimdiffError:
+    """The one-line refusal to sample with another sampler than the `artifact` was `made_for` (in words)."""
+    return SlimdiffError(
+        f"the model's {artifact} was made for {made_for}; {mismatch} — sample with that sampler and step count, "
+        f"or without the {artifact} ({WITHOUT_ARTIFACTS_FLAG} on the command line, "
+        "slimdiff.load(..., artifacts=False) in Python)"
+    )
 
 
 def described_sampler(scheduler: str, timesteps: Sequence[float]) -> str:
     """A sampler in words, e.g. "DDIMScheduler with 6 steps (timesteps 833, 667, 500, …, 0)"."""
-    shown = ", ".join(f"{t:g}" for t in timesteps[:3]) + (f", …, {timesteps[-1]:g}" if len(timesteps) > 3 else "")
-    return f"{scheduler} with {len(timesteps)} steps (timesteps {shown})"
+    return f"{scheduler} with {len(timesteps)} steps (timesteps {_shown(timesteps)})"
+
+
+def _shown(timesteps: Sequence[float]) -> str:
+    """The first three timesteps and the last, e.g. "833, 667, 500, …, 0"."""
+    return ", ".join(f"{t:g}" for t in timesteps[:3]) + (f", …, {timesteps[-1]:g}" if len(timesteps) > 3 else "")
 
 
 @dataclass
@@ -372,6 +441,14 @@ def sampling_plan(model: nn.Module) -> SamplingPlan | None:
     if declared.plan is None:
         declared.plan = declared.make(model)
     return declared.plan
+
+
+def check_sampler(model: nn.Module, scheduler: Any) -> None:
+    """Refuse to sample `model` with `scheduler` (its timesteps set) when the model's sampling plan was made for
+    another sampler (`SamplingPlan.check`); a model without a plan samples with any."""
+    plan = sampling_plan(model)
+    if plan is not None:
+        plan.check(scheduler)
 
 
 def full_compute(model: nn.Module) -> AbstractContextManager[None]:

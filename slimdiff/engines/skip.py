@@ -2,15 +2,17 @@
 
 Zhu et al., *DiP-GO: A Diffusion Pruner via Few-step Gradient Optimization* (NeurIPS 2024); summary in docs/methods.md.
 
-The product is a table, not new weights: for one sampler (scheduler class, number of steps, its timesteps), whether
-each unit is computed or reused at each step.
+The product is a table, not new weights: for one sampler (scheduler class, its trajectory settings, number of steps,
+its timesteps), whether each unit is computed or reused at each step.
 
 1. Runtime. `attach(model, table)` registers `diffusers.hooks` hooks: one on the model, which works out the step
    from the timestep it is called with, and one per unit, which returns the unit's output from the last step it
    ran when the table says "reuse". Step 0 computes everything; a unit whose every consumer is skipped at a step is
    dead and skipped too. Several calls at one timestep (separate conditional and unconditional calls) each get
    their own cache slot; a doubled guidance batch is one call. A new sampling run starts whenever the table's
-   first timestep comes again; a timestep the table was not made for is refused. The table declares its
+   first timestep comes again; a timestep the table was not made for is refused, and so is, at the start of each
+   run, the scheduler of a diffusers pipeline calling the model (found up the call stack) when its class or
+   trajectory settings are not the table's (DDPM and DDIM share their "leading" timesteps). The table declares its
    `SamplingPlan` (engines/base.py): per step, the fraction of a full call's MACs it runs, counted on first ask.
 2. Units. `block` = `Adapter.blocks()`; `layer` = every resnet, attention and up/down-sampler inside the U-Net's
    blocks (DeepCache's branches), or the attention and the MLP of every DiT block (Learning-to-Cache; a DiT layer
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import time
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from accelerate import PartialState
 from accelerate.utils import reduce
+from diffusers import DiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -69,6 +73,9 @@ from slimdiff.engines.base import (
     no_log,
     register,
     register_artifact,
+    sampler_mismatch,
+    sampler_refusal,
+    sampler_settings,
     set_sampling_plan,
 )
 from slimdiff.errors import SlimdiffError
@@ -186,7 +193,9 @@ class SkipTable:
     """Which unit is computed (True) or reused (False) at each step of one sampler; JSON-able via `to_json`.
 
     `timesteps` are the sampler's timesteps, one per step; `compute[step][unit]` follows `units`; `inputs` records
-    what each unit consumes (for dead-unit propagation at run time).
+    what each unit consumes (for dead-unit propagation at run time); `settings` are the scheduler's trajectory
+    settings (`engines.base.sampler_settings`), empty in tables saved before they were recorded (then the class and
+    the timesteps alone identify the sampler).
     """
 
     scheduler: str
@@ -196,6 +205,7 @@ class SkipTable:
     units: list[str]
     inputs: list[list[str]]
     compute: list[list[bool]]
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         steps, width = len(self.timesteps), len(self.units)
@@ -222,6 +232,7 @@ class SkipTable:
             units=[str(u) for u in payload["units"]],
             inputs=[[str(i) for i in row] for row in payload["inputs"]],
             compute=[[bool(c) for c in row] for row in payload["compute"]],
+            settings=dict(payload.get("sampler_settings") or {}),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -233,11 +244,19 @@ class SkipTable:
             "units": self.units,
             "inputs": self.inputs,
             "compute": self.compute,
+            "sampler_settings": self.settings,
         }
 
     @classmethod
-    def full(cls, scheduler: str, timesteps: Sequence[float], units: Sequence[SkipUnit], granularity: str) -> SkipTable:
-        """The table that computes every unit at every step."""
+    def full(
+        cls,
+        scheduler: str,
+        timesteps: Sequence[float],
+        units: Sequence[SkipUnit],
+        granularity: str,
+        settings: dict[str, Any] | None = None,
+    ) -> SkipTable:
+        """The table that computes every unit at every step (of the sampler `scheduler` with `settings`)."""
         return cls(
             scheduler=scheduler,
             num_inference_steps=len(timesteps),
@@ -246,6 +265,7 @@ class SkipTable:
             units=[u.name for u in units],
             inputs=[list(u.inputs) for u in units],
             compute=[[True] * len(units) for _ in timesteps],
+            settings=dict(settings or {}),
         )
 
     @property
@@ -341,9 +361,12 @@ class _RunState:
         elif self._matches(self.step + 1, t) and (self.step < 0 or self.slots is None or self.slot + 1 == self.slots):
             if self.step == 0:
                 self.slots = self.slot + 1
+            elif self.step < 0:
+                _check_calling_pipeline(self.table)
             self.step += 1
             self.slot = 0
         elif self._matches(0, t):
+            _check_calling_pipeline(self.table)
             self.reset()
             self.step = 0
         else:
@@ -353,12 +376,28 @@ class _RunState:
                 where = f"after step {self.step} expected timestep {self.table.timesteps[self.step + 1]:g}"
             else:
                 where = f"after the last step expected the first, {self.table.timesteps[0]:g}"
-            raise SlimdiffError(
-                f"this model's skip table was made for {self.table.described()}; got timestep {t:g} ({where}) — "
-                "sample with that sampler and step count, or load the model with artifacts=False (no skipping)"
-            )
+            raise sampler_refusal("skip table", self.table.described(), f"got timestep {t:g} ({where})")
         while len(self.caches) <= self.slot:
             self.caches.append({})
+
+
+def _check_calling_pipeline(table: SkipTable) -> None:
+    """At the start of a run: when a diffusers pipeline is calling the model (its `__call__` up the stack), refuse
+    its scheduler unless it is the table's sampler — class, trajectory settings and timesteps. The timesteps alone
+    cannot tell e.g. DDPM from DDIM with "leading" spacing; called outside a pipeline, the runtime can check only
+    the timesteps (slimdiff's own `sample` and `eval` check the sampler before they start)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, DiffusionPipeline):
+            scheduler = getattr(owner, "scheduler", None)
+            mismatch = None
+            if scheduler is not None:
+                mismatch = sampler_mismatch(scheduler, table.scheduler, table.timesteps, table.settings)
+            if mismatch is not None:
+                raise sampler_refusal("skip table", table.described(), f"the pipeline's scheduler: {mismatch}")
+            return
+        frame = frame.f_back
 
 
 def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
@@ -488,6 +527,7 @@ def _sampling_plan(model: nn.Module) -> SamplingPlan:
         computed=tuple(kept_fractions(table, unit_costs(model, table.units))),
         full_compute=full_compute,
         details={"skip_granularity": table.granularity},
+        settings=table.settings,
     )
 
 
@@ -601,10 +641,11 @@ class SkipConfig(LatencyBudget):
         return self.target_macs * (1 + self.tolerance)
 
 
-def _timesteps(config: SkipConfig, schedule: dict[str, Any]) -> tuple[str, list[float]]:
+def _sampler(config: SkipConfig, schedule: dict[str, Any]) -> tuple[str, list[float], dict[str, Any]]:
+    """The configured sampler: its class name, timesteps and trajectory settings."""
     sched = make_scheduler(config.scheduler, schedule)
     sched.set_timesteps(config.steps)
-    return type(sched).__name__, [float(t) for t in sched.timesteps]
+    return type(sched).__name__, [float(t) for t in sched.timesteps], sampler_settings(sched)
 
 
 def full_steps(steps: int, count: int, schedule: str, center: float = 0.3, power: float = 1.4) -> list[int]:
@@ -1125,9 +1166,9 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
     """Find a skip table for the configured sampler; the model is returned untouched, the table as an artifact."""
     config.validate()
     start = time.perf_counter()
-    scheduler, timesteps = _timesteps(config, data.schedule)
+    scheduler, timesteps, settings = _sampler(config, data.schedule)
     units = skip_units(adapter, config.granularity)
-    base = SkipTable.full(scheduler, timesteps, units, config.granularity)
+    base = SkipTable.full(scheduler, timesteps, units, config.granularity, settings)
     costs = unit_costs(adapter.model, base.units)
     record: dict[str, Any] = {"method": config.method, "granularity": config.granularity, "units": len(units)}
     skip_probs: torch.Tensor | None = None
@@ -1187,5 +1228,6 @@ ENGINE = register(
         compress,
         help="Timestep-wise block skipping (DiP-GO, DeepCache, step reuse): a skip table for one sampler, saved with "
         "the model and honoured by diffusers pipelines. " + FEWER_STEPS_ADVICE,
+        keeps_model=True,
     )
 )

@@ -20,10 +20,10 @@ from accelerate import PartialState
 from slimdiff.data import DataConfig
 from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.distill import KDConfig
-from slimdiff.engines import Calibration, EngineConfig, Result, get_engine
+from slimdiff.engines import Calibration, Engine, EngineConfig, Result, get_engine
 from slimdiff.engines.base import Log, Training, no_log
 from slimdiff.errors import SlimdiffError
-from slimdiff.export import load, load_scheduler_config, read_provenance
+from slimdiff.export import load, load_scheduler_config, read_provenance, read_spec
 from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.conditioning import decoder_for, training_conditioning, training_data
 from slimdiff.models import Adapter, adapter_for
@@ -61,7 +61,8 @@ def compress_model(
     if out_dir.resolve() == Path(model_dir).resolve():
         raise SlimdiffError("--out must differ from the model directory (the source is never overwritten)")
     _refuse_other_run(out_dir, engine.name, config)
-    # the bare denoiser: a skip table the source may carry belongs to the old model, not to its compressed copy
+    _refuse_carried_artifacts(engine, Path(model_dir))
+    # the bare denoiser: an engine that keeps the model (skip) makes its own artifacts, which replace the source's
     model = load(model_dir, artifacts=False)
     adapter = adapter_for(model)
     seed = getattr(config, "seed", 0)
@@ -84,7 +85,8 @@ def compress_model(
         provenance.metrics.update({f"{unit}_fraction": value for unit, value in result.achieved.items()})
         provenance.history.append({**entry, "achieved": result.achieved})
         if PartialState().is_main_process:  # under `accelerate launch` every process made the same product
-            result.save(out_dir, provenance=provenance, **save_kwargs)
+            # an unchanged model (a skip table's) shares the source's weights file instead of a second copy
+            result.save(out_dir, provenance=provenance, weights_from=model_dir, **save_kwargs)
             shutil.rmtree(calibration.work_dir, ignore_errors=True)
         return result
 
@@ -139,6 +141,22 @@ def calibration_for(
 
     calibration = Calibration(dataset, cond_for, schedule, conditioning.empty_prompt, decoder_for(model_dir))
     return calibration, conditioning, recorded
+
+
+def _refuse_carried_artifacts(engine: Engine, model_dir: Path) -> None:
+    """Refuse, before any work, an engine that changes the model on a source carrying artifacts (a skip table):
+    they were made for the model as it is and would not hold for the product, nor may they be dropped unsaid."""
+    carried = (read_spec(model_dir) or {}).get("artifacts", [])
+    if not carried or engine.keeps_model:
+        return
+    history = read_provenance(model_dir).history
+    source = history[-1].get("source") if history else None
+    origin = f" ({source})" if source else ""
+    raise SlimdiffError(
+        f"{model_dir} carries {', '.join(carried)}, made for that model as it is; `compress {engine.name}` changes "
+        f"the model, so it would no longer hold: compress the model it was made from{origin}, then make a new one "
+        "for the result (e.g. `slimdiff compress skip`)"
+    )
 
 
 def _run_settings(engine_name: str, config: EngineConfig) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from slimdiff.export import load, load_scheduler_config, read_spec
 from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
 from slimdiff.jobs.info import model_info
+from slimdiff.jobs.sampling import refuse_other_sampler
 from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sampling_latency, sampling_macs
 from slimdiff.metrics.features import feature_extractor
 from slimdiff.metrics.quality import clip_score, compute_quality, reference_features
@@ -30,14 +31,10 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Measure a model: quality of `n` seeded samples against the data's training split, MACs, latency."""
     settings.validate()
-    model = load(model_dir, device=settings.device)
+    model = load(model_dir, device=settings.device, artifacts=settings.artifacts)
+    refuse_other_sampler(model, settings.scheduler, settings.steps, load_scheduler_config(model_dir))
     adapter = adapter_for(model)
     plan = sampling_plan(model)
-    if plan is not None and plan.steps != settings.steps:
-        raise SlimdiffError(
-            f"the model's {plan.artifact} is for {plan.described()}; evaluate it with those steps "
-            f"(asked for {settings.steps})"
-        )
     quality = [m for m in settings.metrics if m in ("fid", "kid", "is", "pr")]
     common = {
         "n": settings.n,

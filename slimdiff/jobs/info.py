@@ -1,4 +1,4 @@
-"""Inspect a model directory without reading its weights."""
+"""Inspect a model directory without loading its weights (they are streamed once, to refuse NaN or Inf)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from slimdiff.engines import full_compute, sampling_plan
-from slimdiff.export import load_architecture, read_provenance
+from slimdiff.export import check_finite, load_architecture, read_provenance
 from slimdiff.metrics.cost import count_macs, count_params, macs_by_module, sampling_macs
 from slimdiff.models import adapter_for
 
 
 def model_info(model_dir: str | Path) -> dict[str, Any]:
-    """Family, size and structure of a model directory, without reading its weights; with the sampling MACs and
-    sampler of the sampling plan its artifacts declare, if any."""
+    """Family, size and structure of a model directory, without loading its weights; with the sampling MACs and
+    sampler of the sampling plan its artifacts declare, if any. Weights holding NaN or Inf are refused, as by every
+    command (`export.check_finite` streams them one tensor at a time)."""
     model = load_architecture(model_dir)
+    check_finite(model_dir)
     adapter = adapter_for(model)
     provenance = read_provenance(model_dir)
     blocks = adapter.blocks()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from slimdiff.data import load_prompts
-from slimdiff.diffusion import sample
+from slimdiff.diffusion import make_scheduler, sample
+from slimdiff.engines import check_sampler
 from slimdiff.export import load, load_scheduler_config
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
 from slimdiff.models import adapter_for
@@ -18,10 +21,15 @@ from slimdiff.settings import SampleConfig
 def sample_model(
     model_dir: str | Path, out: str | Path, config: SampleConfig | None = None, *, progress: bool = True
 ) -> torch.Tensor:
-    """Sample `config.n` images from a model directory and write a PNG grid to `out`; returns the images."""
+    """Sample `config.n` images from a model directory and write a PNG grid to `out`; returns the images.
+
+    A model whose artifacts declare a sampling plan (a skip table) is refused before sampling unless the sampler
+    asked for is the one the plan was made for; `config.artifacts=False` samples the bare denoiser.
+    """
     config = config or SampleConfig()
     config.validate()
-    model = load(model_dir)
+    model = load(model_dir, artifacts=config.artifacts)
+    refuse_other_sampler(model, config.scheduler, config.steps, load_scheduler_config(model_dir))
     adapter = adapter_for(model)
     prompts = load_prompts(config.prompts) if config.prompts else None
     labels = list(config.labels) if config.labels else None
@@ -43,3 +51,11 @@ def sample_model(
     scale = max(1, 128 // images.shape[-1])
     save_grid(images, out, scale=scale)
     return images
+
+
+def refuse_other_sampler(model: nn.Module, scheduler: str, steps: int, schedule: dict[str, Any] | None) -> None:
+    """Before any sampling: refuse `scheduler` (ddpm, ddim, dpm) with `steps` over the model's `schedule` when the
+    model's sampling plan was made for another sampler."""
+    sched = make_scheduler(scheduler, schedule)
+    sched.set_timesteps(steps)
+    check_sampler(model, sched)
