@@ -8,13 +8,14 @@
 For each model (the bare teacher, the teacher with TABLE's skip table): one whole DDIM sampling run of `--steps`
 steps at batch `--batch` (classifier-free guidance `--guidance-scale`: one doubled-batch call per step), eager and
 under `torch.compile` (default backend: inductor; on CPU it needs a C compiler). Graph breaks and recompiles are
-dynamo's counters over one compiled sampling run after the warm-up run (which compiles); `explain` is
-`torch._dynamo.explain` of one denoiser call. Wall: median of `--repeats` runs after one warm-up.
+dynamo's counters over one compiled sampling run after the warm-up run (which compiles). Wall: median of
+`--repeats` runs after one warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -71,15 +72,6 @@ def measure(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     row["graph_break_reasons"] = sorted(counters["graph_break"])[:10]
     row["recompiles_per_run"] = counters["stats"].get("unique_graphs", 0)
     torch._dynamo.reset()
-    inputs = adapter.example_inputs(args.batch)
-    with torch.inference_mode():
-        explained = torch._dynamo.explain(model)(**inputs)
-    row["explain_one_call"] = {
-        "graphs": explained.graph_count,
-        "graph_breaks": explained.graph_break_count,
-        "reasons": sorted({str(reason.reason)[:200] for reason in explained.break_reasons})[:10],
-    }
-    torch._dynamo.reset()
     return row
 
 
@@ -93,10 +85,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_skip.json"))
     args = parser.parse_args()
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps}
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps}
     results["batch"] = args.batch
-    for name, model in (("teacher", load(args.teacher, artifacts=False)), ("step-reuse table", load(args.table))):
-        results[name] = measure(model.eval(), args)
+    for name, path, artifacts in (("teacher", args.teacher, False), ("step-reuse table", args.table, True)):
+        if name in results:
+            continue  # a rerun measures what is missing
+        results[name] = measure(load(path, artifacts=artifacts).eval(), args)
         print(name, results[name], flush=True)
         atomic_write_json(args.out, results)
 
