@@ -7,8 +7,9 @@
 
 For each model (the bare teacher, the teacher with TABLE's skip table): one whole DDIM sampling run of `--steps`
 steps at batch `--batch` (classifier-free guidance `--guidance-scale`: one doubled-batch call per step), eager and
-under `torch.compile` (default backend: inductor; on CPU it needs a C compiler). Graph breaks and recompiles are
-dynamo's counters over one compiled sampling run after the warm-up run (which compiles). Wall: median of
+under `torch.compile` (default backend: inductor; on CPU it needs a C compiler). Graph breaks and graphs compiled are
+dynamo's counters over the first compiled runs (the warm-up, which compiles, and the timed ones) and over one
+run after them (a frame past dynamo's recompile limit runs eager and counts nothing there). Wall: median of
 `--repeats` runs after one warm-up.
 """
 
@@ -49,6 +50,7 @@ def measure(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
 
     row: dict[str, Any] = {"eager_seconds": wall(adapter)}
     torch._dynamo.reset()
+    counters.clear()
     compiled = adapter_for(model, torch.compile(model))
     start = time.perf_counter()
     try:
@@ -57,6 +59,11 @@ def measure(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
         row["compile_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         return row
     row["compile_and_time_seconds"] = round(time.perf_counter() - start, 1)
+    row["first_runs"] = {  # the warm-up run (which compiles) and the timed runs
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "graph_break_reasons": sorted(counters["graph_break"])[:5],
+        "graphs_compiled": counters["stats"].get("unique_graphs", 0),
+    }
     counters.clear()
     with torch.inference_mode():
         sampling_latency(
