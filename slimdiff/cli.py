@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from slimdiff.cli_config import CommaSeparated
+from slimdiff.cli_config import OVERWRITE_HELP, RESUME_HELP, CommaSeparated
 from slimdiff.errors import SlimdiffError
 
 PathArg = click.Path(path_type=Path)
@@ -23,7 +23,8 @@ seed_option = click.option("--seed", type=int, default=0, show_default=True, hel
 batch_option = click.option(
     "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Global batch size."
 )
-resume_option = click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+resume_option = click.option("--resume", is_flag=True, help=RESUME_HELP)
+overwrite_option = click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 data_option = click.option(
     "--data", default="digits", show_default=True, help="'digits' (bundled) or an image folder (class subfolders)."
 )
@@ -81,6 +82,7 @@ def info(model_dir: Path, as_json: bool) -> None:
 @click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance (1 = off).")
 @click.option("--labels", help="Class labels, comma-separated.")
 @click.option("--prompts", type=PathArg, help="Prompts file, one per line.")
+@overwrite_option
 def sample(
     model_dir: Path,
     out: Path,
@@ -92,6 +94,7 @@ def sample(
     guidance: float,
     labels: str | None,
     prompts: Path | None,
+    overwrite: bool,
 ) -> None:
     """Sample a seeded, batched grid of images."""
     from slimdiff.data import load_prompts
@@ -111,6 +114,7 @@ def sample(
         guidance_scale=guidance,
         labels=label_list,
         prompts=prompt_list,
+        overwrite=overwrite,
     )
     click.echo(f"wrote {out} ({n} samples, {scheduler} {steps} steps, {time.perf_counter() - start:.1f} s)")
 
@@ -136,6 +140,7 @@ def _parse_labels(text: str) -> list[int]:
 @snr_gamma_option
 @seed_option
 @resume_option
+@overwrite_option
 def train(
     out: Path,
     model: str,
@@ -150,6 +155,7 @@ def train(
     snr_gamma: float | None,
     seed: int,
     resume: bool,
+    overwrite: bool,
 ) -> None:
     """Train a model from scratch (e.g. a teacher on digits); the final EMA weights land in --out."""
     import torch
@@ -162,14 +168,16 @@ def train(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
-        warmup_steps=min(warmup, steps),
+        warmup_steps=warmup,
         ema_decay=ema_decay,
         checkpoint_every=checkpoint_every,
         grad_accumulation=grad_accumulation,
         snr_gamma=snr_gamma,
         seed=seed,
     )
-    result = train_model(new_model(model), data, out, config, source=f"scratch:{model}", resume=resume)
+    result = train_model(
+        new_model(model), data, out, config, source=f"scratch:{model}", resume=resume, overwrite=overwrite
+    )
     click.echo(f"trained {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
@@ -199,6 +207,7 @@ def train(
 @snr_gamma_option
 @seed_option
 @resume_option
+@overwrite_option
 def finetune(
     model_dir: Path,
     out: Path,
@@ -217,6 +226,7 @@ def finetune(
     snr_gamma: float | None,
     seed: int,
     resume: bool,
+    overwrite: bool,
 ) -> None:
     """Fine-tune a (compressed) model, optionally distilling from a teacher."""
     from slimdiff.distill import KDConfig
@@ -227,7 +237,7 @@ def finetune(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
-        warmup_steps=min(warmup, steps),
+        warmup_steps=warmup,
         ema_decay=ema_decay,
         checkpoint_every=checkpoint_every,
         grad_accumulation=grad_accumulation,
@@ -235,7 +245,9 @@ def finetune(
         seed=seed,
     )
     kd_config = KDConfig(kd, kd_output_weight, kd_feature_weight) if teacher is not None else None
-    result = finetune_model(model_dir, data, out, config, teacher_dir=teacher, kd=kd_config, resume=resume)
+    result = finetune_model(
+        model_dir, data, out, config, teacher_dir=teacher, kd=kd_config, resume=resume, overwrite=overwrite
+    )
     click.echo(f"fine-tuned {steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
@@ -264,7 +276,7 @@ def eval_options(default_n: int) -> Any:
                 help="'digits' or 'digits-ms' (our two digits networks) or the FID Inception TorchScript file.",
             ),
             click.option("--clip-dir", type=PathArg, help="Local CLIP folder for the clip metric."),
-            click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
+            click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps (if present)."),
         ]
         for option in reversed(options):
             command = option(command)
@@ -295,11 +307,14 @@ def _eval_settings(options: dict[str, Any]) -> Any:
 @click.argument("model_dir", type=PathArg)
 @eval_options(default_n=1000)
 @click.option("--json", "json_out", type=PathArg, help="Write the results as JSON here.")
-def evaluate(model_dir: Path, json_out: Path | None, **options: Any) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
+def evaluate(model_dir: Path, json_out: Path | None, overwrite: bool, **options: Any) -> None:
     """Measure quality (FID/KID/IS/precision-recall/CLIP), MACs and latency; print a table, write JSON."""
-    from slimdiff.io import atomic_write_json
+    from slimdiff.io import atomic_write_json, check_output_file
     from slimdiff.jobs.evaluation import eval_table, evaluate_model
 
+    if json_out is not None:
+        check_output_file(json_out, overwrite=overwrite)
     report = evaluate_model(model_dir, _eval_settings(options))
     click.echo(eval_table(report))
     if json_out is not None:
@@ -325,11 +340,15 @@ def evaluate(model_dir: Path, json_out: Path | None, **options: Any) -> None:
     show_default=True,
     help="Samplers of the teacher's curve.",
 )
+@click.option("--resume", is_flag=True, help="Reuse the evaluations already in --out (same models and settings).")
+@overwrite_option
 def compare(
     model_dirs: tuple[Path, ...],
     out: Path,
     curve_steps: tuple[int, ...],
     curve_schedulers: tuple[str, ...],
+    resume: bool,
+    overwrite: bool,
     **options: Any,
 ) -> None:
     """Evaluate several models alike and write one HTML report: table with each model's chain, quality vs sampling
@@ -337,7 +356,13 @@ def compare(
     from slimdiff.jobs.evaluation import compare_models
 
     index = compare_models(
-        list(model_dirs), out, _eval_settings(options), curve_steps=curve_steps, curve_schedulers=curve_schedulers
+        list(model_dirs),
+        out,
+        _eval_settings(options),
+        curve_steps=curve_steps,
+        curve_schedulers=curve_schedulers,
+        resume=resume,
+        overwrite=overwrite,
     )
     click.echo(f"wrote {index}")
 

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 _SCALARS: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
+#: What a command does with an output that already holds something (`slimdiff.io.output_dir`).
+RESUME_HELP = "Continue the run already in --out (from its latest checkpoint or saved state)."
+OVERWRITE_HELP = "Replace what --out holds: the new result is built beside it and swapped in when done."
+
 
 class CommaSeparated(click.ParamType):
     """`0.3,0.5,0.75` → a tuple of one scalar type."""
@@ -90,11 +94,11 @@ def config_options(config_class: type) -> list[click.Option]:
 def engine_command(engine: Engine) -> click.Command:
     """`slimdiff compress ENGINE MODEL_DIR --out DIR --data D [config fields]`."""
     fields = [f.name for f in dataclasses.fields(engine.config) if f.init]
-    reserved = {"model_dir", "out", "data"} & set(fields)
+    reserved = {"model_dir", "out", "data", "resume", "overwrite"} & set(fields)
     if reserved:
         raise SlimdiffError(f"engine '{engine.name}' config may not define {sorted(reserved)} (the command has them)")
 
-    def callback(model_dir: Path, out: Path, data: str, **values: Any) -> None:
+    def callback(model_dir: Path, out: Path, data: str, resume: bool, overwrite: bool, **values: Any) -> None:
         from slimdiff.jobs.compression import compress_model
 
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}
@@ -102,7 +106,9 @@ def engine_command(engine: Engine) -> click.Command:
             config = engine.make_config(**values)
         except TypeError as error:  # a field the dataclass itself rejects
             raise SlimdiffError(f"compress {engine.name}: {error}") from None
-        result = compress_model(engine.name, model_dir, data, out, config, log=click.echo)
+        result = compress_model(
+            engine.name, model_dir, data, out, config, resume=resume, overwrite=overwrite, log=click.echo
+        )
         click.echo(f"{result.summary or 'compressed'} in {result.seconds:.0f} s → {out}")
 
     params: list[click.Parameter] = [
@@ -114,6 +120,8 @@ def engine_command(engine: Engine) -> click.Command:
             show_default=True,
             help="Calibration data: 'digits' (bundled) or an image folder (class subfolders).",
         ),
+        click.Option(["--resume"], is_flag=True, help=RESUME_HELP),
+        click.Option(["--overwrite"], is_flag=True, help=OVERWRITE_HELP),
         *config_options(engine.config),
     ]
     return click.Command(engine.name, callback=callback, params=params, help=engine.help, short_help=engine.help)

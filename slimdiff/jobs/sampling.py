@@ -8,6 +8,7 @@ import torch
 
 from slimdiff.diffusion import sample
 from slimdiff.export import load, load_scheduler_config
+from slimdiff.io import check_output_file
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
 from slimdiff.models import adapter_for
 from slimdiff.report import save_grid
@@ -25,9 +26,12 @@ def sample_model(
     guidance_scale: float = 1.0,
     labels: list[int] | None = None,
     prompts: list[str] | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Sample `n` images from a model directory and write a PNG grid to `out`; returns the images."""
+    """Sample `n` images from a model directory and write a PNG grid to `out`; returns the images. An existing `out`
+    is refused unless `overwrite`."""
+    check_output_file(out, overwrite=overwrite)
     model = load(model_dir)
     adapter = adapter_for(model)
     inputs = sampling_inputs(model_dir, adapter, n, labels=labels, prompts=prompts)
