@@ -113,14 +113,15 @@ def test_eval_cli_reads_the_second_network(cache: Path, multiscale, tmp_path: Pa
 
 
 def test_finetune_cli_defaults_are_the_measured_recipe(tmp_path: Path, monkeypatch, capsys) -> None:
-    """lr 5e-4 with 20 warm-up steps (capped at --steps): docs/pruning.md's fine-tune study."""
+    """lr 5e-4 with 20 warm-up steps: docs/pruning.md's fine-tune study. The setting is passed as given, also past
+    --steps (the schedule caps it at the run's length: tests/test_outputs.py::test_a_warm_up_longer_than_the_run…)."""
     from slimdiff.jobs import training
 
     seen = []
     monkeypatch.setattr(
         training, "finetune_model", lambda *a, **kw: seen.append(a[3]) or SimpleNamespace(seconds=0, final_loss=0)
     )
-    for steps, warmup in (("300", 20), ("3", 3)):
+    for steps, warmup in (("300", 20), ("3", 20)):
         monkeypatch.setattr(
             sys, "argv", ["slimdiff", "finetune", str(tmp_path), "--out", str(tmp_path / "ft"), "--steps", steps]
         )

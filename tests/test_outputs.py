@@ -13,14 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
+from helpers import run_cli
 from safetensors.torch import save_file
 
-from slimdiff.data import load_data
+from slimdiff.data import class_prompts, load_data
+from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import save
 from slimdiff.io import atomic_dir, atomic_write_json, check_output_file, output_dir
-from slimdiff.models import build_tiny
+from slimdiff.models import adapter_for, build_tiny
 from slimdiff.report import write_compare_report
+from slimdiff.text import make_tiny_clip_text
 from slimdiff.train import LOG_NAME, TrainConfig, _resume, _setup, train
 
 
@@ -197,3 +200,61 @@ def test_a_resume_keeps_one_log_and_refuses_a_folder_without_checkpoints(tmp_pat
     save(build_tiny("tiny-dit"), tmp_path / "model")
     with pytest.raises(SlimdiffError, match="holds a saved model but no training checkpoint"):
         _run(tmp_path / "model", digits, 2, resume=True)
+
+
+# -- the commands ----------------------------------------------------------------------------------------------------
+def test_commands_replace_or_continue_only_when_asked(tmp_path: Path, monkeypatch, capsys) -> None:
+    save(build_tiny("tiny-unet"), tmp_path / "m", scheduler_config=dict(DEFAULT_SCHEDULE))
+
+    def cli(*args: object) -> tuple[int, str]:
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert "Traceback" not in err and (code == 0 or len(err.strip().splitlines()) == 1), err
+        return code, err
+
+    compress = ("compress", "channels", tmp_path / "m", "--importance", "magnitude", "--target-params", "0.5")
+    assert cli(*compress, "--out", tmp_path / "c") == (0, "")
+    (tmp_path / "c" / "skip_table.json").write_text("{}")  # what a mixed folder would keep
+    code, err = cli(*compress, "--target-params", "0.6", "--out", tmp_path / "c", "--resume")
+    assert code == 2 and "started with other settings (target_params): 0.5 there, 0.6 now" in err
+    assert cli(*compress, "--out", tmp_path / "c", "--overwrite") == (0, "")
+    assert not (tmp_path / "c" / "skip_table.json").exists() and _leftovers(tmp_path / "c") == []
+
+    train = ("train", "--model", "tiny-dit", "--batch-size", "4", "--checkpoint-every", "1", "--out", tmp_path / "t")
+    assert cli(*train, "--steps", "2") == (0, "")
+    assert cli(*train, "--steps", "3", "--resume") == (0, "")  # the default warm-up (100) is not rewritten
+    assert {"event": "resumed", "step": 2, "steps_changed": {"from": 2, "to": 3}} in _log(tmp_path / "t")
+    code, err = cli(*train, "--steps", "4", "--lr", "0.5", "--resume")
+    assert code == 2 and "its lr was 0.001, this run's is 0.5 (only the number of steps may change)" in err
+    assert cli(*train, "--steps", "1", "--overwrite") == (0, "")
+    assert [r["step"] for r in _log(tmp_path / "t")] == [1]  # one run in the folder: the new one
+    assert sorted(p.name for p in (tmp_path / "t" / "checkpoints").iterdir()) == ["step-00000001"]
+
+    fast = ("--n", "2", "--steps", "2")
+    assert cli("sample", tmp_path / "m", *fast, "--out", tmp_path / "g.png") == (0, "")
+    assert cli("sample", tmp_path / "m", *fast, "--seed", "1", "--out", tmp_path / "g.png", "--overwrite") == (0, "")
+    compare = ("compare", tmp_path / "m", "--metrics", "macs", *fast, "--out", tmp_path / "r")
+    assert cli(*compare) == (0, "")
+    recorded = (tmp_path / "r" / "eval-0.json").stat().st_mtime_ns
+    assert cli(*compare, "--resume") == (0, "")
+    assert (tmp_path / "r" / "eval-0.json").stat().st_mtime_ns == recorded  # reused, not measured again
+    assert cli(*compare, "--overwrite") == (0, "")
+    assert (tmp_path / "r" / "eval-0.json").stat().st_mtime_ns != recorded
+
+
+def test_a_text_model_run_is_readable_by_others_under_umask_022(tmp_path: Path, monkeypatch, capsys) -> None:
+    model = build_tiny("tiny-sd").eval()
+    make_tiny_clip_text(tmp_path / "m", hidden_size=adapter_for(model).cross_attention_dim).save(tmp_path / "m")
+    classes = [str(i) for i in range(10)]
+    save(model, tmp_path / "m", conditioning={"classes": classes, "prompts": class_prompts(classes)})
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli(monkeypatch, capsys, "finetune", tmp_path / "m", "--steps", "1", "--batch-size", "4",
+                               "--out", tmp_path / "out" / "f")  # fmt: skip
+        assert code == 0, err
+        code, _, err = run_cli(monkeypatch, capsys, "sample", tmp_path / "out" / "f", "--n", "2", "--steps", "2",
+                               "--out", tmp_path / "out" / "g.png")  # fmt: skip
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "f" / "text_encoder").is_dir()
+    _expect_as_created(tmp_path / "out", 0o022)
