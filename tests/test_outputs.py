@@ -209,7 +209,7 @@ def test_commands_replace_or_continue_only_when_asked(tmp_path: Path, monkeypatc
     def cli(*args: object) -> tuple[int, str]:
         code, _, err = run_cli(monkeypatch, capsys, *args)
         assert "Traceback" not in err and (code == 0 or len(err.strip().splitlines()) == 1), err
-        return code, err
+        return code, err if code else ""  # a success's stderr is its progress bars
 
     compress = ("compress", "channels", tmp_path / "m", "--importance", "magnitude", "--target-params", "0.5")
     assert cli(*compress, "--out", tmp_path / "c") == (0, "")
