@@ -62,8 +62,9 @@ class TrainConfig:
     """Settings of one training run; the defaults train the digits teacher (`slimdiff train`, docs/training.md).
 
     `batch_size` is the global batch (split across processes). The learning rate rises linearly from 0 over the
-    first `warmup_steps` optimizer steps (cosine and linear schedules), then decays; a run shorter than its warm-up
-    ends before the peak — the setting is recorded as given, never adjusted.
+    first `warmup_steps` optimizer steps (cosine and linear schedules), then decays. A warm-up longer than the run is
+    recorded as given and warms up over the whole run (the schedule uses `min(warmup_steps, steps)`), so the same
+    settings resumed with more steps keep the same record.
     """
 
     steps: int = field(default=1500, metadata={"help": "Optimizer steps."})
@@ -251,7 +252,7 @@ class EvalSettings:
         metadata={"help": "'digits' or 'digits-ms' (our two digits networks) or the FID Inception TorchScript file."},
     )
     clip_dir: str | None = field(default=None, metadata={"help": "Local CLIP folder for the clip metric."})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or mps (where the machine has it)."})
     artifacts: bool = field(
         default=True,
         metadata={
@@ -276,6 +277,9 @@ class EvalSettings:
             },
             what="evaluation setting",
         )
+        from slimdiff.devices import check_device  # torch: imported when a command runs, not for --help
+
+        check_device(self.device)
 
 
 @dataclass

@@ -210,14 +210,15 @@ def test_cli_run_makes_one_loadable_model_per_size_and_resumes_exactly(tmp_path:
         run_cli(monkeypatch, capsys, *args, *fast, "--out", tmp_path / "b")
     assert not (tmp_path / "b" / names[0]).exists()
     monkeypatch.setattr(ElasticModel, "draw_subnet_for_step", original_draw)
-    code, _, err = run_cli(monkeypatch, capsys, *args, *fast, "--out", tmp_path / "b")
+    code, _, err = run_cli(monkeypatch, capsys, *args, *fast, "--out", tmp_path / "b", "--resume")
     assert code == 0, err
     for name in names:
         a, b = _tensors(tmp_path / "a" / name), _tensors(tmp_path / "b" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
 
     # continuing the shared run with other settings is refused before any work
-    code, _, err = run_cli(monkeypatch, capsys, *args, *fast, "--sampling", "uniform", "--out", tmp_path / "b")
+    other = ["--sampling", "uniform", "--out", tmp_path / "b", "--resume"]
+    code, _, err = run_cli(monkeypatch, capsys, *args, *fast, *other)
     assert code == 2 and "other settings (sampling)" in err
 
 

@@ -12,6 +12,7 @@ from slimdiff.data import load_prompts
 from slimdiff.diffusion import make_scheduler, sample
 from slimdiff.engines import check_sampler
 from slimdiff.export import load, load_scheduler_config
+from slimdiff.io import check_output_file
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
 from slimdiff.models import adapter_for
 from slimdiff.report import save_grid
@@ -19,15 +20,22 @@ from slimdiff.settings import SampleConfig
 
 
 def sample_model(
-    model_dir: str | Path, out: str | Path, config: SampleConfig | None = None, *, progress: bool = True
+    model_dir: str | Path,
+    out: str | Path,
+    config: SampleConfig | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> torch.Tensor:
-    """Sample `config.n` images from a model directory and write a PNG grid to `out`; returns the images.
+    """Sample `config.n` images from a model directory and write a PNG grid to `out`; returns the images. An existing
+    `out` is refused unless `overwrite`.
 
     A model whose artifacts declare a sampling plan (a skip table) is refused before sampling unless the sampler
     asked for is the one the plan was made for; `config.artifacts=False` samples the bare denoiser.
     """
     config = config or SampleConfig()
     config.validate()
+    check_output_file(out, overwrite=overwrite)
     model = load(model_dir, artifacts=config.artifacts)
     refuse_other_sampler(model, config.scheduler, config.steps, load_scheduler_config(model_dir))
     adapter = adapter_for(model)
