@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--calibration", type=int, default=8, help="Diff-Pruning's calibration images")
+    parser.add_argument("--stride", type=int, default=100, help="Diff-Pruning's timestep stride")
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--steps", type=int, default=25)
     args = parser.parse_args()
@@ -90,7 +92,7 @@ def main() -> None:
             pruned, tuned = args.work / name / f"pruned-{target}", args.work / name / f"tuned-{target}"
             prune_s = slimdiff(
                 "compress", "channels", teacher, "--importance", "diff-pruning", "--target-macs", target,
-                "--data", "digits", "--out", pruned,
+                "--calibration", args.calibration, "--stride", args.stride, "--data", "digits", "--out", pruned,
             )  # fmt: skip
             record = json.loads((pruned / "slimdiff.json").read_text())
             tune_s = slimdiff(

@@ -23,7 +23,7 @@ from slimdiff.engines.channels import (
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_architecture, save
 from slimdiff.metrics.cost import count_macs, count_params
-from slimdiff.models import adapter_for, build, build_tiny
+from slimdiff.models import adapter_for, build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -276,18 +276,17 @@ def _small_groups_unet(sample_size: int = 8) -> torch.nn.Module:
     """The issue's U-Net: 16 GroupNorm groups over widths 32/48/64 (groups of 2, 3 and 4 channels; 5 and 7 over
     two skip concatenations), attention at two levels."""
     torch.manual_seed(0)
-    return build(
-        {
-            "_class_name": "UNet2DModel",
-            "sample_size": sample_size,
-            "in_channels": 3,
-            "out_channels": 3,
-            "block_out_channels": [32, 48, 64],
-            "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-            "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-            "norm_num_groups": 16,
-            "attention_head_dim": 8,
-        }
+    return build_tiny(
+        "tiny-unet",
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=[32, 48, 64],
+        layers_per_block=2,
+        down_block_types=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+        up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        norm_num_groups=16,
+        attention_head_dim=8,
     ).eval()
 
 

@@ -262,9 +262,11 @@ def channel_scores(
 class _NormPlan:
     """How each GroupNorm of a model about to be pruned loses channels: in whole groups where every group is fed by
     one pruning group (`exact`), or regrouped afterwards where a group straddles two (a skip concatenation whose
-    parts do not split into its groups). Read off the unpruned model's full-width groups."""
+    parts do not split into its groups). Read off the unpruned model's full-width groups, and `ranking`'s scores
+    of those that have units taken before any pruning (as MetaPruner takes its own: a group's layers change as
+    others are pruned)."""
 
-    def __init__(self, pruner: tp.pruner.MetaPruner) -> None:
+    def __init__(self, pruner: tp.pruner.MetaPruner, ranking: tp.importance.Importance | None = None) -> None:
         self.graph = graph = pruner.DG
         norms = [m for m in graph.model.modules() if isinstance(m, nn.GroupNorm)]
         self.size = {norm: norm.num_channels // norm.num_groups for norm in norms}
@@ -280,13 +282,19 @@ class _NormPlan:
                         feeders.setdefault((norm, i // self.size[norm]), Counter())[k] += 1
         straddling = {norm for (norm, _), fed in feeders.items() if len(fed) > 1 or sum(fed.values()) < self.size[norm]}
         self.exact = [norm for norm in norms if norm not in straddling]
-        self.full = {self._root(group): group for group in groups}
+        self.units = {self._root(group): self.split(group) for group in groups}
+        self.scores: dict[tuple[nn.Module, bool], torch.Tensor] = {}
+        for group in groups if ranking is not None else []:
+            root = self._root(group)
+            score = ranking(group) if len(self.units[root]) < len(group[0].idxs) else None
+            if score is not None:
+                self.scores[root] = score
 
     def _root(self, group: tp.Group) -> tuple[nn.Module, bool]:
         dep = group[0].dep
         return dep.target.module, self.graph.is_out_channel_pruning_fn(dep.handler)
 
-    def units(self, full: tp.Group) -> list[list[int]]:
+    def split(self, full: tp.Group) -> list[list[int]]:
         """A full-width group's root channels split into the units that must go together: channels an exact
         GroupNorm normalises as one group (reached through any residual or concatenation) are one unit."""
         width = len(full[0].idxs)
@@ -312,24 +320,20 @@ class _NormPlan:
             units.setdefault(find(i), []).append(i)
         return list(units.values())
 
-    def whole(self, group: tp.Group, ranking: tp.importance.Importance) -> tp.Group:
+    def whole(self, group: tp.Group) -> tp.Group:
         """`group` with its pruned channels replaced by whole units: the lowest-scored units whose total comes
         closest to the count MetaPruner chose (never every unit)."""
-        if not any(dep.target.module in self.exact for dep, _ in group):
+        root = self._root(group)
+        if root not in self.scores:  # no GroupNorm units (or an attention group MetaPruner re-rooted)
             return group
-        full = self.full.get(self._root(group))
-        if full is None:
-            raise SlimdiffError(f"internal: no full-width group rooted at '{group[0].dep.target.name}'")
-        units = self.units(full)
-        scores = ranking(full)  # recorded scores: by the group's root (or layers), never its current widths
+        units, scores = self.units[root], self.scores[root]
         wanted = len(group[0].idxs)
         chosen: list[int] = []
         for unit in sorted(units, key=lambda unit: float(scores[unit].mean()))[:-1]:
             if abs(len(chosen) + len(unit) - wanted) >= abs(len(chosen) - wanted):
                 break
             chosen += unit
-        root, _ = self._root(group)
-        return self.graph.get_pruning_group(root, group[0].dep.handler, sorted(chosen))
+        return self.graph.get_pruning_group(root[0], group[0].dep.handler, sorted(chosen))
 
     def regroup(self, names: dict[nn.Module, str]) -> list[str]:
         """Set every pruned GroupNorm's `num_groups` to the groups it kept; the regrouped ones' names."""
@@ -399,9 +403,9 @@ def prune_copy(
     else:
         ranking = _Replay(channel_scores(model, importance, seed=seed, attention=attention), names)
     pruner = make_pruner(clone, ranking, ratio, attention=attention, ratios=boosted, global_ranking=global_ranking)
-    norms = _NormPlan(pruner)
+    norms = _NormPlan(pruner, ranking)
     for group in pruner.step(interactive=True):
-        group = norms.whole(group, ranking)
+        group = norms.whole(group)
         for dep, idxs in group:
             layer = dep.target.module
             if isinstance(layer, (nn.Conv2d, nn.Linear, nn.GroupNorm)) and layer in names:

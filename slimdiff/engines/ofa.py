@@ -228,7 +228,7 @@ class _TaylorRecorder(tp.importance.Importance):
             roots = tuple(dict.fromkeys(self.names[d.target.module] for d in outs if d.target.module in self.names))
             kind = layer_kind(roots)
             self.norms = self.norms or _NormPlan(self.pruner)
-            sizes = {len(unit) for unit in self.norms.units(group)}
+            sizes = {len(unit) for unit in self.norms.split(group)}
             unit = sizes.pop() if len(sizes) == 1 else 1  # uneven units (a partial last one): rounded when pruned
             self.groups[key] = ChannelGroupInfo(key, roots, len(score), chunks, self.stage_of(roots[0]), kind, unit)
         return score
