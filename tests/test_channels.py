@@ -272,7 +272,7 @@ def test_search_on_weightless_copies_gives_what_searching_real_copies_gives(digi
 # ----------------------------------------------------------------------------------------------------------------
 # GroupNorms lose whole groups
 # ----------------------------------------------------------------------------------------------------------------
-def _small_groups_unet(sample_size: int = 8) -> torch.nn.Module:
+def small_groups_unet(sample_size: int = 8) -> torch.nn.Module:
     """The issue's U-Net: 16 GroupNorm groups over widths 32/48/64 (groups of 2, 3 and 4 channels; 5 and 7 over
     two skip concatenations), attention at two levels."""
     torch.manual_seed(0)
@@ -291,7 +291,7 @@ def _small_groups_unet(sample_size: int = 8) -> torch.nn.Module:
 
 
 def test_group_norms_lose_whole_groups_and_their_output_on_the_kept_channels_is_unchanged() -> None:
-    model = _small_groups_unet()
+    model = small_groups_unet()
     pruned = prune_copy(model, 0.5, "magnitude")
     verify_slices(model, pruned)
     source = dict(model.named_modules())
@@ -325,7 +325,7 @@ def test_group_norms_lose_whole_groups_and_their_output_on_the_kept_channels_is_
 
 
 def test_slice_check_refuses_a_group_norm_that_lost_part_of_a_group() -> None:
-    model = _small_groups_unet()
+    model = small_groups_unet()
     pruned = prune_copy(model, 0.5, "magnitude")
     name = "down_blocks.2.resnets.1.norm2"  # groups of 4 channels, inside one resnet
     keep = pruned.kept[(name, "out")]
@@ -338,7 +338,7 @@ def test_slice_check_refuses_a_group_norm_that_lost_part_of_a_group() -> None:
 def test_small_group_unet_reaches_its_macs_budget_and_loads_and_samples(target: float, tmp_path: Path) -> None:
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    model = _small_groups_unet(sample_size=24)
+    model = small_groups_unet(sample_size=24)
     adapter = adapter_for(model)
     data = Calibration(load_data("digits", size=24, channels=3), lambda labels: None, DEFAULT_SCHEDULE)
     result = compress(adapter, _fast(importance="diff-pruning", target_macs=target), data)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import FAMILIES, tiny_sd_pipeline, tiny_vae
 from safetensors.torch import load_file
+from test_channels import small_groups_unet
 from test_cli import run_cli
 
 from slimdiff.data import load_data
@@ -250,19 +251,7 @@ def test_small_group_subnets_lose_whole_group_norm_groups() -> None:
     """16 GroupNorm groups over widths 32/48/64: every subnet's norms keep whole groups of the shared model's (but
     the four over concatenations whose groups straddle the parts), so each subnet's norm output on its channels is
     the shared norm's there."""
-    torch.manual_seed(0)
-    model = build_tiny(
-        "tiny-unet",
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=[32, 48, 64],
-        layers_per_block=2,
-        down_block_types=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-        up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-        norm_num_groups=16,
-        attention_head_dim=8,
-    ).eval()
+    model = small_groups_unet()
     adapter = adapter_for(model)
     data = Calibration(load_data("digits", size=8, channels=3), lambda labels: None, DEFAULT_SCHEDULE)
     result = compress(adapter, OFAConfig(sizes=SIZES, importance_samples=2, steps=2), data)
