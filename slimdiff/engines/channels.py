@@ -593,8 +593,9 @@ def _search(
         [(p, r, None) for p, r in ((best_lo, lo), (best_hi, hi)) if p is not None],
         key=lambda prb: abs(fraction(prb[0]) - config.target),
     )
-    # 2. too coarse: move groups one by one from the lower to the higher uniform ratio until the budget is met
-    if not ranked and abs(fraction(chosen) - config.target) > config.tolerance * config.target:
+    # 2. too coarse (whole GroupNorm units move many channels at once): move groups one by one from the lower to
+    #    the higher ratio (each moved group ranked on its own at it) until the budget is met
+    if abs(fraction(chosen) - config.target) > config.tolerance * config.target:
         roots = [g.root for g in adapter_for(model).channel_groups()]
         left, right = 0, len(roots)
         while right - left > 1:
