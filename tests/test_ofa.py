@@ -273,7 +273,7 @@ def test_small_group_subnets_lose_whole_group_norm_groups() -> None:
                 torch.testing.assert_close(small(inputs[:, keep]), norm(inputs)[:, keep], rtol=0, atol=1e-6)
             exact += 1
         assert exact >= len(norms) - 4
-        assert extracted.get_submodule("down_blocks.0.resnets.0.norm1").num_groups < 16  # groups were dropped
+        assert any(extracted.get_submodule(n).num_groups < m.num_groups for n, m in norms.items())  # groups dropped
 
 
 def test_allocation_keeps_whole_group_norm_units() -> None:
