@@ -2,7 +2,7 @@
 
     nice python benchmarks/groupnorm.py --work runs/bench-groupnorm --out benchmarks/results/groupnorm.json
 
-Two `UNet2DModel`s at 24 px, 3 channels, two attention levels (digits at 24 px in RGB): the issue's model
+Two `UNet2DModel`s at 24 px, 3 channels, two attention levels (digits at 24 px in RGB): the small-group model
 (`norm_num_groups=16`, widths 32/48/64: groups of 2, 3 and 4 channels, and of 5 and 7 over two skip
 concatenations) and a 32-group one (widths 32/64/64 — 48 does not split into 32 groups). Each is trained from
 scratch for `--teacher-steps`, pruned by `slimdiff compress channels` (Diff-Pruning importance) to every
