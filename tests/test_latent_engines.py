@@ -28,10 +28,10 @@ BUILDERS = {"sd21": sd21_pipeline, "sdxl": sdxl_pipeline, "dit": dit_pipeline}
 PIPELINES = {"sd21": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "dit": DiTPipeline}
 
 #: Each engine at its cheapest: few calibration samples, few search iterations, few steps.
-CHANNELS = ["--target-macs", 0.6, "--tolerance", 0.3, "--calibration", 2, "--stride", 500]
+CHANNELS = "--target-macs 0.6 --tolerance 0.3 --calibration 2 --stride 500".split()
 ENGINES = {
-    "layers": ["--target-params", 0.8, "--tolerance", 0.3, "--calibration", 2, "--batch-size", 2],
-    "ofa": ["--sizes", 0.5, "--steps", 2, "--batch-size", 2, "--importance-samples", 1, "--warmup", 0],
+    "layers": "--target-params 0.8 --tolerance 0.3 --calibration 2 --batch-size 2".split(),
+    "ofa": "--sizes 0.5 --steps 2 --batch-size 2 --importance-samples 1 --warmup 0 --tolerance 0.3".split(),
 }
 
 
@@ -122,7 +122,7 @@ SKIP_SAMPLER = {
     "dit": ("dpm", DPMSolverMultistepScheduler),
 }
 SKIP = {
-    "dip-go": ["--iterations", 2, "--noises", 2, "--batch-size", 2, "--lr", 0.1],
+    "dip-go": "--iterations 2 --noises 2 --batch-size 2 --lr 0.1 --fallback none --checkpointing none".split(),
     "step-reuse": [],
 }
 
