@@ -15,10 +15,17 @@ from slimdiff.engines import full_compute, sampling_plan
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config, read_spec
 from slimdiff.io import atomic_write_json, output_dir, read_json
-from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
+from slimdiff.jobs.conditioning import decoder_for, pipeline_dir, sampling_inputs
 from slimdiff.jobs.info import model_info
 from slimdiff.jobs.sampling import refuse_other_sampler
-from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sampling_latency, sampling_macs
+from slimdiff.metrics.cost import (
+    count_macs,
+    count_params,
+    denoiser_latency,
+    pipeline_fixed_macs,
+    sampling_latency,
+    sampling_macs,
+)
 from slimdiff.metrics.features import feature_extractor
 from slimdiff.metrics.quality import clip_score, compute_quality, reference_features
 from slimdiff.models import adapter_for
@@ -100,6 +107,16 @@ def evaluate_model(
             + ("" if plan is None else f", with its {plan.artifact}")
         )
         report["metrics"]["sampling_macs"] = {"value": run.total, "counts": steps}
+        pipeline = pipeline_dir(model_dir)
+        if pipeline is not None:  # a latent model: the VAE decoder and text encoders run once per image
+            latent = (adapter.in_channels, adapter.sample_size, adapter.sample_size)
+            fixed = pipeline_fixed_macs(pipeline, latent)
+            parts = {"vae_decoder": fixed.vae_decoder.total} | {k: v.total for k, v in fixed.text_encoders.items()}
+            report["metrics"]["fixed_macs"] = parts | {
+                "value": fixed.total,
+                "counts": "one image: the VAE decoder and each text encoder once, outside the denoiser; "
+                "no denoiser compression removes it (not in sampling_macs)",
+            }
     if "latency" in settings.metrics:
         with full_compute(model):  # one call outside a sampling run computes everything
             call = denoiser_latency(model, batch_size=settings.batch_size, device=settings.device)

@@ -11,6 +11,7 @@ measurement started: allocated tensor memory on CUDA, process RSS on CPU (approx
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -73,12 +74,68 @@ def _flop_counts(model: nn.Module, inputs: dict[str, Any] | None, batch_size: in
     return counter.get_flop_counts()
 
 
+def _mac_count(flops_per_op: dict[Any, int]) -> MacCount:
+    per_op = {str(op): flops for op, flops in flops_per_op.items()}
+    attention = sum(flops for op, flops in per_op.items() if op in ATTENTION_OPS)
+    return MacCount(total=sum(per_op.values()) // 2, attention=attention // 2)
+
+
 def count_macs(model: nn.Module, inputs: dict[str, Any] | None = None, *, batch_size: int = 1) -> MacCount:
     """MACs of `model(**inputs)` (default: the adapter's example inputs at batch `batch_size`), on the meta device."""
-    per_op = {str(op): flops for op, flops in _flop_counts(model, inputs, batch_size)["Global"].items()}
-    total = sum(per_op.values())
-    attention = sum(flops for op, flops in per_op.items() if op in ATTENTION_OPS)
-    return MacCount(total=total // 2, attention=attention // 2)
+    return _mac_count(_flop_counts(model, inputs, batch_size)["Global"])
+
+
+@dataclass(frozen=True)
+class FixedCost:
+    """MACs of one image's sampling run spent outside the denoiser, which no denoiser compression removes: the VAE
+    decoder once and each text encoder once (on the prompt; the guidance prompt is one more call per batch)."""
+
+    vae_decoder: MacCount
+    text_encoders: dict[str, MacCount]
+
+    @property
+    def total(self) -> int:
+        return self.vae_decoder.total + sum(count.total for count in self.text_encoders.values())
+
+
+def _meta_macs(build: Callable[[], nn.Module], call: Callable[[nn.Module], Any]) -> MacCount:
+    """MACs of `call(build())` with the module built on the meta device: no weights are read, no arithmetic runs."""
+    with torch.device("meta"):
+        module = build().eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        call(module)
+    return _mac_count(counter.get_flop_counts()["Global"])
+
+
+def _token_length(pipeline: Path, encoder: str, config: Any) -> int:
+    """The padded prompt length the pipeline's tokenizer gives its text encoder (SD pads to `model_max_length`)."""
+    tokenizer = pipeline / encoder.replace("text_encoder", "tokenizer") / "tokenizer_config.json"
+    limit = config.max_position_embeddings
+    if tokenizer.is_file():
+        return min(limit, int(json.loads(tokenizer.read_text()).get("model_max_length", limit)))
+    return limit
+
+
+def pipeline_fixed_macs(pipeline: str | Path, latent_shape: Sequence[int]) -> FixedCost:
+    """The fixed cost of one image sampled through `pipeline` (a diffusers pipeline folder): its VAE decoder on one
+    latent of `latent_shape` (channels, height, width) and each of its text encoders (`text_encoder/`,
+    `text_encoder_2/`) on one padded prompt, counted on the meta device from their configs."""
+    import transformers
+    from diffusers import AutoencoderKL
+
+    pipeline = Path(pipeline)
+    vae_config = AutoencoderKL.load_config(pipeline / "vae")
+    latent = torch.empty(1, *latent_shape, device="meta")
+    vae = _meta_macs(lambda: AutoencoderKL.from_config(vae_config), lambda m: m.decode(latent))
+    encoders = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        if not (pipeline / name / "config.json").is_file():
+            continue
+        config = transformers.AutoConfig.from_pretrained(pipeline / name, local_files_only=True)
+        model_class = getattr(transformers, config.architectures[0])
+        ids = torch.zeros(1, _token_length(pipeline, name, config), dtype=torch.long, device="meta")
+        encoders[name] = _meta_macs(lambda: model_class(config), lambda m: m(input_ids=ids))  # noqa: B023
+    return FixedCost(vae_decoder=vae, text_encoders=encoders)
 
 
 def macs_by_module(
