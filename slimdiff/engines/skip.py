@@ -89,6 +89,8 @@ GRANULARITIES: tuple[str, ...] = ("block", "layer")
 ARTIFACT = "skip_table"
 STEP_HOOK = "slimdiff_skip_step"
 UNIT_HOOK = "slimdiff_skip_unit"
+#: what a skipped unit returns: 0 reuses its last output, 1 and 2 forecast it (first/second-order Taylor)
+FORECAST_ORDERS: tuple[int, ...] = (0, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,7 +197,9 @@ class SkipTable:
     `timesteps` are the sampler's timesteps, one per step; `compute[step][unit]` follows `units`; `inputs` records
     what each unit consumes (for dead-unit propagation at run time); `settings` are the scheduler's trajectory
     settings (`engines.base.sampler_settings`), empty in tables saved before they were recorded (then the class and
-    the timesteps alone identify the sampler).
+    the timesteps alone identify the sampler). `forecast_order` is what a skipped unit returns: 0 its output from
+    the last step it ran (reuse), 1 or 2 a Taylor forecast from its last 2 or 3 computed steps (TaylorSeer); tables
+    saved before it was recorded reuse.
     """
 
     scheduler: str
@@ -206,9 +210,14 @@ class SkipTable:
     inputs: list[list[str]]
     compute: list[list[bool]]
     settings: dict[str, Any] = field(default_factory=dict)
+    forecast_order: int = 0
 
     def __post_init__(self) -> None:
         steps, width = len(self.timesteps), len(self.units)
+        if self.forecast_order not in FORECAST_ORDERS:
+            raise SlimdiffError(
+                f"skip table: forecast_order {self.forecast_order} is not one of {', '.join(map(str, FORECAST_ORDERS))}"
+            )
         if steps < 2:
             raise SlimdiffError(f"a skip table needs at least 2 steps (got {steps})")
         if len(self.compute) != steps or any(len(row) != width for row in self.compute):
@@ -233,6 +242,7 @@ class SkipTable:
             inputs=[[str(i) for i in row] for row in payload["inputs"]],
             compute=[[bool(c) for c in row] for row in payload["compute"]],
             settings=dict(payload.get("sampler_settings") or {}),
+            forecast_order=int(payload.get("forecast_order", 0)),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -245,6 +255,7 @@ class SkipTable:
             "inputs": self.inputs,
             "compute": self.compute,
             "sampler_settings": self.settings,
+            "forecast_order": self.forecast_order,
         }
 
     @classmethod
@@ -255,8 +266,10 @@ class SkipTable:
         units: Sequence[SkipUnit],
         granularity: str,
         settings: dict[str, Any] | None = None,
+        forecast_order: int = 0,
     ) -> SkipTable:
-        """The table that computes every unit at every step (of the sampler `scheduler` with `settings`)."""
+        """The table that computes every unit at every step (of the sampler `scheduler` with `settings`; skipped
+        units, once the table skips some, forecast with `forecast_order`)."""
         return cls(
             scheduler=scheduler,
             num_inference_steps=len(timesteps),
@@ -266,6 +279,7 @@ class SkipTable:
             inputs=[list(u.inputs) for u in units],
             compute=[[True] * len(units) for _ in timesteps],
             settings=dict(settings or {}),
+            forecast_order=forecast_order,
         )
 
     @property
@@ -336,7 +350,7 @@ class _RunState:
         self.step = -1
         self.slot = 0
         self.slots: int | None = None  # calls per step, known once step 1 is reached
-        self.caches: list[dict[str, Any]] = []
+        self.caches: list[dict[str, _History]] = []
         self.active = False
         self.paused = False
         #: search mode: unit name → gate tensor for the current call (None: follow the table), the units' outputs
@@ -436,8 +450,43 @@ class _StepHook(ModelHook):
             state.active = False
 
 
+class _History:
+    """One unit's outputs at the last `order + 1` steps it computed (in one call slot), newest first, and its
+    forecast at another timestep: Σ_i f[t_0, …, t_i] · (t − t_0)^i — the Taylor series about the newest computed
+    step t_0 with the i-th derivative estimated as i! times the divided difference over the actual timestep gaps
+    (TaylorSeer's finite differences where the gaps are equal). Order 0, or one computed step so far, returns the
+    newest output itself."""
+
+    def __init__(self, order: int) -> None:
+        self.order = order
+        self.timesteps: list[float] = []
+        self.outputs: list[Any] = []
+
+    def add(self, t: float, output: Any) -> None:
+        self.timesteps = [t, *self.timesteps][: self.order + 1]
+        self.outputs = [output, *self.outputs][: self.order + 1]
+
+    def forecast(self, t: float) -> Any:
+        if len(self.outputs) == 1:
+            return self.outputs[0]
+        columns = zip(*(tree_flatten(output)[0] for output in self.outputs), strict=True)
+        leaves = [self._taylor(list(c), t) if isinstance(c[0], torch.Tensor) else c[0] for c in columns]
+        return tree_unflatten(leaves, tree_flatten(self.outputs[0])[1])
+
+    def _taylor(self, values: list[torch.Tensor], t: float) -> torch.Tensor:
+        ts, delta = self.timesteps, t - self.timesteps[0]
+        result, differences = values[0], values
+        for i in range(1, len(values)):
+            differences = [
+                (differences[j] - differences[j + 1]) / (ts[j] - ts[j + i]) for j in range(len(differences) - 1)
+            ]
+            result = result + differences[0] * delta**i
+        return result
+
+
 class _UnitHook(ModelHook):
-    """On a unit: compute, or return the output of the last step the unit ran (per call slot)."""
+    """On a unit: compute, or return the table's forecast of its output from the last steps it ran (order 0: the
+    output of the last step it ran), per call slot."""
 
     def __init__(self, state: _RunState, name: str, index: int) -> None:
         super().__init__()
@@ -454,10 +503,15 @@ class _UnitHook(ModelHook):
                 out = tree_map(lambda fresh, cached: gate * fresh + (1 - gate) * cached, out, state.cache_in[self.name])
             state.cache_out[self.name] = out
             return out
-        cache = state.caches[state.slot]
-        if state.live[state.step][self.index] or self.name not in cache:
-            cache[self.name] = self.fn_ref.original_forward(*args, **kwargs)
-        return cache[self.name]
+        history = state.caches[state.slot].get(self.name)
+        t = state.table.timesteps[state.step]
+        if history is not None and not state.live[state.step][self.index]:
+            return history.forecast(t)
+        if history is None:
+            history = state.caches[state.slot][self.name] = _History(state.table.forecast_order)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        history.add(t, output)
+        return output
 
 
 def _state_of(model: nn.Module) -> _RunState | None:
@@ -569,6 +623,13 @@ class SkipConfig(LatencyBudget):
     granularity: Granularity = field(
         default="block", metadata={"help": "block (U-Net/DiT blocks) or layer (resnets/attentions; DiT attn/MLP)."}
     )
+    forecast_order: int = field(
+        default=0,
+        metadata={
+            "help": "What a skipped unit returns: 0 its last output (reuse), 1 or 2 a first/second-order Taylor "
+            "forecast from its last computed steps (TaylorSeer)."
+        },
+    )
     schedule: Literal["uniform", "non-uniform"] = field(
         default="uniform", metadata={"help": "Baselines: full steps at a uniform or non-uniform (DeepCache) interval."}
     )
@@ -615,6 +676,10 @@ class SkipConfig(LatencyBudget):
             raise SlimdiffError(f"target_macs {self.target_macs} must be a fraction of a full run's MACs in (0, 1)")
         if self.steps < 2:
             raise SlimdiffError(f"steps must be ≥ 2 (got {self.steps})")
+        if self.forecast_order not in FORECAST_ORDERS:
+            raise SlimdiffError(
+                f"forecast_order {self.forecast_order} is not one of {', '.join(map(str, FORECAST_ORDERS))}"
+            )
         for name, value, valid in (
             ("scheduler", self.scheduler, tuple(SAMPLERS)),
             ("method", self.method, METHODS),
@@ -641,7 +706,7 @@ class SkipConfig(LatencyBudget):
         return self.target_macs * (1 + self.tolerance)
 
 
-def _sampler(config: SkipConfig, schedule: dict[str, Any]) -> tuple[str, list[float], dict[str, Any]]:
+def _sampler(config: SkipConfig, schedule: dict[str, Any] | None) -> tuple[str, list[float], dict[str, Any]]:
     """The configured sampler: its class name, timesteps and trajectory settings."""
     sched = make_scheduler(config.scheduler, schedule)
     sched.set_timesteps(config.steps)
@@ -1168,9 +1233,14 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
     start = time.perf_counter()
     scheduler, timesteps, settings = _sampler(config, data.schedule)
     units = skip_units(adapter, config.granularity)
-    base = SkipTable.full(scheduler, timesteps, units, config.granularity, settings)
+    base = SkipTable.full(scheduler, timesteps, units, config.granularity, settings, config.forecast_order)
     costs = unit_costs(adapter.model, base.units)
-    record: dict[str, Any] = {"method": config.method, "granularity": config.granularity, "units": len(units)}
+    record: dict[str, Any] = {
+        "method": config.method,
+        "granularity": config.granularity,
+        "forecast_order": config.forecast_order,
+        "units": len(units),
+    }
     skip_probs: torch.Tensor | None = None
     noises: _Noises | None = None
 
@@ -1213,11 +1283,46 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
         model=adapter.model,
         achieved={"sampling_macs": kept} | (fit.achieved() if fit else {}),
         record=record,
-        summary=f"skip table ({config.method}, {config.granularity}): {kept:.1%} of the sampling MACs of "
-        f"{scheduler} with {config.steps} steps; {how}" + (fit.summary() if fit else ""),
+        summary=f"skip table ({config.method}, {config.granularity}, forecast order {config.forecast_order}): "
+        f"{kept:.1%} of the sampling MACs of {scheduler} with {config.steps} steps; {how}"
+        + (fit.summary() if fit else ""),
         artifacts={ARTIFACT: table.to_json()},
         seconds=seconds,
     )
+
+
+def apply_skip(
+    model: nn.Module, table_or_config: SkipTable | dict[str, Any] | SkipConfig, schedule: dict[str, Any] | None = None
+) -> SkipTable:
+    """Make a diffusers model (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, …) skip units at sampling
+    time, in the style of diffusers' `apply_first_block_cache(model, config)`; returns the table attached.
+
+    `table_or_config` is a skip table (or its JSON, e.g. `skip_table.json` of a saved model) or a `SkipConfig` of a
+    table that needs no search — `method` step-reuse or deepcache at `target_macs` — made for the sampler over
+    `schedule` (the model's training noise-scheduler config; default diffusers' DDPM schedule). A dip-go table is
+    searched on data: `slimdiff.compress(model, SkipConfig(...), data)`. `remove_skip(model)` undoes it."""
+    if isinstance(table_or_config, SkipConfig):
+        config = table_or_config
+        config.validate()
+        if config.method == "dip-go" or config.target_macs is None:
+            raise SlimdiffError(
+                "apply_skip makes step-reuse and deepcache tables at a target_macs; a dip-go table or a latency "
+                "budget is searched on data: slimdiff.compress(model, SkipConfig(...), data)"
+            )
+        adapter = adapter_for(model)
+        scheduler, timesteps, settings = _sampler(config, schedule)
+        units = skip_units(adapter, config.granularity)
+        base = SkipTable.full(scheduler, timesteps, units, config.granularity, settings, config.forecast_order)
+        table, _ = _baseline(adapter, config, base, unit_costs(model, base.units))
+    else:
+        table = table_or_config if isinstance(table_or_config, SkipTable) else SkipTable.from_json(table_or_config)
+    attach(model, table)
+    return table
+
+
+def remove_skip(model: nn.Module) -> None:
+    """Undo `apply_skip` (or a table attached on load): the model computes every unit again."""
+    detach(model)
 
 
 register_artifact(ARTIFACT, attach)
