@@ -195,3 +195,40 @@ def test_cli_forecast_order(tmp_path: Path, monkeypatch, capsys) -> None:
     assert code == 0 and skip.table_of(load(tmp_path / "o")).forecast_order == 2
     code, _, err = run_cli(monkeypatch, capsys, *args, "--forecast-order", "5", "--out", tmp_path / "bad")
     assert code == 2 and "forecast_order 5" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_gated_trajectory_with_hard_gates_equals_the_forecasting_table(order: int) -> None:
+    """DiP-GO's gated trajectory blends with the table's forecast: at 0/1 gates it is the runtime with that table."""
+    model = build_tiny("tiny-unet").eval().requires_grad_(False)
+    table = _table(model, "block", order)
+    config = skip.SkipConfig(target_macs=0.5, steps=STEPS, forecast_order=order)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    gated = copy.deepcopy(model)
+    skip.attach(gated, dataclasses.replace(table, compute=[[True] * len(table.units)] * STEPS))
+    gates = torch.tensor(table.effective(), dtype=torch.float32)  # dead units gated off, as the runtime skips them
+    skip.attach(model, table)
+    with torch.no_grad():
+        expected = skip._trajectory(adapter_for(model), config, {}, noise, None, None, 0)
+        got = skip._trajectory(adapter_for(gated), config, {}, noise, None, None, 0, gates=gates, units=table.units)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_select_compares_with_reuse_and_a_uniform_forecast_table() -> None:
+    from slimdiff.engines.base import Calibration
+    from slimdiff.jobs.compression import training_data
+
+    model = build_tiny("tiny-unet").eval()
+    adapter, base = adapter_for(model), _table(model, "block", 1)
+    base.compute = [[True] * len(base.units)] * STEPS
+    costs = skip.unit_costs(model, base.units)
+    config = skip.SkipConfig(target_macs=0.5, steps=STEPS, noises=4, batch_size=2, forecast_order=1)
+    data = Calibration(training_data(adapter, "digits", 0), lambda labels: None, {})
+    noises = skip.held_out_noises(adapter, config, data)
+    probs = torch.rand(STEPS, len(base.units), generator=torch.Generator().manual_seed(0))
+    chosen = skip.select(adapter, config, data, base, costs, probs, noises)
+    losses = chosen.held_out
+    assert set(losses) == {"dip-go", "step-reuse", "step-reuse-forecast"}
+    assert losses["step-reuse"] != losses["step-reuse-forecast"]  # the forecast changes the samples
+    assert chosen.selected == min(losses, key=losses.__getitem__)
+    assert chosen.table.forecast_order == (0 if chosen.selected == "step-reuse" else 1)

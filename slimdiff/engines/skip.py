@@ -353,12 +353,13 @@ class _RunState:
         self.caches: list[dict[str, _History]] = []
         self.active = False
         self.paused = False
-        #: search mode: unit name → gate tensor for the current call (None: follow the table), the units' outputs
-        #: of the previous step (in) and of this one (out) — passed explicitly, so that a checkpointed step
-        #: recomputed in the backward pass sees its own inputs
+        #: search mode: unit name → gate tensor for the current call (None: follow the table), its timestep, and
+        #: the units' histories (`_History` timesteps and outputs) before this step (in) and after it (out) — passed
+        #: explicitly, so that a checkpointed step recomputed in the backward pass sees its own inputs
         self.gates: dict[str, torch.Tensor] | None = None
-        self.cache_in: dict[str, Any] = {}
-        self.cache_out: dict[str, Any] = {}
+        self.gated_t = 0.0
+        self.cache_in: dict[str, tuple[list[float], list[Any]]] = {}
+        self.cache_out: dict[str, tuple[list[float], list[Any]]] = {}
 
     def reset(self) -> None:
         self.step, self.slot, self.slots, self.caches = -1, 0, None, []
@@ -457,10 +458,9 @@ class _History:
     (TaylorSeer's finite differences where the gaps are equal). Order 0, or one computed step so far, returns the
     newest output itself."""
 
-    def __init__(self, order: int) -> None:
+    def __init__(self, order: int, timesteps: Sequence[float] = (), outputs: Sequence[Any] = ()) -> None:
         self.order = order
-        self.timesteps: list[float] = []
-        self.outputs: list[Any] = []
+        self.timesteps, self.outputs = list(timesteps), list(outputs)
 
     def add(self, t: float, output: Any) -> None:
         self.timesteps = [t, *self.timesteps][: self.order + 1]
@@ -496,12 +496,20 @@ class _UnitHook(ModelHook):
         state = self.state
         if not state.active:
             return self.fn_ref.original_forward(*args, **kwargs)
-        if state.gates is not None:  # search: always compute, blend with the previous step's output by the gate
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            if self.name in state.cache_in:
-                gate = state.gates[self.name]
-                out = tree_map(lambda fresh, cached: gate * fresh + (1 - gate) * cached, out, state.cache_in[self.name])
-            state.cache_out[self.name] = out
+        if state.gates is not None:  # search: always compute, blend with the table's forecast by the gate
+            fresh = out = self.fn_ref.original_forward(*args, **kwargs)
+            history = _History(state.table.forecast_order, *state.cache_in.get(self.name, ((), ())))
+            gate = state.gates[self.name] if history.outputs else None
+            if gate is not None:
+                forecast = history.forecast(state.gated_t)
+                out = tree_map(lambda new, cached: gate * new + (1 - gate) * cached, fresh, forecast)
+            if gate is not None and gate.item() < 0.5:  # skipped: the history keeps its values, the gate's gradient
+                history.outputs[0] = tree_map(
+                    lambda last, new, cached: last + gate * (new - cached), history.outputs[0], fresh, forecast
+                )
+            else:
+                history.add(state.gated_t, out)
+            state.cache_out[self.name] = (history.timesteps, history.outputs)
             return out
         history = state.caches[state.slot].get(self.name)
         t = state.table.timesteps[state.step]
@@ -892,6 +900,7 @@ def _gated_step(
 
     def call(x: torch.Tensor, gate_row: torch.Tensor, *leaves: Any) -> tuple[torch.Tensor, ...]:
         state.gates = {name: gate_row[i] for i, name in enumerate(units)}
+        state.gated_t = float(t.flatten()[0])
         state.cache_in, state.cache_out = tree_unflatten(list(leaves), spec), {}
         eps = guided(adapter, x, t, cond, null, config.guidance_scale)
         out_leaves, made = tree_flatten(state.cache_out)
@@ -1040,7 +1049,8 @@ def select(
     noises: _Noises | None,
 ) -> Selection:
     """Post-process the search's probabilities to the budget; with `fallback` step-reuse, compare the table with
-    step reuse at the same budget on the held-out `noises` and keep the more consistent one."""
+    step reuse at the same budget — reusing (`step-reuse`) and, for a forecasting table, forecasting with its order
+    (`step-reuse-forecast`) — on the held-out `noises` and keep the most consistent one (the search's on a tie)."""
     table = postprocess(skip_probs, base, costs, config.target_macs, config.tolerance, config.threshold)
     how = f"dip-go search, {config.iterations} iterations"
     if config.fallback == "none" or noises is None:
@@ -1049,16 +1059,21 @@ def select(
         reuse, reuse_how = _baseline(adapter, dataclasses.replace(config, method="step-reuse"), base, costs)
     except SlimdiffError:  # step reuse cannot keep this little: nothing to compare with
         return Selection(table, how, "dip-go", {})
-    same = table.compute == reuse.compute  # the search ended where it started: one run scores both
-    losses = held_out_consistency(
-        adapter, config, data, noises, {"dip-go": table} | ({} if same else {"step-reuse": reuse})
-    )
-    losses.setdefault("step-reuse", losses["dip-go"])
-    if losses["step-reuse"] < losses["dip-go"]:
-        why = "more consistent on held-out noises than the dip-go search's table"
-        why += f" ({losses['step-reuse']:.4f} vs {losses['dip-go']:.4f})"
-        return Selection(reuse, f"step reuse, {reuse_how}: {why}", "step-reuse", losses)
-    return Selection(table, how, "dip-go", losses)
+    candidates = {"dip-go": table, "step-reuse": dataclasses.replace(reuse, forecast_order=0)}
+    if reuse.forecast_order:
+        candidates["step-reuse-forecast"] = reuse
+    first = {}  # one held-out run per distinct table (the search may end where it started)
+    for name, candidate in candidates.items():
+        first.setdefault(json.dumps(candidate.to_json()), name)
+    scored = held_out_consistency(adapter, config, data, noises, {name: candidates[name] for name in first.values()})
+    losses = {name: scored[first[json.dumps(candidate.to_json())]] for name, candidate in candidates.items()}
+    best = min(losses, key=losses.__getitem__)
+    if best == "dip-go":
+        return Selection(table, how, "dip-go", losses)
+    order = candidates[best].forecast_order
+    why = "more consistent on held-out noises than the dip-go search's table"
+    why += f" ({losses[best]:.4f} vs {losses['dip-go']:.4f})"
+    return Selection(candidates[best], f"step reuse (forecast order {order}), {reuse_how}: {why}", best, losses)
 
 
 #: The search writes a resumable checkpoint every this many optimizer steps (where the calibration allows).
