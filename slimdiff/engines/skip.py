@@ -5,28 +5,32 @@ Zhu et al., *DiP-GO: A Diffusion Pruner via Few-step Gradient Optimization* (Neu
 The product is a table, not new weights: for one sampler (scheduler class, its trajectory settings, number of steps,
 its timesteps), whether each unit is computed or reused at each step.
 
-1. Runtime. `attach(model, table)` registers `diffusers.hooks` hooks: one on the model, which works out the step
-   from the timestep it is called with, and one per unit, which returns the unit's output from the last step it
-   ran when the table says "reuse". Step 0 computes everything; a unit whose every consumer is skipped at a step is
-   dead and skipped too. Several calls at one timestep (separate conditional and unconditional calls) each get
-   their own cache slot; a doubled guidance batch is one call. A new sampling run starts whenever the table's
-   first timestep comes again; a timestep the table was not made for is refused, and so is, at the start of each
-   run, the scheduler of a diffusers pipeline calling the model (found up the call stack) when its class or
-   trajectory settings are not the table's (DDPM and DDIM share their "leading" timesteps). The table declares its
-   `SamplingPlan` (engines/base.py): per step, the fraction of a full call's MACs it runs, counted on first ask.
+1. Runtime. `attach(model, table)` registers `diffusers.hooks` hooks: one on the model, which works out the step from
+   the timestep it is called with, and one per unit, which returns the unit's output from the last step it ran when
+   the table says "reuse" — or, with the table's `forecast_order` 1 or 2, a Taylor forecast of it from its last 2 or
+   3 computed steps over the actual timestep gaps (Liu et al., TaylorSeer, ICCV 2025). Step 0 computes everything; a
+   unit whose every consumer is skipped at a step is dead and skipped too. Several calls at one timestep (separate
+   conditional and unconditional calls) each get their own cache slot; a doubled guidance batch is one call. A new
+   sampling run starts whenever the table's first timestep comes again; a timestep the table was not made for is
+   refused, and so is, at the start of each run, the scheduler of a diffusers pipeline calling the model (found up
+   the call stack) when its class or trajectory settings are not the table's (DDPM and DDIM share their "leading"
+   timesteps). The table declares its `SamplingPlan` (engines/base.py): per step, the fraction of a full call's MACs
+   it runs, counted on first ask.
 2. Units. `block` = `Adapter.blocks()`; `layer` = every resnet, attention and up/down-sampler inside the U-Net's
    blocks (DeepCache's branches), or the attention and the MLP of every DiT block (Learning-to-Cache; a DiT layer
    unit caches its branch output, the residual add and adaLN gate stay fresh).
 3. Search (`dip-go`). A pruner network maps N×S learnable queries (units × steps) through self-attention and an MLP
    to keep/skip logits, offset by a prior: the step-reuse table at the target (default) or "keep everything" (the
-   paper's start). Gates are hard with a straight-through gradient; every unit runs
-   and returns `g·fresh + (1−g)·cache`, so the gated trajectory from fixed noise is differentiable in the gates.
+   paper's start). Gates are hard with a straight-through gradient; every unit runs and returns
+   `g·fresh + (1−g)·cache` (the cache: the table's forecast from the unit's kept steps), so the gated trajectory
+   from fixed noise is differentiable in the gates.
    Loss = 1 − SSIM (or MSE) between the final samples of the gated and the full trajectory + α · the expected kept
    fraction of the sampling MACs (dead units counted as dead), the sparsity term dropped once below the target.
    The denoiser is frozen. Post-processing (METHODS §4): from the output side to the input side, skip the steps
    with the highest skip probability above a threshold (0.95, lowered by 0.05 per sweep, never step 0) until the
    table keeps at most the target fraction of the sampling MACs. By default the table is then compared with step
-   reuse at the same budget on held-out noises and the more consistent one is shipped (`fallback`).
+   reuse at the same budget (reusing, and forecasting with the table's order) on held-out noises and the most
+   consistent one is shipped (`fallback`).
 4. Baselines through the same runtime: `deepcache` (full steps at a uniform or non-uniform interval, otherwise
    only the shallow branch — the first units and the up-side units that consume them) and `step-reuse` (full steps
    at an interval, otherwise the whole step's output reused). For DDIM, step reuse is the same sampler with fewer
