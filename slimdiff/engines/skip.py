@@ -97,6 +97,12 @@ UNIT_HOOK = "slimdiff_skip_unit"
 FORECAST_ORDERS: tuple[int, ...] = (0, 1, 2)
 
 
+def check_forecast_order(order: int) -> None:
+    """Refuse a forecast order the runtime does not have, naming the valid ones."""
+    if order not in FORECAST_ORDERS:
+        raise SlimdiffError(f"forecast_order {order} is not one of {', '.join(map(str, FORECAST_ORDERS))}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # units
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,10 +224,7 @@ class SkipTable:
 
     def __post_init__(self) -> None:
         steps, width = len(self.timesteps), len(self.units)
-        if self.forecast_order not in FORECAST_ORDERS:
-            raise SlimdiffError(
-                f"skip table: forecast_order {self.forecast_order} is not one of {', '.join(map(str, FORECAST_ORDERS))}"
-            )
+        check_forecast_order(self.forecast_order)
         if steps < 2:
             raise SlimdiffError(f"a skip table needs at least 2 steps (got {steps})")
         if len(self.compute) != steps or any(len(row) != width for row in self.compute):
@@ -688,10 +691,7 @@ class SkipConfig(LatencyBudget):
             raise SlimdiffError(f"target_macs {self.target_macs} must be a fraction of a full run's MACs in (0, 1)")
         if self.steps < 2:
             raise SlimdiffError(f"steps must be ≥ 2 (got {self.steps})")
-        if self.forecast_order not in FORECAST_ORDERS:
-            raise SlimdiffError(
-                f"forecast_order {self.forecast_order} is not one of {', '.join(map(str, FORECAST_ORDERS))}"
-            )
+        check_forecast_order(self.forecast_order)
         for name, value, valid in (
             ("scheduler", self.scheduler, tuple(SAMPLERS)),
             ("method", self.method, METHODS),
@@ -718,11 +718,13 @@ class SkipConfig(LatencyBudget):
         return self.target_macs * (1 + self.tolerance)
 
 
-def _sampler(config: SkipConfig, schedule: dict[str, Any] | None) -> tuple[str, list[float], dict[str, Any]]:
-    """The configured sampler: its class name, timesteps and trajectory settings."""
+def _base_table(adapter: Adapter, config: SkipConfig, schedule: dict[str, Any] | None) -> SkipTable:
+    """The all-compute table of the configured sampler (over the noise `schedule`), granularity and forecast order."""
     sched = make_scheduler(config.scheduler, schedule)
     sched.set_timesteps(config.steps)
-    return type(sched).__name__, [float(t) for t in sched.timesteps], sampler_settings(sched)
+    units = skip_units(adapter, config.granularity)
+    timesteps, settings = [float(t) for t in sched.timesteps], sampler_settings(sched)
+    return SkipTable.full(type(sched).__name__, timesteps, units, config.granularity, settings, config.forecast_order)
 
 
 def full_steps(steps: int, count: int, schedule: str, center: float = 0.3, power: float = 1.4) -> list[int]:
@@ -1250,15 +1252,13 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
     """Find a skip table for the configured sampler; the model is returned untouched, the table as an artifact."""
     config.validate()
     start = time.perf_counter()
-    scheduler, timesteps, settings = _sampler(config, data.schedule)
-    units = skip_units(adapter, config.granularity)
-    base = SkipTable.full(scheduler, timesteps, units, config.granularity, settings, config.forecast_order)
+    base = _base_table(adapter, config, data.schedule)
     costs = unit_costs(adapter.model, base.units)
     record: dict[str, Any] = {
         "method": config.method,
         "granularity": config.granularity,
         "forecast_order": config.forecast_order,
-        "units": len(units),
+        "units": len(base.units),
     }
     skip_probs: torch.Tensor | None = None
     noises: _Noises | None = None
@@ -1303,7 +1303,7 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
         achieved={"sampling_macs": kept} | (fit.achieved() if fit else {}),
         record=record,
         summary=f"skip table ({config.method}, {config.granularity}, forecast order {config.forecast_order}): "
-        f"{kept:.1%} of the sampling MACs of {scheduler} with {config.steps} steps; {how}"
+        f"{kept:.1%} of the sampling MACs of {base.scheduler} with {config.steps} steps; {how}"
         + (fit.summary() if fit else ""),
         artifacts={ARTIFACT: table.to_json()},
         seconds=seconds,
@@ -1329,9 +1329,7 @@ def apply_skip(
                 "budget is searched on data: slimdiff.compress(model, SkipConfig(...), data)"
             )
         adapter = adapter_for(model)
-        scheduler, timesteps, settings = _sampler(config, schedule)
-        units = skip_units(adapter, config.granularity)
-        base = SkipTable.full(scheduler, timesteps, units, config.granularity, settings, config.forecast_order)
+        base = _base_table(adapter, config, schedule)
         table, _ = _baseline(adapter, config, base, unit_costs(model, base.units))
     else:
         table = table_or_config if isinstance(table_or_config, SkipTable) else SkipTable.from_json(table_or_config)
