@@ -8,6 +8,8 @@ The public API (imported lazily, so that `slimdiff --help` stays fast):
   (`slimdiff.settings`): the same fields, defaults and checks as the command's flags and a recipe step's keys
 - `load(dir)`, `save(model, dir)`, `load_architecture(dir)`, `Provenance` — pickle-free export (`slimdiff.export`)
 - `adapter_for(model)`, `build_tiny(name)` — the family adapters (`slimdiff.models`)
+- `apply_skip(model, table_or_config)`, `remove_skip(model)` — a skip table's hooks on an in-memory model, as
+  diffusers' `apply_first_block_cache` (`slimdiff.engines.skip`)
 - `train(...)` — the training loop (`slimdiff.train`); `sample(...)` — sampling through diffusers schedulers
 - `SlimdiffError` — raised for bad input
 """
@@ -34,6 +36,8 @@ _EXPORTS = {
     "Provenance": "slimdiff.export",
     "adapter_for": "slimdiff.models",
     "build_tiny": "slimdiff.models",
+    "apply_skip": "slimdiff.engines.skip",
+    "remove_skip": "slimdiff.engines.skip",
     "train": "slimdiff.train",
     "sample": "slimdiff.diffusion",
     "SlimdiffError": "slimdiff.errors",

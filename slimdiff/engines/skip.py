@@ -5,28 +5,32 @@ Zhu et al., *DiP-GO: A Diffusion Pruner via Few-step Gradient Optimization* (Neu
 The product is a table, not new weights: for one sampler (scheduler class, its trajectory settings, number of steps,
 its timesteps), whether each unit is computed or reused at each step.
 
-1. Runtime. `attach(model, table)` registers `diffusers.hooks` hooks: one on the model, which works out the step
-   from the timestep it is called with, and one per unit, which returns the unit's output from the last step it
-   ran when the table says "reuse". Step 0 computes everything; a unit whose every consumer is skipped at a step is
-   dead and skipped too. Several calls at one timestep (separate conditional and unconditional calls) each get
-   their own cache slot; a doubled guidance batch is one call. A new sampling run starts whenever the table's
-   first timestep comes again; a timestep the table was not made for is refused, and so is, at the start of each
-   run, the scheduler of a diffusers pipeline calling the model (found up the call stack) when its class or
-   trajectory settings are not the table's (DDPM and DDIM share their "leading" timesteps). The table declares its
-   `SamplingPlan` (engines/base.py): per step, the fraction of a full call's MACs it runs, counted on first ask.
+1. Runtime. `attach(model, table)` registers `diffusers.hooks` hooks: one on the model, which works out the step from
+   the timestep it is called with, and one per unit, which returns the unit's output from the last step it ran when
+   the table says "reuse" — or, with the table's `forecast_order` 1 or 2, a Taylor forecast of it from its last 2 or
+   3 computed steps over the actual timestep gaps (Liu et al., TaylorSeer, ICCV 2025). Step 0 computes everything; a
+   unit whose every consumer is skipped at a step is dead and skipped too. Several calls at one timestep (separate
+   conditional and unconditional calls) each get their own cache slot; a doubled guidance batch is one call. A new
+   sampling run starts whenever the table's first timestep comes again; a timestep the table was not made for is
+   refused, and so is, at the start of each run, the scheduler of a diffusers pipeline calling the model (found up
+   the call stack) when its class or trajectory settings are not the table's (DDPM and DDIM share their "leading"
+   timesteps). The table declares its `SamplingPlan` (engines/base.py): per step, the fraction of a full call's MACs
+   it runs, counted on first ask.
 2. Units. `block` = `Adapter.blocks()`; `layer` = every resnet, attention and up/down-sampler inside the U-Net's
    blocks (DeepCache's branches), or the attention and the MLP of every DiT block (Learning-to-Cache; a DiT layer
    unit caches its branch output, the residual add and adaLN gate stay fresh).
 3. Search (`dip-go`). A pruner network maps N×S learnable queries (units × steps) through self-attention and an MLP
    to keep/skip logits, offset by a prior: the step-reuse table at the target (default) or "keep everything" (the
-   paper's start). Gates are hard with a straight-through gradient; every unit runs
-   and returns `g·fresh + (1−g)·cache`, so the gated trajectory from fixed noise is differentiable in the gates.
+   paper's start). Gates are hard with a straight-through gradient; every unit runs and returns
+   `g·fresh + (1−g)·cache` (the cache: the table's forecast from the unit's kept steps), so the gated trajectory
+   from fixed noise is differentiable in the gates.
    Loss = 1 − SSIM (or MSE) between the final samples of the gated and the full trajectory + α · the expected kept
    fraction of the sampling MACs (dead units counted as dead), the sparsity term dropped once below the target.
    The denoiser is frozen. Post-processing (METHODS §4): from the output side to the input side, skip the steps
    with the highest skip probability above a threshold (0.95, lowered by 0.05 per sweep, never step 0) until the
    table keeps at most the target fraction of the sampling MACs. By default the table is then compared with step
-   reuse at the same budget on held-out noises and the more consistent one is shipped (`fallback`).
+   reuse at the same budget (reusing, and forecasting with the table's order) on held-out noises and the most
+   consistent one is shipped (`fallback`).
 4. Baselines through the same runtime: `deepcache` (full steps at a uniform or non-uniform interval, otherwise
    only the shallow branch — the first units and the up-side units that consume them) and `step-reuse` (full steps
    at an interval, otherwise the whole step's output reused). For DDIM, step reuse is the same sampler with fewer
@@ -89,6 +93,14 @@ GRANULARITIES: tuple[str, ...] = ("block", "layer")
 ARTIFACT = "skip_table"
 STEP_HOOK = "slimdiff_skip_step"
 UNIT_HOOK = "slimdiff_skip_unit"
+#: what a skipped unit returns: 0 reuses its last output, 1 and 2 forecast it (first/second-order Taylor)
+FORECAST_ORDERS: tuple[int, ...] = (0, 1, 2)
+
+
+def check_forecast_order(order: int) -> None:
+    """Refuse a forecast order the runtime does not have, naming the valid ones."""
+    if order not in FORECAST_ORDERS:
+        raise SlimdiffError(f"forecast_order {order} is not one of {', '.join(map(str, FORECAST_ORDERS))}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,7 +207,9 @@ class SkipTable:
     `timesteps` are the sampler's timesteps, one per step; `compute[step][unit]` follows `units`; `inputs` records
     what each unit consumes (for dead-unit propagation at run time); `settings` are the scheduler's trajectory
     settings (`engines.base.sampler_settings`), empty in tables saved before they were recorded (then the class and
-    the timesteps alone identify the sampler).
+    the timesteps alone identify the sampler). `forecast_order` is what a skipped unit returns: 0 its output from
+    the last step it ran (reuse), 1 or 2 a Taylor forecast from its last 2 or 3 computed steps (TaylorSeer); tables
+    saved before it was recorded reuse.
     """
 
     scheduler: str
@@ -206,9 +220,11 @@ class SkipTable:
     inputs: list[list[str]]
     compute: list[list[bool]]
     settings: dict[str, Any] = field(default_factory=dict)
+    forecast_order: int = 0
 
     def __post_init__(self) -> None:
         steps, width = len(self.timesteps), len(self.units)
+        check_forecast_order(self.forecast_order)
         if steps < 2:
             raise SlimdiffError(f"a skip table needs at least 2 steps (got {steps})")
         if len(self.compute) != steps or any(len(row) != width for row in self.compute):
@@ -233,6 +249,7 @@ class SkipTable:
             inputs=[[str(i) for i in row] for row in payload["inputs"]],
             compute=[[bool(c) for c in row] for row in payload["compute"]],
             settings=dict(payload.get("sampler_settings") or {}),
+            forecast_order=int(payload.get("forecast_order", 0)),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -245,6 +262,7 @@ class SkipTable:
             "inputs": self.inputs,
             "compute": self.compute,
             "sampler_settings": self.settings,
+            "forecast_order": self.forecast_order,
         }
 
     @classmethod
@@ -255,8 +273,10 @@ class SkipTable:
         units: Sequence[SkipUnit],
         granularity: str,
         settings: dict[str, Any] | None = None,
+        forecast_order: int = 0,
     ) -> SkipTable:
-        """The table that computes every unit at every step (of the sampler `scheduler` with `settings`)."""
+        """The table that computes every unit at every step (of the sampler `scheduler` with `settings`; skipped
+        units, once the table skips some, forecast with `forecast_order`)."""
         return cls(
             scheduler=scheduler,
             num_inference_steps=len(timesteps),
@@ -266,6 +286,7 @@ class SkipTable:
             inputs=[list(u.inputs) for u in units],
             compute=[[True] * len(units) for _ in timesteps],
             settings=dict(settings or {}),
+            forecast_order=forecast_order,
         )
 
     @property
@@ -336,15 +357,16 @@ class _RunState:
         self.step = -1
         self.slot = 0
         self.slots: int | None = None  # calls per step, known once step 1 is reached
-        self.caches: list[dict[str, Any]] = []
+        self.caches: list[dict[str, _History]] = []
         self.active = False
         self.paused = False
-        #: search mode: unit name → gate tensor for the current call (None: follow the table), the units' outputs
-        #: of the previous step (in) and of this one (out) — passed explicitly, so that a checkpointed step
-        #: recomputed in the backward pass sees its own inputs
+        #: search mode: unit name → gate tensor for the current call (None: follow the table), its timestep, and
+        #: the units' histories (`_History` timesteps and outputs) before this step (in) and after it (out) — passed
+        #: explicitly, so that a checkpointed step recomputed in the backward pass sees its own inputs
         self.gates: dict[str, torch.Tensor] | None = None
-        self.cache_in: dict[str, Any] = {}
-        self.cache_out: dict[str, Any] = {}
+        self.gated_t = 0.0
+        self.cache_in: dict[str, tuple[list[float], list[Any]]] = {}
+        self.cache_out: dict[str, tuple[list[float], list[Any]]] = {}
 
     def reset(self) -> None:
         self.step, self.slot, self.slots, self.caches = -1, 0, None, []
@@ -436,8 +458,42 @@ class _StepHook(ModelHook):
             state.active = False
 
 
+class _History:
+    """One unit's outputs at the last `order + 1` steps it computed (in one call slot), newest first, and its
+    forecast at another timestep: Σ_i f[t_0, …, t_i] · (t − t_0)^i — the Taylor series about the newest computed
+    step t_0 with the i-th derivative estimated as i! times the divided difference over the actual timestep gaps
+    (TaylorSeer's finite differences where the gaps are equal). Order 0, or one computed step so far, returns the
+    newest output itself."""
+
+    def __init__(self, order: int, timesteps: Sequence[float] = (), outputs: Sequence[Any] = ()) -> None:
+        self.order = order
+        self.timesteps, self.outputs = list(timesteps), list(outputs)
+
+    def add(self, t: float, output: Any) -> None:
+        self.timesteps = [t, *self.timesteps][: self.order + 1]
+        self.outputs = [output, *self.outputs][: self.order + 1]
+
+    def forecast(self, t: float) -> Any:
+        if len(self.outputs) == 1:
+            return self.outputs[0]
+        columns = zip(*(tree_flatten(output)[0] for output in self.outputs), strict=True)
+        leaves = [self._taylor(list(c), t) if isinstance(c[0], torch.Tensor) else c[0] for c in columns]
+        return tree_unflatten(leaves, tree_flatten(self.outputs[0])[1])
+
+    def _taylor(self, values: list[torch.Tensor], t: float) -> torch.Tensor:
+        ts, delta = self.timesteps, t - self.timesteps[0]
+        result, differences = values[0], values
+        for i in range(1, len(values)):
+            differences = [
+                (differences[j] - differences[j + 1]) / (ts[j] - ts[j + i]) for j in range(len(differences) - 1)
+            ]
+            result = result + differences[0] * delta**i
+        return result
+
+
 class _UnitHook(ModelHook):
-    """On a unit: compute, or return the output of the last step the unit ran (per call slot)."""
+    """On a unit: compute, or return the table's forecast of its output from the last steps it ran (order 0: the
+    output of the last step it ran), per call slot."""
 
     def __init__(self, state: _RunState, name: str, index: int) -> None:
         super().__init__()
@@ -447,17 +503,30 @@ class _UnitHook(ModelHook):
         state = self.state
         if not state.active:
             return self.fn_ref.original_forward(*args, **kwargs)
-        if state.gates is not None:  # search: always compute, blend with the previous step's output by the gate
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            if self.name in state.cache_in:
-                gate = state.gates[self.name]
-                out = tree_map(lambda fresh, cached: gate * fresh + (1 - gate) * cached, out, state.cache_in[self.name])
-            state.cache_out[self.name] = out
+        if state.gates is not None:  # search: always compute, blend with the table's forecast by the gate
+            fresh = out = self.fn_ref.original_forward(*args, **kwargs)
+            history = _History(state.table.forecast_order, *state.cache_in.get(self.name, ((), ())))
+            gate = state.gates[self.name] if history.outputs else None
+            if gate is not None:
+                forecast = history.forecast(state.gated_t)
+                out = tree_map(lambda new, cached: gate * new + (1 - gate) * cached, fresh, forecast)
+            if gate is not None and gate.item() < 0.5:  # skipped: the history keeps its values, the gate's gradient
+                history.outputs[0] = tree_map(
+                    lambda last, new, cached: last + gate * (new - cached), history.outputs[0], fresh, forecast
+                )
+            else:
+                history.add(state.gated_t, out)
+            state.cache_out[self.name] = (history.timesteps, history.outputs)
             return out
-        cache = state.caches[state.slot]
-        if state.live[state.step][self.index] or self.name not in cache:
-            cache[self.name] = self.fn_ref.original_forward(*args, **kwargs)
-        return cache[self.name]
+        history = state.caches[state.slot].get(self.name)
+        t = state.table.timesteps[state.step]
+        if history is not None and not state.live[state.step][self.index]:
+            return history.forecast(t)
+        if history is None:
+            history = state.caches[state.slot][self.name] = _History(state.table.forecast_order)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        history.add(t, output)
+        return output
 
 
 def _state_of(model: nn.Module) -> _RunState | None:
@@ -569,6 +638,13 @@ class SkipConfig(LatencyBudget):
     granularity: Granularity = field(
         default="block", metadata={"help": "block (U-Net/DiT blocks) or layer (resnets/attentions; DiT attn/MLP)."}
     )
+    forecast_order: int = field(
+        default=0,
+        metadata={
+            "help": "What a skipped unit returns: 0 its last output (reuse), 1 or 2 a first/second-order Taylor "
+            "forecast from its last computed steps (TaylorSeer)."
+        },
+    )
     schedule: Literal["uniform", "non-uniform"] = field(
         default="uniform", metadata={"help": "Baselines: full steps at a uniform or non-uniform (DeepCache) interval."}
     )
@@ -615,6 +691,7 @@ class SkipConfig(LatencyBudget):
             raise SlimdiffError(f"target_macs {self.target_macs} must be a fraction of a full run's MACs in (0, 1)")
         if self.steps < 2:
             raise SlimdiffError(f"steps must be ≥ 2 (got {self.steps})")
+        check_forecast_order(self.forecast_order)
         for name, value, valid in (
             ("scheduler", self.scheduler, tuple(SAMPLERS)),
             ("method", self.method, METHODS),
@@ -641,11 +718,13 @@ class SkipConfig(LatencyBudget):
         return self.target_macs * (1 + self.tolerance)
 
 
-def _sampler(config: SkipConfig, schedule: dict[str, Any]) -> tuple[str, list[float], dict[str, Any]]:
-    """The configured sampler: its class name, timesteps and trajectory settings."""
+def _base_table(adapter: Adapter, config: SkipConfig, schedule: dict[str, Any] | None) -> SkipTable:
+    """The all-compute table of the configured sampler (over the noise `schedule`), granularity and forecast order."""
     sched = make_scheduler(config.scheduler, schedule)
     sched.set_timesteps(config.steps)
-    return type(sched).__name__, [float(t) for t in sched.timesteps], sampler_settings(sched)
+    units = skip_units(adapter, config.granularity)
+    timesteps, settings = [float(t) for t in sched.timesteps], sampler_settings(sched)
+    return SkipTable.full(type(sched).__name__, timesteps, units, config.granularity, settings, config.forecast_order)
 
 
 def full_steps(steps: int, count: int, schedule: str, center: float = 0.3, power: float = 1.4) -> list[int]:
@@ -827,6 +906,7 @@ def _gated_step(
 
     def call(x: torch.Tensor, gate_row: torch.Tensor, *leaves: Any) -> tuple[torch.Tensor, ...]:
         state.gates = {name: gate_row[i] for i, name in enumerate(units)}
+        state.gated_t = float(t.flatten()[0])
         state.cache_in, state.cache_out = tree_unflatten(list(leaves), spec), {}
         eps = guided(adapter, x, t, cond, null, config.guidance_scale)
         out_leaves, made = tree_flatten(state.cache_out)
@@ -975,7 +1055,8 @@ def select(
     noises: _Noises | None,
 ) -> Selection:
     """Post-process the search's probabilities to the budget; with `fallback` step-reuse, compare the table with
-    step reuse at the same budget on the held-out `noises` and keep the more consistent one."""
+    step reuse at the same budget — reusing (`step-reuse`) and, for a forecasting table, forecasting with its order
+    (`step-reuse-forecast`) — on the held-out `noises` and keep the most consistent one (the search's on a tie)."""
     table = postprocess(skip_probs, base, costs, config.target_macs, config.tolerance, config.threshold)
     how = f"dip-go search, {config.iterations} iterations"
     if config.fallback == "none" or noises is None:
@@ -984,16 +1065,21 @@ def select(
         reuse, reuse_how = _baseline(adapter, dataclasses.replace(config, method="step-reuse"), base, costs)
     except SlimdiffError:  # step reuse cannot keep this little: nothing to compare with
         return Selection(table, how, "dip-go", {})
-    same = table.compute == reuse.compute  # the search ended where it started: one run scores both
-    losses = held_out_consistency(
-        adapter, config, data, noises, {"dip-go": table} | ({} if same else {"step-reuse": reuse})
-    )
-    losses.setdefault("step-reuse", losses["dip-go"])
-    if losses["step-reuse"] < losses["dip-go"]:
-        why = "more consistent on held-out noises than the dip-go search's table"
-        why += f" ({losses['step-reuse']:.4f} vs {losses['dip-go']:.4f})"
-        return Selection(reuse, f"step reuse, {reuse_how}: {why}", "step-reuse", losses)
-    return Selection(table, how, "dip-go", losses)
+    candidates = {"dip-go": table, "step-reuse": dataclasses.replace(reuse, forecast_order=0)}
+    if reuse.forecast_order:
+        candidates["step-reuse-forecast"] = reuse
+    first = {}  # one held-out run per distinct table (the search may end where it started)
+    for name, candidate in candidates.items():
+        first.setdefault(json.dumps(candidate.to_json()), name)
+    scored = held_out_consistency(adapter, config, data, noises, {name: candidates[name] for name in first.values()})
+    losses = {name: scored[first[json.dumps(candidate.to_json())]] for name, candidate in candidates.items()}
+    best = min(losses, key=losses.__getitem__)
+    if best == "dip-go":
+        return Selection(table, how, "dip-go", losses)
+    order = candidates[best].forecast_order
+    why = "more consistent on held-out noises than the dip-go search's table"
+    why += f" ({losses[best]:.4f} vs {losses['dip-go']:.4f})"
+    return Selection(candidates[best], f"step reuse (forecast order {order}), {reuse_how}: {why}", best, losses)
 
 
 #: The search writes a resumable checkpoint every this many optimizer steps (where the calibration allows).
@@ -1166,11 +1252,14 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
     """Find a skip table for the configured sampler; the model is returned untouched, the table as an artifact."""
     config.validate()
     start = time.perf_counter()
-    scheduler, timesteps, settings = _sampler(config, data.schedule)
-    units = skip_units(adapter, config.granularity)
-    base = SkipTable.full(scheduler, timesteps, units, config.granularity, settings)
+    base = _base_table(adapter, config, data.schedule)
     costs = unit_costs(adapter.model, base.units)
-    record: dict[str, Any] = {"method": config.method, "granularity": config.granularity, "units": len(units)}
+    record: dict[str, Any] = {
+        "method": config.method,
+        "granularity": config.granularity,
+        "forecast_order": config.forecast_order,
+        "units": len(base.units),
+    }
     skip_probs: torch.Tensor | None = None
     noises: _Noises | None = None
 
@@ -1213,11 +1302,44 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
         model=adapter.model,
         achieved={"sampling_macs": kept} | (fit.achieved() if fit else {}),
         record=record,
-        summary=f"skip table ({config.method}, {config.granularity}): {kept:.1%} of the sampling MACs of "
-        f"{scheduler} with {config.steps} steps; {how}" + (fit.summary() if fit else ""),
+        summary=f"skip table ({config.method}, {config.granularity}, forecast order {config.forecast_order}): "
+        f"{kept:.1%} of the sampling MACs of {base.scheduler} with {config.steps} steps; {how}"
+        + (fit.summary() if fit else ""),
         artifacts={ARTIFACT: table.to_json()},
         seconds=seconds,
     )
+
+
+def apply_skip(
+    model: nn.Module, table_or_config: SkipTable | dict[str, Any] | SkipConfig, schedule: dict[str, Any] | None = None
+) -> SkipTable:
+    """Make a diffusers model (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, …) skip units at sampling
+    time, in the style of diffusers' `apply_first_block_cache(model, config)`; returns the table attached.
+
+    `table_or_config` is a skip table (or its JSON, e.g. `skip_table.json` of a saved model) or a `SkipConfig` of a
+    table that needs no search — `method` step-reuse or deepcache at `target_macs` — made for the sampler over
+    `schedule` (the model's training noise-scheduler config; default diffusers' DDPM schedule). A dip-go table is
+    searched on data: `slimdiff.compress(model, SkipConfig(...), data)`. `remove_skip(model)` undoes it."""
+    if isinstance(table_or_config, SkipConfig):
+        config = table_or_config
+        config.validate()
+        if config.method == "dip-go" or config.target_macs is None:
+            raise SlimdiffError(
+                "apply_skip makes step-reuse and deepcache tables at a target_macs; a dip-go table or a latency "
+                "budget is searched on data: slimdiff.compress(model, SkipConfig(...), data)"
+            )
+        adapter = adapter_for(model)
+        base = _base_table(adapter, config, schedule)
+        table, _ = _baseline(adapter, config, base, unit_costs(model, base.units))
+    else:
+        table = table_or_config if isinstance(table_or_config, SkipTable) else SkipTable.from_json(table_or_config)
+    attach(model, table)
+    return table
+
+
+def remove_skip(model: nn.Module) -> None:
+    """Undo `apply_skip` (or a table attached on load): the model computes every unit again."""
+    detach(model)
 
 
 register_artifact(ARTIFACT, attach)
