@@ -52,4 +52,6 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    """The public API and the submodules already imported (not this module's own helpers)."""
+    submodules = [name for name, value in globals().items() if type(value).__name__ == "module" and name != "importlib"]
+    return sorted({*__all__, *submodules})
