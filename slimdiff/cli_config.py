@@ -143,17 +143,19 @@ def settings_command(
 
 
 def engine_command(engine: Engine) -> click.Command:
-    """`slimdiff compress ENGINE MODEL_DIR --out DIR --data D [config fields]`."""
+    """`slimdiff compress ENGINE MODEL_DIR --out DIR --data D [--device, --dtype] [config fields]`."""
     from slimdiff.data.config import DataConfig
+    from slimdiff.settings import DeviceConfig
 
-    def run(config: Any, model_dir: Path, out: Path, data: DataConfig) -> None:
+    def run(config: Any, model_dir: Path, out: Path, data: DataConfig, place: DeviceConfig) -> None:
         from slimdiff.jobs.compression import compress_model
 
-        result = compress_model(engine.name, model_dir, data, out, config, log=click.echo)
+        result = compress_model(engine.name, model_dir, data, out, config, place=place, log=click.echo)
         click.echo(f"{result.summary or 'compressed'} in {result.seconds:.0f} s → {out}")
 
     params: list[click.Parameter] = [
         click.Argument(["model_dir"], type=click.Path(path_type=Path)),
         click.Option(["--out"], type=click.Path(path_type=Path), required=True, help="Output directory."),
     ]
-    return settings_command(engine.name, engine.config, run, params, groups={"data": DataConfig}, help=engine.help)
+    groups = {"data": DataConfig, "place": DeviceConfig}
+    return settings_command(engine.name, engine.config, run, params, groups=groups, help=engine.help)
