@@ -118,7 +118,7 @@ def test_eval_memory_metric_is_positive_and_grows_with_the_batch(tmp_path: Path)
 def test_compress_on_a_device_in_bf16_keeps_fp32_weights_and_records_where(tmp_path: Path) -> None:
     model_dir = _saved(tmp_path)
     engine = get_engine("channels")
-    config = engine.make_config(target_macs=0.6, calibration_size=8)
+    config = engine.make_config(target_macs=0.6, importance="taylor", calibration_size=8)
     out = tmp_path / "pruned"
     compress_model("channels", model_dir, "digits", out, config, place=DeviceConfig("cpu", "bf16"), progress=False)
     entry = read_provenance(out).history[-1]
