@@ -70,7 +70,10 @@ class DeviceConfig:
     device: str = field(
         default="auto", metadata={"help": "auto (the GPU when there is one, else cpu), cpu, cuda, cuda:N or mps."}
     )
-    dtype: Precision = field(default="fp32", metadata={"help": "Precision of the weights: fp32, bf16 or fp16."})
+    dtype: Precision = field(
+        default="fp32",
+        metadata={"help": "fp32, bf16 or fp16 (sample, eval: weights cast; compress: autocast, fp32 weights kept)."},
+    )
 
     def validate(self) -> None:
         check(self, {}, what="device setting")
