@@ -1,4 +1,4 @@
-"""Engines compose (issue 17): channels 50 % MACs (+ fine-tune) × a skip table, and latency budgets, per teacher.
+"""Engines compose: channels 50 % MACs (+ fine-tune) × a skip table, and latency budgets, per teacher.
 
     OMP_NUM_THREADS=1 python benchmarks/compose.py --teachers /work/runs/demo/teacher /work/runs/external-teacher \
         --work /work/runs/compose --out benchmarks/results/compose.json

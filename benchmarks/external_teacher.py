@@ -22,7 +22,7 @@ sibling, then renamed). `--resume` continues from the checkpoint saved every `--
     OMP_NUM_THREADS=1 python benchmarks/external_teacher.py --out /work/runs/external-teacher
 
 The benchmark teacher in /work/runs/external-teacher is `--steps 2000 --stop-after 1250`: the EMA weights after
-1250 steps of a 2000-step schedule (the issue's user trained 3000; on the shared 2-core machine one step took
+1250 steps of a 2000-step schedule (a user would train 3000; on the shared 2-core machine one step took
 0.5-9 s at one thread, so the run was stopped at its step-1250 checkpoint and finished with `--resume`, which
 restores the weights, EMA, optimiser, schedule and RNG state, so it continues the same run).
 """

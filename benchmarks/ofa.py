@@ -113,7 +113,7 @@ def ofa_row(
             checkpoint_every=max(args.steps // 4, 1),
             seed=args.seed,
         )
-        result = compress_model("ofa", args.teacher, "digits", work, config, progress=False)
+        result = compress_model("ofa", args.teacher, "digits", work, config, resume=True, progress=False)
         per_size = {}
         for size, path in names.items():
             entry = read_provenance(path).history[-1]

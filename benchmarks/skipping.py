@@ -178,7 +178,7 @@ def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
             config = bench.skip_config(method=method, granularity=granularity, steps=ref_steps, target_macs=fraction)
             out = work / key
             try:
-                result = compress_model("skip", args.teacher, "digits", out, config)
+                result = compress_model("skip", args.teacher, "digits", out, config, resume=True)
             except SlimdiffError as error:
                 bench.add(
                     {
@@ -226,7 +226,7 @@ def dip_go(bench: Bench, ref_steps: int, fractions: list[float], granularity: st
         )
         out = args.work / f"ddim{ref_steps}" / key
         start = time.perf_counter()
-        result = compress_model("skip", args.teacher, "digits", out, config, log=print)
+        result = compress_model("skip", args.teacher, "digits", out, config, resume=True, log=print)
         how = {
             "method": "dip-go",
             "granularity": granularity,

@@ -15,13 +15,12 @@ from pathlib import Path
 import click
 
 from slimdiff import __version__
-from slimdiff.cli_config import settings_command
+from slimdiff.cli_config import overwrite_option, resume_option, settings_command
 from slimdiff.data.config import DataConfig
 from slimdiff.errors import SlimdiffError
 from slimdiff.settings import CompareSettings, EvalSettings, FinetuneConfig, SampleConfig, TrainConfig
 
 PathArg = click.Path(path_type=Path)
-resume_option = click.Option(["--resume"], is_flag=True, help="Continue from the latest checkpoint in --out.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,29 +56,40 @@ def info(model_dir: Path, as_json: bool) -> None:
         click.echo("made by: " + " → ".join(report["chain"]))
 
 
-def _sample(config: SampleConfig, model_dir: Path, out: Path) -> None:
+def _sample(config: SampleConfig, model_dir: Path, out: Path, overwrite: bool) -> None:
     """Sample a seeded, batched grid of images."""
     from slimdiff.jobs.sampling import sample_model
 
     start = time.perf_counter()
-    memory = sample_model(model_dir, out, config).memory
+    memory = sample_model(model_dir, out, config, overwrite=overwrite).memory
     click.echo(
         f"wrote {out} ({config.n} samples, {config.scheduler} {config.steps} steps, "
         f"{time.perf_counter() - start:.1f} s, peak memory {memory.bytes / 2**20:.1f} MiB: {memory.counts})"
     )
 
 
-def _train(config: TrainConfig, out: Path, model: str, resume: bool, data: DataConfig) -> None:
+def _train(config: TrainConfig, out: Path, model: str, resume: bool, overwrite: bool, data: DataConfig) -> None:
     import torch
 
     from slimdiff.jobs.training import new_model, train_model
 
     torch.manual_seed(config.seed)
-    result = train_model(new_model(model), data, out, config, source=f"scratch:{model}", resume=resume, log=click.echo)
+    result = train_model(
+        new_model(model),
+        data,
+        out,
+        config,
+        source=f"scratch:{model}",
+        resume=resume,
+        overwrite=overwrite,
+        log=click.echo,
+    )
     click.echo(f"trained {config.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
-def _finetune(config: FinetuneConfig, model_dir: Path, out: Path, resume: bool, data: DataConfig) -> None:
+def _finetune(
+    config: FinetuneConfig, model_dir: Path, out: Path, resume: bool, overwrite: bool, data: DataConfig
+) -> None:
     from slimdiff.jobs import training
 
     result = training.finetune_model(
@@ -90,15 +100,18 @@ def _finetune(config: FinetuneConfig, model_dir: Path, out: Path, resume: bool, 
         teacher_dir=config.teacher,
         kd=config.distillation(),
         resume=resume,
+        overwrite=overwrite,
         log=click.echo,
     )
     click.echo(f"fine-tuned {config.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
 
 
-def _evaluate(settings: EvalSettings, model_dir: Path, json_out: Path | None) -> None:
-    from slimdiff.io import atomic_write_json
+def _evaluate(settings: EvalSettings, model_dir: Path, json_out: Path | None, overwrite: bool) -> None:
+    from slimdiff.io import atomic_write_json, check_output_file
     from slimdiff.jobs.evaluation import eval_table, evaluate_model
 
+    if json_out is not None:
+        check_output_file(json_out, overwrite=overwrite)
     report = evaluate_model(model_dir, settings)
     click.echo(eval_table(report))
     if json_out is not None:
@@ -106,7 +119,7 @@ def _evaluate(settings: EvalSettings, model_dir: Path, json_out: Path | None) ->
         click.echo(f"wrote {json_out}")
 
 
-def _compare(settings: CompareSettings, model_dirs: tuple[Path, ...], out: Path) -> None:
+def _compare(settings: CompareSettings, model_dirs: tuple[Path, ...], out: Path, resume: bool, overwrite: bool) -> None:
     from slimdiff.jobs.evaluation import compare_models
 
     index = compare_models(
@@ -115,6 +128,8 @@ def _compare(settings: CompareSettings, model_dirs: tuple[Path, ...], out: Path)
         settings.evaluation(),
         curve_steps=settings.curve_steps,
         curve_schedulers=settings.curve_schedulers,
+        resume=resume,
+        overwrite=overwrite,
     )
     click.echo(f"wrote {index}")
 
@@ -132,7 +147,7 @@ app.add_command(
         "sample",
         SampleConfig,
         _sample,
-        [_model_dir(), _out("PNG grid to write.")],
+        [_model_dir(), _out("PNG grid to write."), overwrite_option()],
         help="Sample a seeded, batched grid of images.",
     )
 )
@@ -149,7 +164,8 @@ app.add_command(
                 show_default=True,
                 help="tiny-unet, tiny-sd, tiny-dit or a config.json.",
             ),
-            resume_option,
+            resume_option(),
+            overwrite_option(),
         ],
         groups={"data": DataConfig},
         help="Train a model from scratch (e.g. a teacher on digits); the final EMA weights land in --out.",
@@ -160,7 +176,7 @@ app.add_command(
         "finetune",
         FinetuneConfig,
         _finetune,
-        [_model_dir(), _out("Output directory."), resume_option],
+        [_model_dir(), _out("Output directory."), resume_option(), overwrite_option()],
         groups={"data": DataConfig},
         help="Fine-tune a (compressed) model, optionally distilling from a teacher.",
     )
@@ -170,7 +186,11 @@ app.add_command(
         "eval",
         EvalSettings,
         _evaluate,
-        [_model_dir(), click.Option(["--json", "json_out"], type=PathArg, help="Write the results as JSON here.")],
+        [
+            _model_dir(),
+            click.Option(["--json", "json_out"], type=PathArg, help="Write the results as JSON here."),
+            overwrite_option(),
+        ],
         help="Measure quality (FID/KID/IS/precision-recall/CLIP), MACs and latency; print a table, write JSON.",
     )
 )
@@ -182,6 +202,8 @@ app.add_command(
         [
             click.Argument(["model_dirs"], type=PathArg, nargs=-1, required=True),
             _out("Report directory (index.html, plots, grids)."),
+            resume_option(),
+            overwrite_option(),
         ],
         help="Evaluate several models alike and write one HTML report: table with each model's chain, quality vs "
         "sampling MACs and vs sampling time (Pareto front, the teacher's step curve), MACs per block, sample grids.",

@@ -28,6 +28,24 @@ if TYPE_CHECKING:
 _SCALARS: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
+def resume_option() -> click.Option:
+    """`--resume`: continue the run already in --out (`slimdiff.io.output_dir`)."""
+    return click.Option(
+        ["--resume"],
+        is_flag=True,
+        help="Continue the run already in --out (from its latest checkpoint or saved state).",
+    )
+
+
+def overwrite_option() -> click.Option:
+    """`--overwrite`: replace what --out holds (`slimdiff.io.output_dir`, `slimdiff.io.check_output_file`)."""
+    return click.Option(
+        ["--overwrite"],
+        is_flag=True,
+        help="Replace what --out holds: the new result is built beside it and swapped in when done.",
+    )
+
+
 class CommaSeparated(click.ParamType):
     """`0.3,0.5,0.75` → a tuple of one scalar type."""
 
@@ -147,15 +165,21 @@ def engine_command(engine: Engine) -> click.Command:
     from slimdiff.data.config import DataConfig
     from slimdiff.settings import DeviceConfig
 
-    def run(config: Any, model_dir: Path, out: Path, data: DataConfig, place: DeviceConfig) -> None:
+    def run(
+        config: Any, model_dir: Path, out: Path, resume: bool, overwrite: bool, data: DataConfig, place: DeviceConfig
+    ) -> None:
         from slimdiff.jobs.compression import compress_model
 
-        result = compress_model(engine.name, model_dir, data, out, config, place=place, log=click.echo)
+        result = compress_model(
+            engine.name, model_dir, data, out, config, place=place, resume=resume, overwrite=overwrite, log=click.echo
+        )
         click.echo(f"{result.summary or 'compressed'} in {result.seconds:.0f} s → {out}")
 
     params: list[click.Parameter] = [
         click.Argument(["model_dir"], type=click.Path(path_type=Path)),
         click.Option(["--out"], type=click.Path(path_type=Path), required=True, help="Output directory."),
+        resume_option(),
+        overwrite_option(),
     ]
     groups = {"data": DataConfig, "place": DeviceConfig}
     return settings_command(engine.name, engine.config, run, params, groups=groups, help=engine.help)

@@ -132,7 +132,8 @@ def run_demo(out: str | Path, echo: Callable[[str], None] = print) -> dict[str, 
     out = Path(out)
     teacher_dir = ensure_teacher(out, echo)
     echo(f"[2/4] teacher samples: DDIM {EVALUATION.steps} steps")
-    sample_model(teacher_dir, out / "teacher_samples.png", SampleConfig(n=64, steps=EVALUATION.steps), progress=False)
+    grid = out / "teacher_samples.png"
+    sample_model(teacher_dir, grid, SampleConfig(n=64, steps=EVALUATION.steps), overwrite=True, progress=False)
     echo(f"[3/4] {len(ROWS)} recipes, one per engine (resumable)")
     made = run_rows(teacher_dir, out, echo)
 
@@ -149,6 +150,7 @@ def run_demo(out: str | Path, echo: Callable[[str], None] = print) -> dict[str, 
         EVALUATION,
         names=["teacher", *made],
         curve_steps=curve_steps,
+        resume=True,
         progress=False,
     )
     rows = _table(out / "report", ["teacher", *made], teacher_macs)

@@ -281,12 +281,14 @@ def _same_weights(state: dict[str, torch.Tensor], source_dir: str | Path) -> Pat
 def _share_weights(source: Path, target: Path) -> dict[str, str] | None:
     """Hard-link `source` (a weights file) to `target`: None on success; where the filesystem refuses, the reference
     to record instead (`source`'s absolute path and sha256), `target` removed."""
+    tmp = target.with_name(f".{target.name}.link.tmp")  # not `atomic_path`: it would re-mode the shared inode
     try:
-        with atomic_path(target) as tmp:
-            tmp.unlink()
-            os.link(source, tmp)
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, target)
         return None
     except OSError:
+        tmp.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
         return {"path": str(source.resolve()), "sha256": sha256_file(source)}
 

@@ -1,4 +1,10 @@
-"""Atomic file and directory writes: a reader never sees a half-written file, a crash never loses the old one."""
+"""Atomic file and directory writes, and the output policy of every command.
+
+A reader never sees a half-written file, a crash never loses the old one, and what is written gets the modes a
+plain `open` would give under the current umask (0644 files, 0755 folders under umask 022) — `mkstemp`'s 0600 and
+`mkdtemp`'s 0700 are widened to those. `output_dir` / `check_output_file`: an output that holds anything is
+refused unless the caller resumes the same run or overwrites it (built beside it, swapped in atomically).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +32,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc where it exists, so that no other thread sees a changed umask)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path) -> None:
+    """Give `path`, and all a folder holds, the modes `open`/`mkdir` would have given them under the current umask
+    (writers such as `mkstemp`, `mkdtemp` and safetensors' `save_file` make them private)."""
+    umask = current_umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    if path.is_dir():
+        for root, folders, files in os.walk(path):
+            for name in folders:
+                os.chmod(os.path.join(root, name), 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; whatever the block writes there replaces `path` only on success."""
@@ -36,6 +68,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _as_created(tmp)
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,17 +104,81 @@ def atomic_dir(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old)
+        _as_created(tmp)
+        _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename the finished folder `tmp` to `path`; an old `path` is moved aside first and removed only after."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _holds_something(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _refusal(path: Path, what: str, flags: str) -> SlimdiffError:
+    return SlimdiffError(f"{path} already holds {what}; pass {flags}, or choose another output")
+
+
+@contextmanager
+def output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """The folder a command writes its result into; the one policy for every command's `--out`.
+
+    An absent or empty `path` is used as it is. One that holds anything is refused unless `resume` (the block
+    continues the run already there: it is yielded as it is) or `overwrite` (the sibling `.<name>.overwrite` is
+    yielded, fresh, and swapped in for `path` only once the block completes; the old folder is removed after the
+    swap, and on an error the old one is left untouched). Under `accelerate launch` every process gets the same
+    folder; the main process creates, swaps and removes.
+    """
+    from accelerate import PartialState
+
+    path, state = Path(path), PartialState()
+    if resume and overwrite:
+        raise SlimdiffError("--resume continues the run in the output and --overwrite replaces it: choose one")
+    if path.exists() and not path.is_dir():
+        raise SlimdiffError(f"output path {path} exists and is not a directory")
+    replace = _holds_something(path) and not resume
+    if replace and not overwrite:
+        raise _refusal(path, "files", "--resume to continue the run there or --overwrite to replace it")
+    state.wait_for_everyone()  # every process has looked before any writes
+    work = path.with_name(f".{path.name}.overwrite") if replace else path
+    if state.is_main_process:
+        if replace:
+            shutil.rmtree(work, ignore_errors=True)  # what an interrupted --overwrite left
+        work.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    try:
+        yield work
+        state.wait_for_everyone()
+        if replace and state.is_main_process:
+            _swap_in(work, path)
+    except BaseException:
+        if replace and state.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    state.wait_for_everyone()
+
+
+def check_output_file(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse, before any work, to replace an existing output file unless `overwrite` (writers then replace it
+    atomically); refuse a folder in its place."""
+    path = Path(path)
+    if path.is_dir():
+        raise SlimdiffError(f"output path {path} is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise _refusal(path, "a file", "--overwrite to replace it")
+    return path
 
 
 def sha256_file(path: str | Path) -> str:

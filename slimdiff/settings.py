@@ -96,8 +96,9 @@ class TrainConfig:
     """Settings of one training run; the defaults train the digits teacher (`slimdiff train`, docs/training.md).
 
     `batch_size` is the global batch (split across processes). The learning rate rises linearly from 0 over the
-    first `warmup_steps` optimizer steps (cosine and linear schedules), then decays; a run shorter than its warm-up
-    ends before the peak — the setting is recorded as given, never adjusted.
+    first `warmup_steps` optimizer steps (cosine and linear schedules), then decays. A warm-up longer than the run is
+    recorded as given and warms up over the whole run (the schedule uses `min(warmup_steps, steps)`), so the same
+    settings resumed with more steps keep the same record.
     """
 
     steps: int = field(default=1500, metadata={"help": "Optimizer steps."})

@@ -44,7 +44,15 @@ from slimdiff.distill import (
     output_kd_loss,
 )
 from slimdiff.errors import SlimdiffError
-from slimdiff.io import atomic_dir, atomic_write_json, load_optimizer_tensors, optimizer_tensors, read_json
+from slimdiff.export import SPEC_NAME
+from slimdiff.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    read_json,
+)
 from slimdiff.models import Adapter, adapter_for
 from slimdiff.models.unet import with_time_ids
 from slimdiff.settings import TrainConfig as TrainConfig
@@ -175,15 +183,19 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, model: nn.Module, ema: EMAModel, optimizer: torch.optim.Optimizer, lr_scheduler: Any
-) -> dict[str, Any]:
-    state = read_json(path / "state.json", "checkpoint state")
+    path: Path,
+    state: dict[str, Any],
+    model: nn.Module,
+    ema: EMAModel,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+) -> None:
+    """Load the tensors of the checkpoint at `path` (whose `state.json` holds `state`) into the run's objects."""
     model.load_state_dict(load_file(path / "model.safetensors"))
     shadow = load_file(path / "ema.safetensors")
     ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
     load_optimizer_tensors(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer_param_groups"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,7 +347,10 @@ def _setup(
         enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     lr_scheduler = get_scheduler(
-        config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
+        config.lr_schedule,
+        optimizer,
+        num_warmup_steps=min(config.warmup_steps, config.steps),
+        num_training_steps=config.steps,
     )
     ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True)
     run = _Run(
@@ -352,7 +367,7 @@ def _setup(
         noise_scheduler=noise_scheduler,
         conditioning=conditioning,
         local_batch=config.batch_size // world,
-        meta={"config": config.fingerprint(), "data": data.source, "world": world},
+        meta={"config": config.fingerprint(), "data": data.source, "world": world, "steps": config.steps},
         kept_channels=kept_channels,
     )
     if teacher is not None:
@@ -374,21 +389,65 @@ def _setup(
 
 
 def _resume(run: _Run) -> int:
-    """Load the latest checkpoint (if any) into the run, refusing one made with other settings; its step."""
+    """Load the latest checkpoint (if any) into the run, refusing one made with other settings; its step.
+
+    Only the schedule's length may differ: the LR schedule is then the new run's (the run is continued as if it
+    had been started with the new `steps`; steps already taken keep the LR they had), and the log records the
+    step it changed at. The log keeps the records up to the checkpoint's step, so it reads as one run.
+    """
     checkpoints = _checkpoint_dirs(run.out_dir)
-    start = 0
-    if checkpoints:
-        state = _load_checkpoint(checkpoints[-1], run.bare, run.ema, run.optimizer, run.lr_scheduler)
-        for key in ("config", "data", "world"):
-            if state.get(key) != run.meta[key]:
-                raise SlimdiffError(
-                    f"cannot resume from {checkpoints[-1]}: its {key} {state.get(key)} differs from this run's "
-                    f"{run.meta[key]}; use a new output directory or the same settings"
-                )
-        start = state["step"]
-        if start > run.config.steps:
-            raise SlimdiffError(f"checkpoint is at step {start}, beyond the requested {run.config.steps} steps")
+    if not checkpoints:
+        if (run.out_dir / SPEC_NAME).is_file():
+            raise SlimdiffError(
+                f"cannot resume in {run.out_dir}: it holds a saved model but no training checkpoint; use "
+                "--overwrite to replace it, or a new --out"
+            )
+        _truncate_log(run, 0)
+        return 0
+    latest = checkpoints[-1]
+    state = read_json(latest / "state.json", "checkpoint state")
+    _refuse_other_settings(latest, state, run.meta)
+    start = state["step"]
+    if start > run.config.steps:
+        raise SlimdiffError(f"checkpoint is at step {start}, beyond the requested {run.config.steps} steps")
+    _load_checkpoint(latest, state, run.bare, run.ema, run.optimizer, run.lr_scheduler)
+    _truncate_log(run, start)
+    before = state.get("steps")
+    if before == run.config.steps:
+        run.log({"event": "resumed", "step": start})
+        return start
+    scheduler = run.lr_scheduler  # built for the new length; the checkpoint restored its position and LRs
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(run.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    run.log({"event": "resumed", "step": start, "steps_changed": {"from": before, "to": run.config.steps}})
     return start
+
+
+def _refuse_other_settings(checkpoint: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Name the one setting (the first that differs) in which a checkpoint's run differs from this one."""
+    recorded = {**state.get("config", {}), "data": state.get("data"), "world": state.get("world")}
+    wanted = {**meta["config"], "data": meta["data"], "world": meta["world"]}
+    for key in dict.fromkeys([*wanted, *recorded]):
+        if recorded.get(key) != wanted.get(key):
+            name = "number of processes" if key == "world" else key
+            raise SlimdiffError(
+                f"cannot resume from {checkpoint}: its {name} was {recorded.get(key)!r}, this run's is "
+                f"{wanted.get(key)!r} (only the number of steps may change); use the same settings, --overwrite, "
+                "or a new --out"
+            )
+
+
+def _truncate_log(run: _Run, step: int) -> None:
+    """Drop the log records after `step` (what an interrupted run logged past its last checkpoint)."""
+    path = run.out_dir / LOG_NAME
+    if not run.is_main or not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if kept != lines:
+        atomic_write_bytes(path, "".join(kept).encode())
 
 
 def _prepare(run: _Run) -> None:

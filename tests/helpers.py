@@ -246,3 +246,16 @@ def class_folders(path: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{i}.png")
     return path
+
+
+def ddim_error_gain(sched: DDIMScheduler) -> float:
+    """How much an error of 1 in every ε the DDIM run uses can move its final x, at most: the sum over steps of the
+    step's ε coefficient times the x coefficients of the steps after it (x_prev = a·x + b·ε)."""
+    alphas, timesteps = sched.alphas_cumprod, sched.timesteps.tolist()
+    gain = 0.0
+    for k, t in enumerate(timesteps):
+        prev = alphas[timesteps[k + 1]] if k + 1 < len(timesteps) else sched.final_alpha_cumprod
+        a = (prev / alphas[t]).sqrt()
+        b = ((1 - prev).sqrt() - (prev * (1 - alphas[t]) / alphas[t]).sqrt()).abs()
+        gain = gain * float(a) + float(b)
+    return gain

@@ -18,6 +18,7 @@ from slimdiff.engines.channels import (
     channel_scores,
     compress,
     prune_copy,
+    verify_slices,
 )
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_architecture, save
@@ -202,7 +203,10 @@ def test_bad_configs_are_refused() -> None:
 
 def test_unreachable_budget_is_reported(digits) -> None:
     adapter = adapter_for(build_tiny("tiny-unet"))
-    with pytest.raises(SlimdiffError, match=r"cannot reach 0.05 of the original macs: .* keeps 0.\d\d"):
+    with pytest.raises(
+        SlimdiffError,
+        match=r"cannot reach 0.05 of the original macs: the smallest reachable is 0\.\d{3} .*keep most: .*conv_out",
+    ):
         compress(adapter, _fast(importance="magnitude", target_macs=0.05), _data(adapter, digits))
 
 
@@ -263,3 +267,84 @@ def test_search_on_weightless_copies_gives_what_searching_real_copies_gives(digi
     assert (ours.ratio, ours.pruned) == (theirs.ratio, theirs.pruned)
     expected = theirs.model.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in ours.model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GroupNorms lose whole groups
+# ----------------------------------------------------------------------------------------------------------------
+def small_groups_unet(sample_size: int = 8) -> torch.nn.Module:
+    """The issue's U-Net: 16 GroupNorm groups over widths 32/48/64 (groups of 2, 3 and 4 channels; 5 and 7 over
+    two skip concatenations), attention at two levels."""
+    torch.manual_seed(0)
+    return build_tiny(
+        "tiny-unet",
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=[32, 48, 64],
+        layers_per_block=2,
+        down_block_types=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+        up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        norm_num_groups=16,
+        attention_head_dim=8,
+    ).eval()
+
+
+def test_group_norms_lose_whole_groups_and_their_output_on_the_kept_channels_is_unchanged() -> None:
+    model = small_groups_unet()
+    pruned = prune_copy(model, 0.5, "magnitude")
+    verify_slices(model, pruned)
+    source = dict(model.named_modules())
+    x = torch.randn(2, 128, 4, 4, generator=torch.manual_seed(1))
+    exact = 0
+    for name, norm in pruned.model.named_modules():
+        if not isinstance(norm, torch.nn.GroupNorm) or name in pruned.regrouped:
+            continue
+        original, keep = source[name], pruned.kept[(name, "out")]
+        size = original.num_channels // original.num_groups
+        assert norm.num_groups == len(keep) // size < original.num_groups  # whole groups gone, the size kept
+        inputs = x[:, : original.num_channels]
+        with torch.no_grad():
+            expected = original(inputs)[:, keep]
+            # the same statistics over the same values; only the summation order may differ (a few float ulps)
+            torch.testing.assert_close(norm(inputs[:, keep]), expected, rtol=0, atol=1e-6)
+        exact += 1
+    # every norm but the four over concatenations whose groups straddle the parts (64 + 48 in groups of 7, 48 + 32
+    # in groups of 5), which no choice of channels keeps exact
+    assert exact == sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) - 4
+    assert sorted(pruned.regrouped) == [
+        "up_blocks.0.resnets.2.norm1",
+        "up_blocks.1.resnets.0.norm1",
+        "up_blocks.1.resnets.2.norm1",
+        "up_blocks.2.resnets.0.norm1",
+    ]
+    for name in pruned.regrouped:  # regrouped: groups at least as large as before, dividing the channels
+        norm, original = pruned.model.get_submodule(name), source[name]
+        assert norm.num_channels % norm.num_groups == 0
+        assert norm.num_channels // norm.num_groups >= original.num_channels // original.num_groups
+
+
+def test_slice_check_refuses_a_group_norm_that_lost_part_of_a_group() -> None:
+    model = small_groups_unet()
+    pruned = prune_copy(model, 0.5, "magnitude")
+    name = "down_blocks.2.resnets.1.norm2"  # groups of 4 channels, inside one resnet
+    keep = pruned.kept[(name, "out")]
+    pruned.kept[(name, "out")] = [keep[0] + 1, *keep[1:], 63] if keep[0] + 1 not in keep else keep[::-1]
+    with pytest.raises(SlimdiffError, match=f"GroupNorm '{name}' did not keep whole groups"):
+        verify_slices(model, pruned)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_small_group_unet_reaches_its_macs_budget_and_loads_and_samples(target: float, tmp_path: Path) -> None:
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    model = small_groups_unet(sample_size=24)
+    adapter = adapter_for(model)
+    data = Calibration(load_data("digits", size=24, channels=3), lambda labels: None, DEFAULT_SCHEDULE)
+    result = compress(adapter, _fast(importance="diff-pruning", target_macs=target), data)
+    assert result.achieved["macs"] == pytest.approx(target, rel=0.02)
+    assert len(result.record["regrouped_norms"]) == 4
+    save(result.model, tmp_path / "pruned")
+    pipeline = DDIMPipeline(load(tmp_path / "pruned"), DDIMScheduler())
+    images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (2, 24, 24, 3) and np.isfinite(images).all()

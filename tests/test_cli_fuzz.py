@@ -214,6 +214,9 @@ def test_unknown_commands_engines_and_missing_arguments(variants: dict[str, Path
 def test_bad_values_are_named(variants: dict[str, Path], tmp_path: Path) -> None:
     model = variants["dit-residual-odd-heads"]
     sample = ("sample", model, "--n", "2", "--steps", "2", "--out", tmp_path / "g.png")
+    absent = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"  # one GPU too many
+    grid, other = tmp_path / "g-old.png", variants["unet-channels"]
+    grid.write_bytes(b"a picture")
     cases = {
         ("info", tmp_path / "nope"): "model directory not found",
         ("compress", "channels", model, "--importance", "l2", "--target-macs", "0.5", "--out", tmp_path / "o"): (
@@ -225,6 +228,19 @@ def test_bad_values_are_named(variants: dict[str, Path], tmp_path: Path) -> None
         ("eval", model, "--metrics", "fid,bogus", "--n", "2"): "bogus",
         ("finetune", model, "--steps", "1", "--out", model): "--out must differ",
         ("run", tmp_path / "missing.yaml"): "missing.yaml",
+        ("eval", model, "--metrics", "macs", "--device", "gpu"): "unknown device 'gpu'; this machine has: cpu",
+        ("eval", model, "--metrics", "macs", "--device", absent): f"device '{absent}' is not available here; this "
+        "machine has: cpu",
+        ("compare", model, "--out", tmp_path / "r", "--device", "gpu"): "unknown device 'gpu'; this machine has: cpu",
+        # an output that holds something: refused unless resumed or overwritten (tests/test_outputs.py runs both)
+        (*sample[:-1], grid): "g-old.png already holds a file; pass --overwrite to replace it",
+        ("eval", model, "--metrics", "macs", "--json", grid): "g-old.png already holds a file; pass --overwrite",
+        ("compress", "channels", model, "--target-macs", "0.5", "--out", other): (
+            f"{other} already holds files; pass --resume to continue the run there or --overwrite to replace it"
+        ),
+        ("train", "--steps", "1", "--out", other): f"{other} already holds files; pass --resume",
+        ("finetune", model, "--steps", "1", "--out", other, "--resume", "--overwrite"): "choose one",
+        ("compare", model, "--metrics", "macs", "--out", other): f"{other} already holds files; pass --resume",
     }
     for result, expected in zip(slimdiff_many(*cases), cases.values(), strict=True):
         fails_in_one_line(result, expected)

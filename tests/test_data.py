@@ -302,7 +302,8 @@ def test_captioned_imagefolder_jsonl_and_csv(tmp_path: Path) -> None:
 
 
 def test_saved_dataset(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the test extra installs it (an optional extra for users)
+
     images = odd_images()
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
     saved = datasets.Dataset.from_dict({"image": images, "caption": list(CAPTIONS)}, features=features)

@@ -113,7 +113,8 @@ def test_eval_cli_reads_the_second_network(cache: Path, multiscale, tmp_path: Pa
 
 
 def test_finetune_cli_defaults_are_the_measured_recipe(tmp_path: Path, monkeypatch, capsys) -> None:
-    """lr 5e-4 with 20 warm-up steps, recorded as given (never capped at --steps): docs/pruning.md's study."""
+    """lr 5e-4 with 20 warm-up steps: docs/pruning.md's fine-tune study. The setting is passed as given, also past
+    --steps (the schedule caps it at the run's length: tests/test_outputs.py::test_a_warm_up_longer_than_the_run…)."""
     from slimdiff.jobs import training
 
     seen = []

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import FAMILIES, tiny_sd_pipeline, tiny_vae
 from safetensors.torch import load_file
+from test_channels import small_groups_unet
 from test_cli import run_cli
 
 from slimdiff.data import load_data
@@ -210,14 +211,15 @@ def test_cli_run_makes_one_loadable_model_per_size_and_resumes_exactly(tmp_path:
         run_cli(monkeypatch, capsys, *args, *fast, "--out", tmp_path / "b")
     assert not (tmp_path / "b" / names[0]).exists()
     monkeypatch.setattr(ElasticModel, "draw_subnet_for_step", original_draw)
-    code, _, err = run_cli(monkeypatch, capsys, *args, *fast, "--out", tmp_path / "b")
+    code, _, err = run_cli(monkeypatch, capsys, *args, *fast, "--out", tmp_path / "b", "--resume")
     assert code == 0, err
     for name in names:
         a, b = _tensors(tmp_path / "a" / name), _tensors(tmp_path / "b" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
 
     # continuing the shared run with other settings is refused before any work
-    code, _, err = run_cli(monkeypatch, capsys, *args, *fast, "--sampling", "uniform", "--out", tmp_path / "b")
+    other = ["--sampling", "uniform", "--out", tmp_path / "b", "--resume"]
+    code, _, err = run_cli(monkeypatch, capsys, *args, *fast, *other)
     assert code == 2 and "other settings (sampling)" in err
 
 
@@ -244,3 +246,39 @@ def test_a_size_below_the_smallest_subnet_is_refused(digits) -> None:
     adapter = adapter_for(build_tiny("tiny-unet").eval())
     with pytest.raises(SlimdiffError, match="the smallest subnet"):
         compress(adapter, OFAConfig(sizes=(0.05,), importance_samples=1), _calibration(adapter, digits))
+
+
+def test_small_group_subnets_lose_whole_group_norm_groups() -> None:
+    """16 GroupNorm groups over widths 32/48/64: every subnet's norms keep whole groups of the shared model's (but
+    the four over concatenations whose groups straddle the parts), so each subnet's norm output on its channels is
+    the shared norm's there."""
+    model = small_groups_unet()
+    adapter = adapter_for(model)
+    data = Calibration(load_data("digits", size=8, channels=3), lambda labels: None, DEFAULT_SCHEDULE)
+    result = compress(adapter, OFAConfig(sizes=SIZES, importance_samples=2, steps=2), data)
+    elastic = result.model
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    x = torch.randn(2, 128, 2, 2, generator=torch.manual_seed(1))
+    for i, subnet in enumerate(elastic.subnets):
+        extracted = elastic.extract(i)
+        exact = 0
+        for name, norm in norms.items():
+            small = extracted.get_submodule(name)
+            keep = sorted(subnet.kept(f"{name}.weight", 0, norm.num_channels))
+            size = norm.num_channels // norm.num_groups
+            if len(keep) != size * len({c // size for c in keep}):  # not whole groups: a regrouped norm over a
+                continue  # concatenation whose parts do not split into its groups
+            assert small.num_groups * size == len(keep)
+            inputs = x[:, : norm.num_channels]
+            with torch.no_grad():  # same statistics over the same values; only the summation order may differ
+                torch.testing.assert_close(small(inputs[:, keep]), norm(inputs)[:, keep], rtol=0, atol=1e-6)
+            exact += 1
+        assert exact >= len(norms) - 4
+        assert any(extracted.get_submodule(n).num_groups < m.num_groups for n, m in norms.items())  # groups dropped
+
+
+def test_allocation_keeps_whole_group_norm_units() -> None:
+    group = ChannelGroupInfo((("a", "out"),), ("a",), 48, 1, "stage 0", "conv1", unit=6)
+    for ratio in (0.05, 0.3, 0.52, 0.61, 1.0):
+        kept = allocate([group], {group.key: 1.0}, ratio, floor=0.0)[group.key]
+        assert kept % 6 == 0 and 6 <= kept <= 48 and abs(kept - max(ratio * 48, 6)) <= 3

@@ -161,3 +161,24 @@ def test_files_are_copied_where_hard_links_cannot_be_made(tmp_path: Path, monkey
     np.testing.assert_array_equal(
         _sample(loaded, batch_size=1), _sample(DDIMPipeline(pruned, DDIMScheduler()), batch_size=1)
     )
+
+
+def test_sdxl_pipeline_with_a_pruned_unet(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from helpers import sdxl_pipeline
+
+    source = sdxl_pipeline(tmp_path)
+    teacher_pipeline = StableDiffusionXLPipeline.from_pretrained(source)
+    pruned = prune_copy(teacher_pipeline.unet.eval(), 0.5, "magnitude").model
+    save(pruned, tmp_path / "pruned")
+    out = export_pipeline(tmp_path / "pruned", source, tmp_path / "out")
+
+    loaded = DiffusionPipeline.from_pretrained(out)
+    assert type(loaded) is StableDiffusionXLPipeline and type(loaded.unet) is UNet2DConditionModel
+    assert [p.shape for p in loaded.unet.parameters()] == [p.shape for p in pruned.parameters()]
+    in_memory = StableDiffusionXLPipeline(**(teacher_pipeline.components | {"unet": pruned}))
+    call = {"prompt": ["a photo of a red cat"], "height": 16, "width": 16}
+    np.testing.assert_allclose(_sample(loaded, **call), _sample(in_memory, **call), atol=1e-5)
+    weights = "diffusion_pytorch_model.safetensors"
+    assert _same_file(out / "text_encoder_2" / "model.safetensors", source / "text_encoder_2" / "model.safetensors")
+    assert _same_file(out / "unet" / weights, tmp_path / "pruned" / weights)

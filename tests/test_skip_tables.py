@@ -140,8 +140,14 @@ def _identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_a_table_on_an_unchanged_model_hard_links_the_weights(tmp_path: Path) -> None:
     model = build_tiny("tiny-unet").eval()
     source = save(model, tmp_path / "source")
-    out = save(model, tmp_path / "table", artifacts={"skip_table": _table(model).to_json()}, weights_from=source)
+    os.chmod(source / WEIGHTS_NAME, 0o640)  # a mode no umask gives: linking must not re-mode the shared file
+    previous = os.umask(0o077)
+    try:
+        out = save(model, tmp_path / "table", artifacts={"skip_table": _table(model).to_json()}, weights_from=source)
+    finally:
+        os.umask(previous)
     assert os.stat(out / WEIGHTS_NAME).st_ino == os.stat(source / WEIGHTS_NAME).st_ino
+    assert os.stat(source / WEIGHTS_NAME).st_mode & 0o777 == 0o640
     assert "weights_reference" not in json.loads((out / SPEC_NAME).read_text())
     loaded = load(out)
     assert _identical(loaded, model) and skip.table_of(loaded) is not None

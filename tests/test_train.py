@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,19 +52,36 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
+#: `python -c` this, then the `slimdiff` arguments: the command kills itself (SIGKILL) right after the checkpoint of
+#: step KILL_AT is on disk — a known point, with no timer to race.
+KILL_AT = 6
+KILL_AFTER_CHECKPOINT = f"""
+import os, signal, sys
+import slimdiff.train as loop
+from slimdiff.cli import main
+
+save = loop._save_checkpoint
+
+def save_then_die(out_dir, step, *args, **kwargs):
+    save(out_dir, step, *args, **kwargs)
+    if step == {KILL_AT}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+loop._save_checkpoint = save_then_die
+sys.argv = ["slimdiff", *sys.argv[1:]]
+main()
+"""
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     steps = 15
     subprocess.run(_train_cmd(tmp_path / "straight", steps), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_train_cmd(killed, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-00000006").exists():
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    args = _train_cmd(killed, steps)[len(CLI) :]
+    died = subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT, *args], capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     assert not (killed / "slimdiff.json").exists()  # it really died mid-run
     subprocess.run(_train_cmd(killed, steps, "--resume"), check=True, capture_output=True)
 
@@ -176,14 +192,14 @@ def test_too_little_disk_is_reported_before_training(tmp_path: Path, digits, mon
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path, digits) -> None:
     train(build_tiny("tiny-dit"), digits, tmp_path, TrainConfig(steps=2, batch_size=8), progress=False)
-    with pytest.raises(SlimdiffError, match="cannot resume .* its config"):
+    with pytest.raises(SlimdiffError, match="cannot resume .* its batch_size was 8, this run's is 4"):
         train(build_tiny("tiny-dit"), digits, tmp_path, TrainConfig(steps=4, batch_size=4), resume=True, progress=False)
 
 
 def test_min_snr_setting_is_part_of_what_a_resume_must_share(tmp_path: Path, digits) -> None:
     train(build_tiny("tiny-dit"), digits, tmp_path, TrainConfig(steps=2, batch_size=8), progress=False)
     weighted = TrainConfig(steps=4, batch_size=8, snr_gamma=5.0)
-    with pytest.raises(SlimdiffError, match="cannot resume .* its config"):
+    with pytest.raises(SlimdiffError, match="cannot resume .* its snr_gamma was None, this run's is 5.0"):
         train(build_tiny("tiny-dit"), digits, tmp_path, weighted, resume=True, progress=False)
     with pytest.raises(SlimdiffError, match="invalid training setting snr_gamma"):
         TrainConfig(steps=1, snr_gamma=0.0).validate()

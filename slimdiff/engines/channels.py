@@ -8,8 +8,13 @@ Fang, Ma, Wang, *Structural Pruning for Diffusion Models* (NeurIPS 2023); summar
    same score from one pass of the ordinary training loss, random timesteps), `magnitude` (L1 norm of the weights),
    `random`.
 2. Pruning. torch-pruning's `MetaPruner` removes the lowest-scored channels of every group; attention keeps its
-   head count and shrinks the head dimension (or drops whole heads); GroupNorm groups stay equal-sized; the output
-   layer is never pruned. Cached sizes (heads, scale, sampler channels) are re-derived afterwards, and buffers
+   head count and shrinks the head dimension (or drops whole heads); the output layer is never pruned. A GroupNorm
+   loses whole groups: channels a GroupNorm normalises together are pruned together (the lowest-scored such units,
+   as many as come closest to MetaPruner's count) and `num_groups` drops to the groups kept, so the kept groups'
+   statistics — and the norm's output on the kept channels — do not change. A GroupNorm over a skip concatenation
+   whose parts do not split into its groups (48 + 32 channels in groups of 5) cannot lose channels exactly under
+   any choice; it is regrouped (the most groups of at least its group size) and named in `regrouped_norms`.
+   Cached sizes (heads, scale, sampler channels) are re-derived afterwards, and buffers
    that follow a layer's channels (a DiT's position table) are sliced with it.
 3. Budget. A uniform per-layer ratio lands on a coarse grid of MACs, so the ratio is searched: first the uniform
    ratio that brackets the target, then how many groups (in the dependency graph's order) take the larger of
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,13 +46,13 @@ from slimdiff.distill import first_tensor
 from slimdiff.engines import latency
 from slimdiff.engines.base import Budget, Calibration, Engine, Log, Result, no_log, register
 from slimdiff.errors import SlimdiffError
-from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.metrics.cost import count_macs, count_params, macs_by_module
 from slimdiff.models import Adapter, adapter_for
 from slimdiff.models.base import get_submodule
 
 Importance = Literal["diff-pruning", "taylor", "magnitude", "random"]
 IMPORTANCES: tuple[str, ...] = ("diff-pruning", "taylor", "magnitude", "random")
-#: The largest uniform ratio searched (keeps ≥ 1 channel in GroupNorm groups of 4).
+#: The largest uniform ratio searched.
 MAX_RATIO = 0.7
 
 
@@ -226,6 +232,10 @@ def make_pruner(
         head_pruning_ratio=ratio if attention == "heads" else 0.0,
         out_channel_groups=dict(adapter.chunked_outputs()),  # a copy: MetaPruner adds the heads to it
     )
+    for norm in model.modules():  # MetaPruner would shrink every group; slimdiff drops whole ones (_NormPlan)
+        if isinstance(norm, nn.GroupNorm):
+            pruner.in_channel_groups.pop(norm, None)
+            pruner.out_channel_groups.pop(norm, None)
     if isinstance(importance, _Replay):
         importance.graph = pruner.DG
     return pruner
@@ -249,12 +259,102 @@ def channel_scores(
 # ----------------------------------------------------------------------------------------------------------------
 # pruning one copy
 # ----------------------------------------------------------------------------------------------------------------
+class _NormPlan:
+    """How each GroupNorm of a model about to be pruned loses channels: in whole groups where every group is fed by
+    one pruning group (`exact`), or regrouped afterwards where a group straddles two (a skip concatenation whose
+    parts do not split into its groups). Read off the unpruned model's full-width groups, and `ranking`'s scores
+    of those that have units taken before any pruning (as MetaPruner takes its own: a group's layers change as
+    others are pruned)."""
+
+    def __init__(self, pruner: tp.pruner.MetaPruner, ranking: tp.importance.Importance | None = None) -> None:
+        self.graph = graph = pruner.DG
+        norms = [m for m in graph.model.modules() if isinstance(m, nn.GroupNorm)]
+        self.size = {norm: norm.num_channels // norm.num_groups for norm in norms}
+        groups = list(
+            graph.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)
+        )
+        feeders: dict[tuple[nn.GroupNorm, int], Counter[int]] = {}
+        for k, group in enumerate(groups):
+            for dep, idxs in group:
+                if isinstance(dep.target.module, nn.GroupNorm):
+                    norm = dep.target.module
+                    for i in idxs:
+                        feeders.setdefault((norm, i // self.size[norm]), Counter())[k] += 1
+        straddling = {norm for (norm, _), fed in feeders.items() if len(fed) > 1 or sum(fed.values()) < self.size[norm]}
+        self.exact = [norm for norm in norms if norm not in straddling]
+        self.units = {self._root(group): self.split(group) for group in groups}
+        self.scores: dict[tuple[nn.Module, bool], torch.Tensor] = {}
+        for group in groups if ranking is not None else []:
+            root = self._root(group)
+            score = ranking(group) if len(self.units[root]) < len(group[0].idxs) else None
+            if score is not None:
+                self.scores[root] = score
+
+    def _root(self, group: tp.Group) -> tuple[nn.Module, bool]:
+        dep = group[0].dep
+        return dep.target.module, self.graph.is_out_channel_pruning_fn(dep.handler)
+
+    def split(self, full: tp.Group) -> list[list[int]]:
+        """A full-width group's root channels split into the units that must go together: channels an exact
+        GroupNorm normalises as one group (reached through any residual or concatenation) are one unit."""
+        width = len(full[0].idxs)
+        parent = list(range(width))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for dep, idxs in full:
+            norm = dep.target.module
+            if norm in self.exact:
+                if len(idxs) % width:  # each path from the root to the norm maps all `width` channels, in order
+                    raise SlimdiffError(f"internal: GroupNorm channels of '{dep.target.name}' do not map one to one")
+                first: dict[int, int] = {}
+                for position, channel in enumerate(idxs):
+                    i = position % width
+                    parent[find(i)] = find(first.setdefault(channel // self.size[norm], i))
+        units: dict[int, list[int]] = {}
+        for i in range(width):
+            units.setdefault(find(i), []).append(i)
+        return list(units.values())
+
+    def whole(self, group: tp.Group) -> tp.Group:
+        """`group` with its pruned channels replaced by whole units: the lowest-scored units whose total comes
+        closest to the count MetaPruner chose (never every unit)."""
+        root = self._root(group)
+        if root not in self.scores:  # no GroupNorm units (or an attention group MetaPruner re-rooted)
+            return group
+        units, scores = self.units[root], self.scores[root]
+        wanted = len(group[0].idxs)
+        chosen: list[int] = []
+        for unit in sorted(units, key=lambda unit: float(scores[unit].mean()))[:-1]:
+            if abs(len(chosen) + len(unit) - wanted) >= abs(len(chosen) - wanted):
+                break
+            chosen += unit
+        return self.graph.get_pruning_group(root[0], group[0].dep.handler, sorted(chosen))
+
+    def regroup(self, names: dict[nn.Module, str]) -> list[str]:
+        """Set every pruned GroupNorm's `num_groups` to the groups it kept; the regrouped ones' names."""
+        regrouped = []
+        for norm, size in self.size.items():
+            channels = norm.num_channels
+            if norm in self.exact:
+                norm.num_groups = channels // size
+            elif channels != norm.num_groups * size:
+                norm.num_groups = max(d for d in range(1, channels // size + 1) if channels % d == 0)
+                regrouped.append(names[norm])
+        return regrouped
+
+
 @dataclass
 class _Pruned:
     model: nn.Module
     kept: dict[tuple[str, str], list[int]]  # (module name, "out"|"in") → original indices still present
     macs: int
     params: int
+    regrouped: list[str] = field(default_factory=list)  # GroupNorms that could not lose whole groups
 
 
 def _copy_with_grads(model: nn.Module) -> nn.Module:
@@ -303,17 +403,19 @@ def prune_copy(
     else:
         ranking = _Replay(channel_scores(model, importance, seed=seed, attention=attention), names)
     pruner = make_pruner(clone, ranking, ratio, attention=attention, ratios=boosted, global_ranking=global_ranking)
+    norms = _NormPlan(pruner, ranking)
     for group in pruner.step(interactive=True):
+        group = norms.whole(group)
         for dep, idxs in group:
             layer = dep.target.module
-            if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer in names:
+            if isinstance(layer, (nn.Conv2d, nn.Linear, nn.GroupNorm)) and layer in names:
                 out = pruner.DG.is_out_channel_pruning_fn(dep.handler)
-                alive = kept.setdefault(
-                    (names[layer], "out" if out else "in"), list(range(layer.weight.shape[0 if out else 1]))
-                )
+                width = layer.num_channels if isinstance(layer, nn.GroupNorm) else layer.weight.shape[0 if out else 1]
+                alive = kept.setdefault((names[layer], "out" if out else "in"), list(range(width)))
                 gone = {alive[i] for i in idxs}  # indices are relative to the layer's current width
                 alive[:] = [i for i in alive if i not in gone]
         group.prune()
+    regrouped = norms.regroup(names)
     for buffer_name, layer_name in adapter.channel_buffers().items():
         owner_name, _, attr = buffer_name.rpartition(".")
         owner = get_submodule(clone, owner_name)
@@ -324,7 +426,7 @@ def prune_copy(
         attn: pruner.num_heads[attn.to_q] for attn in _attention_modules(clone) if attn.to_q in pruner.num_heads
     }
     adapter.fix_after_surgery(new_heads if attention == "heads" else None)
-    return _Pruned(clone, kept, count_macs(clone).total, count_params(clone))
+    return _Pruned(clone, kept, count_macs(clone).total, count_params(clone), regrouped)
 
 
 def _block_producers(model: nn.Module) -> dict[str, tuple[str, int]]:
@@ -381,11 +483,27 @@ def _attention_modules(model: nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
+def _verify_norm(name: str, source: nn.GroupNorm, norm: nn.GroupNorm, keep: list[int], regrouped: bool) -> None:
+    """A pruned GroupNorm keeps whole groups of the original (or is one of the regrouped ones) and their affine
+    parameters: then its output on the kept channels is the original's there."""
+    size = source.num_channels // source.num_groups
+    whole = len(keep) % size == 0 and all(
+        keep[i] % size == 0 and keep[i + size - 1] == keep[i] + size - 1 for i in range(0, len(keep), size)
+    )
+    if not regrouped and (not whole or norm.num_groups * size != len(keep) or norm.num_channels != len(keep)):
+        raise SlimdiffError(f"channel surgery went wrong: GroupNorm '{name}' did not keep whole groups")
+    for attr in ("weight", "bias") if source.affine else ():
+        if not torch.equal(getattr(source, attr).detach()[keep], getattr(norm, attr).detach()):
+            raise SlimdiffError(f"channel surgery went wrong: '{name}.{attr}' is not a slice of the original")
+
+
 def verify_slices(original: nn.Module, pruned: _Pruned) -> None:
     """Every Conv/Linear weight (and channel buffer) of the pruned model must equal the original's at the kept
-    indices."""
+    indices, and every GroupNorm keep whole groups of the original's (except the regrouped ones)."""
     reference = dict(original.named_modules())
     for name, layer in pruned.model.named_modules():
+        if isinstance(layer, nn.GroupNorm) and (name, "out") in pruned.kept:
+            _verify_norm(name, reference[name], layer, pruned.kept[(name, "out")], name in pruned.regrouped)
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             continue
         source = reference[name]
@@ -410,6 +528,28 @@ def verify_slices(original: nn.Module, pruned: _Pruned) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # budget search
 # ----------------------------------------------------------------------------------------------------------------
+def limiting_layers(original: nn.Module, smallest: _Pruned, count: int = 5) -> str:
+    """The Conv/Linear layers of the most-pruned copy that kept more outputs than `MAX_RATIO` leaves (the output
+    layer, groups held whole by their GroupNorm units), the `count` that cost the most MACs, named with what they
+    kept."""
+    source = dict(original.named_modules())
+    kept = {
+        name: (layer.weight.shape[0], source[name].weight.shape[0])
+        for name, layer in smallest.model.named_modules()
+        if isinstance(layer, (nn.Conv2d, nn.Linear))
+        and layer.weight.shape[0] > source[name].weight.shape[0] * (1 - MAX_RATIO)
+    }
+    macs = macs_by_module(smallest.model, list(kept))
+    heaviest = sorted(kept, key=lambda name: -macs[name])[:count]
+    return (
+        ", ".join(
+            f"{name} ({kept[name][0]}/{kept[name][1]} outputs, {macs[name] / smallest.macs:.0%} of the MACs)"
+            for name in heaviest
+        )
+        or "none (attention and norms only)"
+    )
+
+
 _Choice = tuple[_Pruned, float, dict[str, float] | None]  # a pruned copy, its uniform ratio and its boosted groups
 
 
@@ -435,8 +575,9 @@ def _search(
     best_lo, best_hi = None, run(hi)
     if fraction(best_hi) > config.target:
         raise SlimdiffError(
-            f"cannot reach {config.target:.2f} of the original {unit}: pruning {MAX_RATIO:.0%} of every "
-            f"prunable layer keeps {fraction(best_hi):.2f} (the layers that must stay whole dominate)"
+            f"cannot reach {config.target:.2f} of the original {unit}: the smallest reachable is "
+            f"{fraction(best_hi):.3f} (every prunable group at ratio {MAX_RATIO}); the layers that keep most: "
+            f"{limiting_layers(model, best_hi)}"
         )
     for _ in range(16 if ranked else 10):  # a global ranking moves one channel at a time: finer steps pay off
         mid = (lo + hi) / 2
@@ -452,8 +593,9 @@ def _search(
         [(p, r, None) for p, r in ((best_lo, lo), (best_hi, hi)) if p is not None],
         key=lambda prb: abs(fraction(prb[0]) - config.target),
     )
-    # 2. too coarse: move groups one by one from the lower to the higher uniform ratio until the budget is met
-    if not ranked and abs(fraction(chosen) - config.target) > config.tolerance * config.target:
+    # 2. too coarse (whole GroupNorm units move many channels at once): move groups one by one from the lower to
+    #    the higher ratio (each moved group ranked on its own at it) until the budget is met
+    if abs(fraction(chosen) - config.target) > config.tolerance * config.target:
         roots = [g.root for g in adapter_for(model).channel_groups()]
         left, right = 0, len(roots)
         while right - left > 1:
@@ -527,6 +669,7 @@ def compress(
         "macs": chosen.macs,
         "params": chosen.params,
         "block_channels": block_channels(model, chosen),
+        "regrouped_norms": chosen.regrouped,
     }
     if fit is not None:
         achieved |= fit.achieved()

@@ -13,9 +13,11 @@ returns an elastic model and a `Training` that the compression job runs through 
    Channels are ranked once and every subnet keeps the top channels of each group: smaller subnets are nested in
    larger ones.
 2. Allocation. Within a resolution group B, channel group l of width |l| keeps
-   `C_l = max(min(I_l / Σ_B I · |B| · P · |l|, |l|), P_0 · |l|)` channels, rounded to whole GroupNorm groups /
-   heads / chunks. I_l is the group's mean channel score divided by the mean of that over all groups of its layer
-   kind (`importance_norm=kind`, the default): raw Taylor means of different kinds (resnet interiors, residual
+   `C_l = max(min(I_l / Σ_B I · |B| · P · |l|, |l|), P_0 · |l|)` channels, rounded to whole heads / chunks and
+   to whole GroupNorm groups (a GroupNorm loses whole groups and `num_groups` drops with them, as the channels
+   engine prunes: the kept groups' statistics, and so the subnet's norms on its channels, stay the full model's).
+   I_l is the group's mean channel score divided by the mean of that over all groups of its layer kind
+   (`importance_norm=kind`, the default): raw Taylor means of different kinds (resnet interiors, residual
    streams, attention offsets, the time embedding) differ by up to 10× in scale, and the formula on raw means
    (`importance_norm=none`, METHODS §2 as written) starves the low-scale kinds at the floor — e.g. the time
    embedding and every attention at P_0, which cost untrained FID 30 vs 16 and, after a 150-step shared run,
@@ -60,7 +62,7 @@ from torch.func import functional_call
 
 from slimdiff.diffusion import make_scheduler, training_target
 from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, Training, no_log, register
-from slimdiff.engines.channels import _Pruned, calibration_batch, make_pruner, prune_copy, verify_slices
+from slimdiff.engines.channels import _NormPlan, _Pruned, calibration_batch, make_pruner, prune_copy, verify_slices
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import Adapter, adapter_for
@@ -176,9 +178,15 @@ class ChannelGroupInfo:
     key: GroupKey
     roots: tuple[str, ...]  # layers whose output channels are this group (MetaPruner finds its ratio on any)
     width: int
-    chunks: int  # GroupNorm groups / attention heads / adaLN chunks: kept channels are a multiple of this
+    chunks: int  # attention heads / adaLN chunks: kept channels are a multiple of this
     stage: str
     kind: str  # the layer kind: the roots' own names without their block path, e.g. "conv1+time_emb_proj"
+    unit: int = 1  # channels that leave together in each chunk: a GroupNorm group (or groups a residual ties)
+
+    @property
+    def step(self) -> int:
+        """The granularity of the kept channels."""
+        return self.chunks * self.unit
 
 
 class _TaylorRecorder(tp.importance.Importance):
@@ -189,6 +197,7 @@ class _TaylorRecorder(tp.importance.Importance):
         self.stage_of = stage_of
         self.taylor = tp.importance.GroupTaylorImportance(multivariable=True, normalizer=None)
         self.pruner: tp.pruner.MetaPruner | None = None
+        self.norms: _NormPlan | None = None
         self.sums: dict[GroupKey, torch.Tensor] = {}
         self.groups: dict[GroupKey, ChannelGroupInfo] = {}
 
@@ -218,7 +227,10 @@ class _TaylorRecorder(tp.importance.Importance):
             )
             roots = tuple(dict.fromkeys(self.names[d.target.module] for d in outs if d.target.module in self.names))
             kind = layer_kind(roots)
-            self.groups[key] = ChannelGroupInfo(key, roots, len(score), chunks, self.stage_of(roots[0]), kind)
+            self.norms = self.norms or _NormPlan(self.pruner)
+            sizes = {len(unit) for unit in self.norms.split(group)}
+            unit = sizes.pop() if len(sizes) == 1 else 1  # uneven units (a partial last one): rounded when pruned
+            self.groups[key] = ChannelGroupInfo(key, roots, len(score), chunks, self.stage_of(roots[0]), kind, unit)
         return score
 
 
@@ -336,12 +348,11 @@ def importance_shares(groups: list[ChannelGroupInfo], importance: dict[GroupKey,
 
 def allocate(groups: list[ChannelGroupInfo], shares: dict[GroupKey, float], keep_ratio: float, floor: float) -> dict:
     """Channels each group keeps at keep ratio P (METHODS §2's importance-proportional formula, floor P_0), in
-    whole chunks and at least one chunk."""
+    whole chunks of whole GroupNorm groups, and at least one."""
     counts: dict[GroupKey, int] = {}
     for group in groups:
         channels = max(min(shares[group.key] * keep_ratio * group.width, group.width), floor * group.width)
-        per_chunk = group.width // group.chunks
-        counts[group.key] = min(max(round(channels / group.chunks), 1), per_chunk) * group.chunks
+        counts[group.key] = min(max(round(channels / group.step), 1), group.width // group.step) * group.step
     return counts
 
 
@@ -434,14 +445,14 @@ class _Search:
         target, the finer groups after it fill the gap."""
 
         def next_ratio(group: ChannelGroupInfo, counts: dict[GroupKey, int]) -> float:
-            chunks = counts[group.key] // group.chunks
+            steps = counts[group.key] // group.step
             share = self.shares[group.key]
-            return (chunks + 0.5) * group.chunks / (share * group.width) if share > 0 else math.inf
+            return (steps + 0.5) * group.step / (share * group.width) if share > 0 else math.inf
 
         current = below
         growable = [g for g in self.groups if below.counts[g.key] < g.width]
         for group in sorted(growable, key=lambda g: next_ratio(g, below.counts))[:HOLD_BACK_TRIALS]:
-            counts = {**current.counts, group.key: current.counts[group.key] + group.chunks}
+            counts = {**current.counts, group.key: current.counts[group.key] + group.step}
             trial = self.with_counts(below.keep_ratio, counts, (*current.held_back, group.roots[0]))
             if trial.fraction <= target + tol:
                 current = trial

@@ -1,7 +1,7 @@
 """Compress a saved model with any registered engine and save the result with its provenance.
 
 An engine whose product needs training (`Result.training`, e.g. OFA) gets its run here: the one training loop
-trains the engine's model into `out/shared/` (always resumable: rerunning the same command continues it), then
+trains the engine's model into `out/shared/` (resumable: the same command with `--resume` continues it), then
 `finish` makes the products, each saved to `out/<name>/` with the provenance of the whole chain.
 """
 
@@ -24,8 +24,8 @@ from slimdiff.distill import KDConfig
 from slimdiff.engines import Calibration, Engine, EngineConfig, Result, get_engine
 from slimdiff.engines.base import Log, Training, no_log
 from slimdiff.errors import SlimdiffError
-from slimdiff.export import load, load_scheduler_config, read_provenance, read_spec
-from slimdiff.io import atomic_write_json, read_json
+from slimdiff.export import SPEC_NAME, load, load_scheduler_config, read_provenance, read_spec
+from slimdiff.io import atomic_write_json, output_dir, read_json
 from slimdiff.jobs.conditioning import decoder_for, training_conditioning, training_data
 from slimdiff.models import Adapter, adapter_for
 from slimdiff.settings import DeviceConfig
@@ -47,6 +47,8 @@ def compress_model(
     config: EngineConfig,
     *,
     place: DeviceConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
     log: Log = no_log,
     progress: bool = True,
 ) -> Result:
@@ -54,7 +56,9 @@ def compress_model(
 
     The provenance gains the engine, its budget and what was achieved, and one history entry with the whole config
     and the engine's record, so a chain of engines reads as a chain of entries. An engine that needs a training
-    run gets it (see the module docstring); then `out_dir` holds one directory per product.
+    run gets it (see the module docstring); then `out_dir` holds one directory per product. An `out_dir` that
+    holds anything is refused unless `resume` (continue the run of the same engine and settings there) or
+    `overwrite` (compress beside it, then swap the new result in) — `slimdiff.io.output_dir`.
 
     `place` (default: the GPU when there is one, fp32) is where the engine runs: the model and the calibration
     tensors are moved there, so calibration, searches and latency budgets run and are timed on it; a bf16/fp16
@@ -67,18 +71,35 @@ def compress_model(
     config.validate()
     place = place or DeviceConfig()
     place.validate()
-    device = place.torch_device()
     out_dir = Path(out_dir)
     if out_dir.resolve() == Path(model_dir).resolve():
         raise SlimdiffError("--out must differ from the model directory (the source is never overwritten)")
-    _refuse_other_run(out_dir, engine.name, config)
+    if resume:
+        _refuse_other_run(out_dir, engine.name, config)
     _refuse_carried_artifacts(engine, Path(model_dir))
+    with output_dir(out_dir, resume=resume, overwrite=overwrite) as work:
+        return _compress_into(engine, Path(model_dir), data, out_dir, work, config, place, log, progress)
+
+
+def _compress_into(
+    engine: Engine,
+    model_dir: Path,
+    data: str | DataConfig,
+    out_dir: Path,
+    work: Path,
+    config: EngineConfig,
+    place: DeviceConfig,
+    log: Log,
+    progress: bool,
+) -> Result:
+    """`compress_model` writing into `work`, the folder that becomes `out_dir`, the engine running on `place`."""
+    device = place.torch_device()
     # the bare denoiser: an engine that keeps the model (skip) makes its own artifacts, which replace the source's
     model = load(model_dir, device=device, artifacts=False)
     adapter = adapter_for(model)
     seed = getattr(config, "seed", 0)
-    calibration, conditioning, recorded = calibration_for(model_dir, adapter, data, out_dir, seed, log, device=device)
-    calibration.work_dir = out_dir / ENGINE_STATE
+    calibration, conditioning, recorded = calibration_for(model_dir, adapter, data, work, seed, log, device=device)
+    calibration.work_dir = work / ENGINE_STATE
     with autocast(device, place.torch_dtype()):
         result = engine.compress(adapter, config, calibration, log=log)
     result.model.cpu()
@@ -101,7 +122,7 @@ def compress_model(
         provenance.history.append({**entry, "achieved": result.achieved})
         if PartialState().is_main_process:  # under `accelerate launch` every process made the same product
             # an unchanged model (a skip table's) shares the source's weights file instead of a second copy
-            result.save(out_dir, provenance=provenance, weights_from=model_dir, **save_kwargs)
+            result.save(work, provenance=provenance, weights_from=model_dir, **save_kwargs)
             shutil.rmtree(calibration.work_dir, ignore_errors=True)
         return result
 
@@ -109,11 +130,11 @@ def compress_model(
         result.training,
         engine.name,
         config,
-        Path(model_dir),
+        model_dir,
         calibration.dataset,
         conditioning,
         calibration.schedule,
-        out_dir,
+        work,
         progress,
     )
     products = result.training.finish(run.model)
@@ -129,7 +150,7 @@ def compress_model(
         product_provenance.metrics.update({f"{unit}_fraction": value for unit, value in product.achieved.items()})
         product_provenance.history.append({**entry, "product": name, "achieved": product.achieved, **product.record})
         if PartialState().is_main_process:  # under `accelerate launch` every process made the same products
-            product.save(out_dir / name, provenance=product_provenance, **save_kwargs)
+            product.save(work / name, provenance=product_provenance, **save_kwargs)
         log(product.summary)
     if PartialState().is_main_process:
         shutil.rmtree(calibration.work_dir, ignore_errors=True)
@@ -185,26 +206,39 @@ def _refuse_carried_artifacts(engine: Engine, model_dir: Path) -> None:
     )
 
 
-def _run_settings(engine_name: str, config: EngineConfig) -> dict[str, Any]:
-    """What a shared run must keep across reruns: the engine and its settings (it may go on for more steps)."""
+def _run_settings(engine_name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What a run must keep across reruns: the engine and its settings (a training run may go on for more steps)."""
     growable = {"steps", "checkpoint_every"}
-    config_values = {k: v for k, v in dataclasses.asdict(config).items() if k not in growable}
+    config_values = {k: v for k, v in config.items() if k not in growable}
     return json.loads(json.dumps({"engine": engine_name, "config": config_values}))  # as read back from disk
 
 
 def _refuse_other_run(out_dir: Path, engine_name: str, config: EngineConfig) -> None:
-    """Refuse, before any work, to continue a shared run in `out_dir` that other settings started."""
+    """Refuse, before any work, to continue a run in `out_dir` that other settings started: a shared training
+    run (its recorded settings), or a finished compressed model (its last history entry)."""
+    settings = _run_settings(engine_name, dataclasses.asdict(config))
     marker = out_dir / SHARED_RUN / RUN_SETTINGS
-    if not marker.is_file():
+    if marker.is_file():
+        where, started = f"{marker.parent} holds a shared run", read_json(marker, "shared-run settings")
+    elif (out_dir / SPEC_NAME).is_file():
+        last = (read_provenance(out_dir).history or [{}])[-1]
+        engine_name_there = str(last.get("job", "an unknown job")).removeprefix("compress ")
+        where, started = f"{out_dir} holds a model", _run_settings(engine_name_there, last.get("config", {}))
+    else:
         return
-    started, settings = read_json(marker, "shared-run settings"), _run_settings(engine_name, config)
-    if started != settings:
-        before = started.get("config", {})
-        differs = sorted(k for k in settings["config"] if before.get(k) != settings["config"][k]) or ["engine"]
+    if started == settings:
+        return
+    before = started.get("config", {})
+    differs = sorted(k for k in {*before, *settings["config"]} if before.get(k) != settings["config"].get(k))
+    if started.get("engine") != engine_name:
         raise SlimdiffError(
-            f"{marker.parent} holds a shared run started with other settings ({', '.join(differs)}); use a new "
-            "--out or the same settings"
+            f"{where} made by '{started.get('engine')}', not by compress {engine_name}; use --overwrite or a new --out"
         )
+    key = differs[0]
+    raise SlimdiffError(
+        f"{where} started with other settings ({key}): {before.get(key)!r} there, {settings['config'].get(key)!r} now; "
+        "use the same settings, --overwrite, or a new --out"
+    )
 
 
 def _shared_run(
@@ -221,7 +255,7 @@ def _shared_run(
     """Train the engine's model in `out/shared/`, continuing a run of the same settings if one is there."""
     shared_dir = out_dir / SHARED_RUN
     shared_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(shared_dir / RUN_SETTINGS, _run_settings(engine_name, config))
+    atomic_write_json(shared_dir / RUN_SETTINGS, _run_settings(engine_name, dataclasses.asdict(config)))
     teacher, kd = None, None
     if training.teacher_kd > 0:
         teacher = load(model_dir, artifacts=False)

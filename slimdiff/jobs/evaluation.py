@@ -14,7 +14,7 @@ from slimdiff.diffusion import sample
 from slimdiff.engines import full_compute, sampling_plan
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config, read_spec
-from slimdiff.io import atomic_write_json, read_json
+from slimdiff.io import atomic_write_json, output_dir, read_json
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
 from slimdiff.jobs.info import model_info
 from slimdiff.jobs.sampling import refuse_other_sampler
@@ -192,6 +192,8 @@ def compare_models(
     names: list[str] | None = None,
     curve_steps: tuple[int, ...] = (),
     curve_schedulers: tuple[str, ...] = ("ddim", "dpm"),
+    resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Evaluate each model with the same settings and write one HTML report: table (with each model's chain),
@@ -199,15 +201,31 @@ def compare_models(
 
     With `curve_steps`, the first model (the teacher) is also evaluated at each of those sampler step counts for
     each of `curve_schedulers`: its quality-vs-cost curve, the free alternative every compressed model is read
-    against, drawn in both plots. `names` label the models (default: `index:directory name`).
+    against, drawn in both plots. `names` label the models (default: `index:directory name`). An `out_dir` that
+    holds anything is refused unless `resume` (reuse the evaluations recorded there for the same model files and
+    settings) or `overwrite` (write the report beside it, then swap it in) — `slimdiff.io.output_dir`.
     """
     if not model_dirs:
         raise SlimdiffError("compare needs at least one model directory")
     names = names or [f"{index}:{Path(model_dir).name}" for index, model_dir in enumerate(model_dirs)]
     if len(names) != len(model_dirs):
         raise SlimdiffError(f"{len(names)} names for {len(model_dirs)} models")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    settings.validate()
+    with output_dir(out_dir, resume=resume, overwrite=overwrite) as work:
+        _report_into(work, model_dirs, names, settings, curve_steps, curve_schedulers, progress)
+    return Path(out_dir) / "index.html"
+
+
+def _report_into(
+    out_dir: Path,
+    model_dirs: list[str | Path],
+    names: list[str],
+    settings: EvalSettings,
+    curve_steps: tuple[int, ...],
+    curve_schedulers: tuple[str, ...],
+    progress: bool,
+) -> None:
+    """`compare_models` writing into `out_dir`, the folder that becomes its `out_dir`."""
     rows, grids, breakdown = [], {}, {}
     quality_key = next((m for m in ("fid", "kid_mean", "is_mean", "clip") if m.split("_")[0] in settings.metrics), None)
     for index, (name, model_dir) in enumerate(zip(names, model_dirs)):
@@ -232,7 +250,7 @@ def compare_models(
             curve.append({"label": str(steps)} | {k: v["value"] for k, v in report["metrics"].items()})
         curves[f"{names[0]}, {scheduler} over steps"] = curve
     atomic_write_json(out_dir / "curves.json", curves)
-    return write_compare_report(
+    write_compare_report(
         rows,
         out_dir,
         quality_key=quality_key or "params",

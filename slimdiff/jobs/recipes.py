@@ -71,7 +71,8 @@ def _finetune(step: FinetuneStep, ctx: StepContext) -> dict[str, Any]:
 
 
 def _compress(step: CompressStep, ctx: StepContext) -> dict[str, Any]:
-    result = compress_model(step.engine, _model_dir(ctx.current), ctx.recipe.data, ctx.out, step.config)
+    model_dir = _model_dir(ctx.current)
+    result = compress_model(step.engine, model_dir, ctx.recipe.data, ctx.out, step.config, resume=True)
     return {"model": str(ctx.out), "engine": step.engine, "achieved": result.achieved, "seconds": result.seconds}
 
 
@@ -84,7 +85,7 @@ def _eval(step: EvalStep, ctx: StepContext) -> dict[str, Any]:
 
 def _sample(step: SampleStep, ctx: StepContext) -> dict[str, Any]:
     grid = ctx.out / "samples.png"
-    sample_model(_model_dir(ctx.current), grid, step.sample, progress=ctx.progress)
+    sample_model(_model_dir(ctx.current), grid, step.sample, overwrite=True, progress=ctx.progress)
     return {"out": str(grid)}
 
 

@@ -13,6 +13,7 @@ from slimdiff.data import load_prompts
 from slimdiff.diffusion import make_scheduler, sample
 from slimdiff.engines import check_sampler
 from slimdiff.export import load, load_scheduler_config
+from slimdiff.io import check_output_file
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
 from slimdiff.metrics.cost import PeakMemory, measure_peak_memory
 from slimdiff.models import adapter_for
@@ -29,16 +30,22 @@ class Samples:
 
 
 def sample_model(
-    model_dir: str | Path, out: str | Path, config: SampleConfig | None = None, *, progress: bool = True
+    model_dir: str | Path,
+    out: str | Path,
+    config: SampleConfig | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> Samples:
     """Sample `config.n` images from a model directory on `config.device` in `config.dtype` and write a PNG grid to
-    `out`; returns the images and the run's peak memory.
+    `out`; returns the images and the run's peak memory. An existing `out` is refused unless `overwrite`.
 
     A model whose artifacts declare a sampling plan (a skip table) is refused before sampling unless the sampler
     asked for is the one the plan was made for; `config.artifacts=False` samples the bare denoiser.
     """
     config = config or SampleConfig()
     config.validate()
+    check_output_file(out, overwrite=overwrite)
     device, dtype = config.torch_device(), config.torch_dtype()
     model = load(model_dir, device=device, dtype=dtype, artifacts=config.artifacts)
     refuse_other_sampler(model, config.scheduler, config.steps, load_scheduler_config(model_dir))

@@ -13,7 +13,7 @@ from slimdiff.distill import KeptChannels
 from slimdiff.engines.base import Log, no_log
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import Provenance, load, load_scheduler_config, read_provenance, save
-from slimdiff.io import read_json
+from slimdiff.io import output_dir, read_json
 from slimdiff.jobs.conditioning import training_conditioning, training_data
 from slimdiff.models import TINY_CONFIGS, adapter_for, build, build_tiny
 from slimdiff.settings import KDConfig, TrainConfig
@@ -41,44 +41,49 @@ def train_model(
     teacher_dir: str | Path | None = None,
     kd: KDConfig | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Log = no_log,
 ) -> TrainResult:
-    """Train (or fine-tune) `model` on `data` and save the EMA weights to `out_dir` in the export format."""
-    out_dir = Path(out_dir)
+    """Train (or fine-tune) `model` on `data` and save the EMA weights to `out_dir` in the export format.
+
+    An `out_dir` that holds anything is refused unless `resume` (continue the run there from its last checkpoint)
+    or `overwrite` (train beside it, then swap the new run in) — `slimdiff.io.output_dir`.
+    """
     adapter = adapter_for(model)
     data = DataConfig.of(data)
     source_path = Path(source_dir) if source_dir is not None else None
     dataset = training_data(adapter, data, config.seed, source_path, log=log)
-    conditioning, recorded = training_conditioning(adapter, dataset, out_dir, source_path, config.seed, data, log)
     schedule = (load_scheduler_config(source_path) if source_path else None) or DEFAULT_SCHEDULE
     teacher = load(teacher_dir) if teacher_dir is not None else None
     provenance = read_provenance(source_path) if source_path else Provenance(source=source)
-    result = train(
-        model,
-        dataset,
-        out_dir,
-        config,
-        conditioning=conditioning,
-        schedule=schedule,
-        teacher=teacher,
-        kd=kd,
-        kept_channels=kept_block_channels(provenance) if teacher is not None else None,
-        resume=resume,
-        progress=progress,
-    )
-    provenance.history.append(
-        {
-            "job": "finetune" if source_path else "train",
-            "data": data.data,
-            "steps": config.steps,
-            "batch_size": config.batch_size,
-            "seconds": round(result.seconds, 1),
-            "final_loss": result.final_loss,
-        }
-        | ({"teacher": str(teacher_dir), "kd": vars(kd or KDConfig())} if teacher_dir else {})
-    )
-    save(result.model, out_dir, provenance=provenance, scheduler_config=dict(schedule), conditioning=recorded)
+    with output_dir(out_dir, resume=resume, overwrite=overwrite) as work:
+        conditioning, recorded = training_conditioning(adapter, dataset, work, source_path, config.seed, data, log)
+        result = train(
+            model,
+            dataset,
+            work,
+            config,
+            conditioning=conditioning,
+            schedule=schedule,
+            teacher=teacher,
+            kd=kd,
+            kept_channels=kept_block_channels(provenance) if teacher is not None else None,
+            resume=resume,
+            progress=progress,
+        )
+        provenance.history.append(
+            {
+                "job": "finetune" if source_path else "train",
+                "data": data.data,
+                "steps": config.steps,
+                "batch_size": config.batch_size,
+                "seconds": round(result.seconds, 1),
+                "final_loss": result.final_loss,
+            }
+            | ({"teacher": str(teacher_dir), "kd": vars(kd or KDConfig())} if teacher_dir else {})
+        )
+        save(result.model, work, provenance=provenance, scheduler_config=dict(schedule), conditioning=recorded)
     return result
 
 
