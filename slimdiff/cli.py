@@ -61,10 +61,10 @@ def _sample(config: SampleConfig, model_dir: Path, out: Path, overwrite: bool) -
     from slimdiff.jobs.sampling import sample_model
 
     start = time.perf_counter()
-    sample_model(model_dir, out, config, overwrite=overwrite)
+    memory = sample_model(model_dir, out, config, overwrite=overwrite).memory
     click.echo(
         f"wrote {out} ({config.n} samples, {config.scheduler} {config.steps} steps, "
-        f"{time.perf_counter() - start:.1f} s)"
+        f"{time.perf_counter() - start:.1f} s, peak memory {memory.bytes / 2**20:.1f} MiB: {memory.counts})"
     )
 
 

@@ -161,14 +161,17 @@ def settings_command(
 
 
 def engine_command(engine: Engine) -> click.Command:
-    """`slimdiff compress ENGINE MODEL_DIR --out DIR --data D [config fields]`."""
+    """`slimdiff compress ENGINE MODEL_DIR --out DIR --data D [--device, --dtype] [config fields]`."""
     from slimdiff.data.config import DataConfig
+    from slimdiff.settings import DeviceConfig
 
-    def run(config: Any, model_dir: Path, out: Path, resume: bool, overwrite: bool, data: DataConfig) -> None:
+    def run(
+        config: Any, model_dir: Path, out: Path, resume: bool, overwrite: bool, data: DataConfig, place: DeviceConfig
+    ) -> None:
         from slimdiff.jobs.compression import compress_model
 
         result = compress_model(
-            engine.name, model_dir, data, out, config, resume=resume, overwrite=overwrite, log=click.echo
+            engine.name, model_dir, data, out, config, place=place, resume=resume, overwrite=overwrite, log=click.echo
         )
         click.echo(f"{result.summary or 'compressed'} in {result.seconds:.0f} s → {out}")
 
@@ -178,4 +181,5 @@ def engine_command(engine: Engine) -> click.Command:
         resume_option(),
         overwrite_option(),
     ]
-    return settings_command(engine.name, engine.config, run, params, groups={"data": DataConfig}, help=engine.help)
+    groups = {"data": DataConfig, "place": DeviceConfig}
+    return settings_command(engine.name, engine.config, run, params, groups=groups, help=engine.help)

@@ -97,6 +97,11 @@ def null_condition(adapter: Adapter, cond: torch.Tensor, uncond_embedding: torch
 
 
 @torch.no_grad()
+def _placed(cond: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A condition on the model's device; prompt embeddings also in its dtype (class labels stay integers)."""
+    return cond.to(device, dtype) if cond.is_floating_point() else cond.to(device)
+
+
 def sample(
     adapter: Adapter,
     *,
@@ -136,8 +141,8 @@ def sample(
     bar = tqdm(total=n * steps, desc=f"sampling ({scheduler}, {steps} steps)", disable=not progress, unit="step")
     for start in range(0, n, batch_size):
         x = noise[start : start + batch_size].to(device, dtype) * sched.init_noise_sigma
-        c = None if cond is None else cond[start : start + batch_size].to(device)
-        c_null = None if null is None else null[start : start + batch_size].to(device)
+        c = None if cond is None else _placed(cond[start : start + batch_size], device, dtype)
+        c_null = None if null is None else _placed(null[start : start + batch_size], device, dtype)
         sched.set_timesteps(steps, device=device)  # multistep solvers keep per-trajectory state
         for t in sched.timesteps:
             t_batch = t.expand(x.shape[0]).to(device)

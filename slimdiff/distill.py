@@ -119,6 +119,7 @@ class FeatureCapture:
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         self.names = list(names)
         self.features: dict[str, torch.Tensor] = {}
+        self.recording = True
         self._handles = []
         for name in self.names:
             try:
@@ -129,9 +130,20 @@ class FeatureCapture:
 
     def _hook(self, name: str):
         def record(_module: nn.Module, _inputs: object, output: object) -> None:
-            self.features[name] = first_tensor(output)
+            if self.recording:
+                self.features[name] = first_tensor(output)
 
         return record
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside the block: a gradient-checkpointed block recomputed in the backward runs its
+        hooks again, and those outputs are not a forward pass's."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
     def take(self) -> list[torch.Tensor]:
         """The captured features in name order; clears the record."""

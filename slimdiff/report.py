@@ -74,6 +74,7 @@ COLUMN_NOTES: dict[str, str] = {
     "latency_ms": "median wall-clock time of one denoiser call (batch as measured), milliseconds",
     "sampling_latency_ms": "median wall-clock time of one whole sampling run, milliseconds",
     "peak_memory_bytes": "peak memory of one denoiser call beyond weights and inputs",
+    "sampling_peak_memory_bytes": "peak memory of one whole sampling run beyond the weights",
 }
 
 #: Axis labels for the plotted keys (MAC axes get their unit, MMAC/GMAC/TMAC, from the data).

@@ -1,5 +1,6 @@
-"""Every job's settings, one dataclass each: `TrainConfig`, `KDConfig`, `FinetuneConfig`, `SampleConfig`,
-`EvalSettings`, `CompareSettings` (each engine's config lives with its engine, on `engines.base.EngineConfig`).
+"""Every job's settings, one dataclass each: `TrainConfig`, `KDConfig`, `FinetuneConfig`, `DeviceConfig`,
+`SampleConfig`, `EvalSettings`, `CompareSettings` (each engine's config lives with its engine, on
+`engines.base.EngineConfig`; `compress` takes a `DeviceConfig` beside it).
 
 A field carries its help in `metadata["help"]`; its default is the measured best setting, named in the docs
 (docs/training.md). The command line derives `--field-name` from each field (`slimdiff.cli_config`), a recipe
@@ -12,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from slimdiff.errors import SlimdiffError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def flag_of(field: dataclasses.Field) -> str:
@@ -54,7 +58,37 @@ def check(settings: Any, rules: dict[str, tuple[bool, str]], *, what: str = "set
 
 Scheduler = Literal["ddpm", "ddim", "dpm"]
 KDMode = Literal["plain", "normalized"]
-EVAL_METRICS = ("fid", "kid", "is", "pr", "clip", "macs", "latency")
+Precision = Literal["fp32", "bf16", "fp16"]
+EVAL_METRICS = ("fid", "kid", "is", "pr", "clip", "macs", "latency", "memory")
+
+
+@dataclass
+class DeviceConfig:
+    """Where `compress`, `eval` and `sample` run, and in which precision: the model's weights, the calibration
+    tensors and everything timed or measured live there (training's device is accelerate's: docs/gpu.md)."""
+
+    device: str = field(
+        default="auto", metadata={"help": "auto (the GPU when there is one, else cpu), cpu, cuda, cuda:N or mps."}
+    )
+    dtype: Precision = field(
+        default="fp32",
+        metadata={"help": "fp32, bf16 or fp16 (sample, eval: weights cast; compress: autocast, fp32 weights kept)."},
+    )
+
+    def validate(self) -> None:
+        check(self, {}, what="device setting")
+        self.torch_device()
+
+    def torch_device(self) -> torch.device:
+        """The device, refused in one line listing this machine's devices when it has no such one."""
+        from slimdiff.devices import resolve_device
+
+        return resolve_device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        from slimdiff.devices import DTYPES
+
+        return DTYPES[self.dtype]
 
 
 @dataclass
@@ -94,6 +128,13 @@ class TrainConfig:
         default=None,
         metadata={"help": "Min-SNR-γ weighting of the denoising loss (e.g. 5; Hang et al. 2023); default: plain MSE."},
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute the student's blocks in the backward instead of keeping their activations (less "
+            "memory, ~30 % more compute; diffusers models)."
+        },
+    )
 
     def validate(self) -> None:
         check(
@@ -119,7 +160,7 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """Settings a resumed run must share with the run it continues (`steps` may grow). Settings that are off
         (None) are left out, so a checkpoint written before such a setting existed still resumes."""
-        skip = ("steps", "checkpoint_every", "keep_checkpoints")
+        skip = ("steps", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
         return {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
 
 
@@ -187,7 +228,7 @@ class FinetuneConfig(TrainConfig):
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(DeviceConfig):
     """How a sample grid is drawn: `n` seeded samples, `steps` of a diffusers scheduler, batched."""
 
     n: int = field(default=64, metadata={"help": "Number of samples."})
@@ -223,10 +264,11 @@ class SampleConfig:
             },
             what="sample setting",
         )
+        super().validate()
 
 
 @dataclass
-class EvalSettings:
+class EvalSettings(DeviceConfig):
     """How a model is evaluated; every reported metric carries these settings.
 
     `n` is 1000: the sample count at which `digits` FID differences below about 0.1 are noise (docs/metrics.md).
@@ -252,7 +294,6 @@ class EvalSettings:
         metadata={"help": "'digits' or 'digits-ms' (our two digits networks) or the FID Inception TorchScript file."},
     )
     clip_dir: str | None = field(default=None, metadata={"help": "Local CLIP folder for the clip metric."})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or mps (where the machine has it)."})
     artifacts: bool = field(
         default=True,
         metadata={
@@ -277,9 +318,7 @@ class EvalSettings:
             },
             what="evaluation setting",
         )
-        from slimdiff.devices import check_device  # torch: imported when a command runs, not for --help
-
-        check_device(self.device)
+        super().validate()
 
 
 @dataclass

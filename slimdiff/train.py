@@ -11,7 +11,9 @@ and, on CPU, ends with bit-identical weights to an uninterrupted one.
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack, nullcontext
@@ -30,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimdiff.data import ImageDataset, check_fits
+from slimdiff.devices import half_dtype
 from slimdiff.diffusion import DEFAULT_SCHEDULE, make_scheduler, task_loss, training_target
 from slimdiff.distill import (
     KDConfig,
@@ -216,7 +219,8 @@ def train(
 ) -> TrainResult:
     """Train `model` in place for `config.steps` optimizer steps; returns it with its EMA weights loaded.
 
-    Checkpoints go to `out_dir/checkpoints/`, metrics to `out_dir/log.jsonl`. With `resume=True` the run continues
+    Checkpoints go to `out_dir/checkpoints/`, metrics to `out_dir/log.jsonl` (with the peak memory of the logged
+    steps: `memory_record`). With `resume=True` the run continues
     from the latest checkpoint (or starts fresh when there is none). `before_step(step)` runs before every
     optimizer step (e.g. an elastic model drawing the subnet of that step); `on_step(step, record)` after each
     logged one. `kept_channels` (by block) are the teacher channels a channel-pruned student's block outputs kept:
@@ -250,6 +254,7 @@ def train(
                     **({"feat_kd_terms": pair_terms} if pair_terms else {}),
                     "lr": run.lr_scheduler.get_last_lr()[0],
                     "steps_per_s": window[1] / max(now - window[0], 1e-9),
+                    **memory_record(run.accelerator.device),
                 }
                 window = (now, 0)
                 history.append(record)
@@ -260,6 +265,8 @@ def train(
             if done % config.checkpoint_every == 0 or done == config.steps:
                 _checkpoint(run, done)
     bar.close()
+    if config.gradient_checkpointing:
+        run.bare.disable_gradient_checkpointing()
     run.ema.copy_to(run.bare.parameters())
     run.bare.eval()
     return TrainResult(run.bare.cpu(), config.steps, last_loss, time.perf_counter() - started, history)
@@ -285,6 +292,7 @@ class _Run:
     meta: dict[str, Any]
     teacher: nn.Module | None = None
     teacher_adapter: Adapter | None = None
+    teacher_dtype: torch.dtype = torch.float32
     kd: KDConfig | None = None
     feature_pairs: tuple[tuple[str, str], ...] = ()
     kept_channels: Mapping[str, KeptChannels] = field(default_factory=dict)
@@ -335,6 +343,8 @@ def _setup(
     accelerator.wait_for_everyone()
 
     model.train()
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     lr_scheduler = get_scheduler(
         config.lr_schedule,
@@ -362,7 +372,10 @@ def _setup(
     )
     if teacher is not None:
         run.kd = kd or KDConfig()
+        run.teacher_dtype = half_dtype(accelerator.device)
         run.teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        if run.teacher_dtype != torch.float32:
+            run.teacher.to(run.teacher_dtype)
         run.teacher_adapter = adapter_for(run.teacher)
         if run.kd.feature_weight > 0:
             run.feature_pairs = run.kd.features or default_feature_pairs(adapter, run.teacher_adapter, kept_channels)
@@ -445,6 +458,8 @@ def _prepare(run: _Run) -> None:
     run.student = adapter_for(run.bare, forward_module=run.model)
     run.ema.to(device)
     run.conditioning = run.conditioning.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the first logged window's peak starts here
 
 
 def _optimizer_step(
@@ -476,23 +491,28 @@ def _optimizer_step(
             terms = {"task": task_loss(pred, target, t, run.noise_scheduler, config.snr_gamma)}
             if run.teacher_adapter is not None:
                 with torch.no_grad():
-                    teacher_pred = run.teacher_adapter(x_t, t, cond)
+                    teacher_pred = run.teacher_adapter(
+                        x_t.to(run.teacher_dtype), t, _in_dtype(cond, run.teacher_dtype)
+                    ).to(pred.dtype)
                 if run.kd.output_weight > 0:
                     terms["out_kd"] = run.kd.output_weight * output_kd_loss(pred, teacher_pred)
                 if run.feature_pairs:
+                    learnt = student_features.take()
                     taught = at_kept_channels(
                         teacher_features.take(),
                         [t for _, t in run.feature_pairs],
                         run.kept_channels,
                         run.student.block_channel_dim,
                     )
-                    per_pair = feature_kd_terms(student_features.take(), taught, run.kd.mode)
+                    taught = [f.to(s.dtype) for s, f in zip(learnt, taught, strict=True)]
+                    per_pair = feature_kd_terms(learnt, taught, run.kd.mode)
                     terms["feat_kd"] = run.kd.feature_weight * torch.stack(per_pair).sum()
                     for (name, _), term in zip(run.feature_pairs, per_pair, strict=True):
                         pair_terms[name] = pair_terms.get(name, 0.0) + term.item() / config.grad_accumulation
             loss = sum(terms.values())
         _stop_if_diverged(accelerator, bool(torch.isfinite(loss)), "loss", step + 1, run.out_dir)
-        accelerator.backward(loss / config.grad_accumulation)
+        with student_features.paused():  # checkpointed blocks recompute in the backward: not a forward's features
+            accelerator.backward(loss / config.grad_accumulation)
         for key, value in terms.items():
             terms_sum[key] = terms_sum.get(key, 0.0) + value.item() / config.grad_accumulation
     if config.grad_clip > 0:
@@ -502,6 +522,34 @@ def _optimizer_step(
     run.optimizer.zero_grad(set_to_none=True)
     run.ema.step(run.bare.parameters())
     return terms_sum, pair_terms
+
+
+def _in_dtype(cond: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A condition for a model held in `dtype`: prompt embeddings cast, class labels (integers) as they are."""
+    return cond.to(dtype) if cond is not None and cond.is_floating_point() else cond
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on the model's own gradient checkpointing (diffusers' `enable_gradient_checkpointing`: each resnet and
+    transformer block recomputed in the backward); a model without it is refused in one line."""
+    try:
+        model.enable_gradient_checkpointing()
+    except (AttributeError, ValueError):  # not a diffusers model, or one without checkpointing
+        raise SlimdiffError(
+            f"{type(model).__name__} does not support gradient checkpointing; train it without --gradient-checkpointing"
+        ) from None
+
+
+def memory_record(device: torch.device) -> dict[str, Any]:
+    """The peak memory a log record carries. On CUDA: the peak tensor memory allocated since the last record
+    (`torch.cuda.max_memory_allocated`, weights and optimizer state included; the peak is reset). Elsewhere: the
+    process's peak resident set size so far (`getrusage`'s `ru_maxrss`: tensors, Python, libraries, data)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"peak_memory_bytes": peak, "peak_memory_counts": "CUDA tensor memory allocated since the last record"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"peak_memory_bytes": rss, "peak_memory_counts": "process peak resident set size (ru_maxrss)"}
 
 
 def _checkpoint(run: _Run, done: int) -> None:

@@ -18,6 +18,7 @@ import torch
 from accelerate import PartialState
 
 from slimdiff.data import DataConfig
+from slimdiff.devices import autocast
 from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.distill import KDConfig
 from slimdiff.engines import Calibration, Engine, EngineConfig, Result, get_engine
@@ -27,6 +28,7 @@ from slimdiff.export import SPEC_NAME, load, load_scheduler_config, read_provena
 from slimdiff.io import atomic_write_json, output_dir, read_json
 from slimdiff.jobs.conditioning import decoder_for, training_conditioning, training_data
 from slimdiff.models import Adapter, adapter_for
+from slimdiff.settings import DeviceConfig
 from slimdiff.train import Conditioning, TrainConfig, TrainResult, train
 
 #: Where a training engine's shared run lives inside `--out`.
@@ -44,6 +46,7 @@ def compress_model(
     out_dir: str | Path,
     config: EngineConfig,
     *,
+    place: DeviceConfig | None = None,
     resume: bool = False,
     overwrite: bool = False,
     log: Log = no_log,
@@ -56,11 +59,18 @@ def compress_model(
     run gets it (see the module docstring); then `out_dir` holds one directory per product. An `out_dir` that
     holds anything is refused unless `resume` (continue the run of the same engine and settings there) or
     `overwrite` (compress beside it, then swap the new result in) — `slimdiff.io.output_dir`.
+
+    `place` (default: the GPU when there is one, fp32) is where the engine runs: the model and the calibration
+    tensors are moved there, so calibration, searches and latency budgets run and are timed on it; a bf16/fp16
+    `dtype` runs the engine under autocast with the weights kept in fp32, so the product is saved as precise as
+    its source.
     """
     engine = get_engine(engine_name)
     if not isinstance(config, engine.config):
         raise SlimdiffError(f"engine '{engine.name}' takes a {engine.config.__name__}, got {type(config).__name__}")
     config.validate()
+    place = place or DeviceConfig()
+    place.validate()
     out_dir = Path(out_dir)
     if out_dir.resolve() == Path(model_dir).resolve():
         raise SlimdiffError("--out must differ from the model directory (the source is never overwritten)")
@@ -68,7 +78,7 @@ def compress_model(
         _refuse_other_run(out_dir, engine.name, config)
     _refuse_carried_artifacts(engine, Path(model_dir))
     with output_dir(out_dir, resume=resume, overwrite=overwrite) as work:
-        return _compress_into(engine, Path(model_dir), data, out_dir, work, config, log, progress)
+        return _compress_into(engine, Path(model_dir), data, out_dir, work, config, place, log, progress)
 
 
 def _compress_into(
@@ -78,18 +88,21 @@ def _compress_into(
     out_dir: Path,
     work: Path,
     config: EngineConfig,
+    place: DeviceConfig,
     log: Log,
     progress: bool,
 ) -> Result:
-    """`compress_model` writing into `work`, the folder that becomes `out_dir`."""
+    """`compress_model` writing into `work`, the folder that becomes `out_dir`, the engine running on `place`."""
+    device = place.torch_device()
     # the bare denoiser: an engine that keeps the model (skip) makes its own artifacts, which replace the source's
-    model = load(model_dir, artifacts=False)
+    model = load(model_dir, device=device, artifacts=False)
     adapter = adapter_for(model)
-    calibration, conditioning, recorded = calibration_for(
-        model_dir, adapter, data, work, getattr(config, "seed", 0), log
-    )
+    seed = getattr(config, "seed", 0)
+    calibration, conditioning, recorded = calibration_for(model_dir, adapter, data, work, seed, log, device=device)
     calibration.work_dir = work / ENGINE_STATE
-    result = engine.compress(adapter, config, calibration, log=log)
+    with autocast(device, place.torch_dtype()):
+        result = engine.compress(adapter, config, calibration, log=log)
+    result.model.cpu()
     provenance = read_provenance(model_dir)
     provenance.engine = engine.name
     provenance.budget = config.budget()
@@ -97,6 +110,8 @@ def _compress_into(
         "job": f"compress {engine.name}",
         "source": str(model_dir),
         "config": dataclasses.asdict(config),
+        "device": str(device),
+        "dtype": place.dtype,
         "target": config.budget(),
         "seconds": round(result.seconds, 1),
         **result.record,
@@ -147,20 +162,31 @@ def _compress_into(
 
 
 def calibration_for(
-    model_dir: str | Path, adapter: Adapter, data: str | DataConfig, out_dir: Path, seed: int, log: Log = no_log
+    model_dir: str | Path,
+    adapter: Adapter,
+    data: str | DataConfig,
+    out_dir: Path,
+    seed: int,
+    log: Log = no_log,
+    *,
+    device: torch.device | str = "cpu",
 ) -> tuple[Calibration, Conditioning, dict[str, Any]]:
     """What an engine may look at for the model saved in `model_dir` (its training data `data` — latents for a
-    latent model, center-cropped —, conditions, noise schedule), the training conditioning, and what to record
-    about it (a text model's encoder is saved to `out_dir`, or its pipeline recorded)."""
+    latent model, center-cropped —, conditions on `device`, noise schedule, a latent model's decoder on `device`),
+    the training conditioning, and what to record about it (a text model's encoder is saved to `out_dir`, or its
+    pipeline recorded)."""
     data = DataConfig.of(data)
     dataset = training_data(adapter, data, seed, model_dir, purpose="calibrate", log=log)
     conditioning, recorded = training_conditioning(adapter, dataset, out_dir, Path(model_dir), seed, data, log)
     schedule = load_scheduler_config(model_dir) or DEFAULT_SCHEDULE
+    placed = conditioning.to(device)
 
     def cond_for(labels: torch.Tensor) -> torch.Tensor | None:
-        return conditioning(labels, torch.zeros_like(labels, dtype=torch.bool))
+        labels = labels.to(device)
+        return placed(labels, torch.zeros_like(labels, dtype=torch.bool))
 
-    calibration = Calibration(dataset, cond_for, schedule, conditioning.empty_prompt, decoder_for(model_dir))
+    decode = decoder_for(model_dir, device=device)
+    calibration = Calibration(dataset, cond_for, schedule, placed.empty_prompt, decode)
     return calibration, conditioning, recorded
 
 

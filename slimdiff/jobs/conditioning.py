@@ -73,12 +73,15 @@ def vae_scale(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def decoder_for(model_dir: str | Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Latents → images for latent models (the frozen VAE beside the denoiser), None for pixel-space models."""
+def decoder_for(
+    model_dir: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Latents → images for latent models (the frozen VAE beside the denoiser, on `device`, in `dtype` when given),
+    None for pixel-space models."""
     loaded = _load_vae(model_dir)
     if loaded is None:
         return None
-    vae = loaded[0]
+    vae = loaded[0].to(device, dtype)
     factor, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
 
     def decode(latents: torch.Tensor) -> torch.Tensor:  # differentiable in the latents (a skip search needs it)

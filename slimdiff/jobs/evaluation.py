@@ -19,16 +19,19 @@ from slimdiff.jobs.conditioning import decoder_for, pipeline_dir, sampling_input
 from slimdiff.jobs.info import model_info
 from slimdiff.jobs.sampling import refuse_other_sampler
 from slimdiff.metrics.cost import (
+    MEMORY_COUNTS,
     count_macs,
     count_params,
     denoiser_latency,
+    denoiser_memory,
     pipeline_fixed_macs,
     sampling_latency,
     sampling_macs,
+    sampling_memory,
 )
 from slimdiff.metrics.features import feature_extractor
 from slimdiff.metrics.quality import clip_score, compute_quality, reference_features
-from slimdiff.models import adapter_for
+from slimdiff.models import Adapter, adapter_for
 from slimdiff.report import markdown_table, save_grid, write_compare_report
 from slimdiff.settings import EvalSettings as EvalSettings
 
@@ -38,7 +41,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Measure a model: quality of `n` seeded samples against the data's training split, MACs, latency."""
     settings.validate()
-    model = load(model_dir, device=settings.device, artifacts=settings.artifacts)
+    device, dtype = settings.torch_device(), settings.torch_dtype()
+    model = load(model_dir, device=device, dtype=dtype, artifacts=settings.artifacts)
     refuse_other_sampler(model, settings.scheduler, settings.steps, load_scheduler_config(model_dir))
     adapter = adapter_for(model)
     plan = sampling_plan(model)
@@ -50,7 +54,8 @@ def evaluate_model(
         "seed": settings.seed,
         "batch_size": settings.batch_size,
         "guidance_scale": settings.guidance_scale,
-        "device": settings.device,
+        "device": str(device),
+        "dtype": settings.dtype,
     }
     report: dict[str, Any] = {
         "model": str(model_dir),
@@ -73,7 +78,7 @@ def evaluate_model(
             uncond_embedding=inputs.uncond_embedding,
             seed=settings.seed,
             batch_size=settings.batch_size,
-            decode=decoder_for(model_dir),
+            decode=decoder_for(model_dir, device=device, dtype=dtype),
             progress=progress,
         )
         if grid is not None:
@@ -119,23 +124,24 @@ def evaluate_model(
             }
     if "latency" in settings.metrics:
         with full_compute(model):  # one call outside a sampling run computes everything
-            call = denoiser_latency(model, batch_size=settings.batch_size, device=settings.device)
+            call = denoiser_latency(model, batch_size=settings.batch_size, device=device)
         run = sampling_latency(
             adapter,
             steps=settings.steps,
             batch_size=settings.batch_size,
             scheduler=settings.scheduler,
-            device=settings.device,
+            device=device,
             guidance_scale=settings.guidance_scale,
         )
-        threads = {"threads": torch.get_num_threads()} if settings.device == "cpu" else {}
+        threads = {"threads": torch.get_num_threads()} if device.type == "cpu" else {}
         report["metrics"]["latency_ms"] = {
             "value": call.median_ms,
             "p10": call.p10_ms,
             "p90": call.p90_ms,
             "counts": f"one denoiser call at batch {settings.batch_size}",
             "repeats": call.repeats,
-            "device": settings.device,
+            "device": str(device),
+            "dtype": settings.dtype,
         } | threads
         report["metrics"]["sampling_latency_ms"] = {
             "value": run.median_ms,
@@ -143,9 +149,35 @@ def evaluate_model(
             "p90": run.p90_ms,
             "counts": f"{settings.steps}-step sampling run at batch {settings.batch_size}",
             "repeats": run.repeats,
-            "device": settings.device,
+            "device": str(device),
+            "dtype": settings.dtype,
         } | threads
+    if "memory" in settings.metrics:
+        report["metrics"] |= _memory(model, adapter, settings, device)
     return report
+
+
+def _memory(model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, device: torch.device) -> dict[str, Any]:
+    """Peak memory beyond the weights of one denoiser call and of one sampling run at the evaluation's batch."""
+    with full_compute(model):  # one call outside a sampling run computes everything
+        call = denoiser_memory(model, batch_size=settings.batch_size, device=device)
+    run = sampling_memory(
+        adapter,
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        scheduler=settings.scheduler,
+        device=device,
+        guidance_scale=settings.guidance_scale,
+    )
+    measured = {"device": str(device), "dtype": settings.dtype, "measures": MEMORY_COUNTS[device.type]}
+    return {
+        "peak_memory_bytes": {"value": call, "counts": f"one denoiser call at batch {settings.batch_size}"} | measured,
+        "sampling_peak_memory_bytes": {
+            "value": run,
+            "counts": f"{settings.steps}-step sampling run at batch {settings.batch_size}",
+        }
+        | measured,
+    }
 
 
 def eval_table(report: dict[str, Any]) -> str:

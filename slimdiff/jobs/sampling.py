@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,18 @@ from slimdiff.engines import check_sampler
 from slimdiff.export import load, load_scheduler_config
 from slimdiff.io import check_output_file
 from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
+from slimdiff.metrics.cost import PeakMemory, measure_peak_memory
 from slimdiff.models import adapter_for
 from slimdiff.report import save_grid
 from slimdiff.settings import SampleConfig
+
+
+@dataclass(frozen=True)
+class Samples:
+    """What a sampling run drew, and the peak memory it took beyond the weights (`metrics.cost.PeakMemory`)."""
+
+    images: torch.Tensor
+    memory: PeakMemory
 
 
 def sample_model(
@@ -26,9 +36,9 @@ def sample_model(
     *,
     overwrite: bool = False,
     progress: bool = True,
-) -> torch.Tensor:
-    """Sample `config.n` images from a model directory and write a PNG grid to `out`; returns the images. An existing
-    `out` is refused unless `overwrite`.
+) -> Samples:
+    """Sample `config.n` images from a model directory on `config.device` in `config.dtype` and write a PNG grid to
+    `out`; returns the images and the run's peak memory. An existing `out` is refused unless `overwrite`.
 
     A model whose artifacts declare a sampling plan (a skip table) is refused before sampling unless the sampler
     asked for is the one the plan was made for; `config.artifacts=False` samples the bare denoiser.
@@ -36,29 +46,32 @@ def sample_model(
     config = config or SampleConfig()
     config.validate()
     check_output_file(out, overwrite=overwrite)
-    model = load(model_dir, artifacts=config.artifacts)
+    device, dtype = config.torch_device(), config.torch_dtype()
+    model = load(model_dir, device=device, dtype=dtype, artifacts=config.artifacts)
     refuse_other_sampler(model, config.scheduler, config.steps, load_scheduler_config(model_dir))
     adapter = adapter_for(model)
     prompts = load_prompts(config.prompts) if config.prompts else None
     labels = list(config.labels) if config.labels else None
     inputs = sampling_inputs(model_dir, adapter, config.n, labels=labels, prompts=prompts)
-    images = sample(
-        adapter,
-        n=config.n,
-        steps=config.steps,
-        scheduler=config.scheduler,
-        schedule=load_scheduler_config(model_dir),
-        cond=inputs.cond,
-        guidance_scale=config.guidance_scale,
-        uncond_embedding=inputs.uncond_embedding,
-        seed=config.seed,
-        batch_size=config.batch_size,
-        decode=decoder_for(model_dir),
-        progress=progress,
-    )
+    decode = decoder_for(model_dir, device=device, dtype=dtype)
+    with measure_peak_memory(device) as memory, torch.inference_mode():
+        images = sample(
+            adapter,
+            n=config.n,
+            steps=config.steps,
+            scheduler=config.scheduler,
+            schedule=load_scheduler_config(model_dir),
+            cond=inputs.cond,
+            guidance_scale=config.guidance_scale,
+            uncond_embedding=inputs.uncond_embedding,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            decode=decode,
+            progress=progress,
+        )
     scale = max(1, 128 // images.shape[-1])
     save_grid(images, out, scale=scale)
-    return images
+    return Samples(images, memory)
 
 
 def refuse_other_sampler(model: nn.Module, scheduler: str, steps: int, schedule: dict[str, Any] | None) -> None:

@@ -6,7 +6,7 @@ sees (PyTorch's fused CPU attention kernel has no FLOP formula, so counting on r
 
 Latency is wall-clock time (`time.perf_counter`) under `torch.inference_mode()`, with CUDA synchronised around
 every timed run so that queued kernels are counted. Peak memory is the increase above what was in use when the
-measurement started: allocated tensor memory on CUDA, process RSS on CPU (approximate; see `peak_memory`).
+measurement started: allocated tensor memory on CUDA, torch's CPU tensor allocations on CPU (`measure_peak_memory`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import os
 import platform
 import statistics
-import threading
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from torch import nn
+from torch._C._autograd import DeviceType
 from torch.func import functional_call
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimdiff.errors import SlimdiffError
@@ -336,26 +337,12 @@ def _default_cond(adapter: Adapter, batch_size: int) -> torch.Tensor | None:
     return None if key is None else adapter.example_inputs(batch_size, "cpu")[key]
 
 
-def sampling_latency(
-    adapter: Adapter,
-    *,
-    steps: int,
-    batch_size: int,
-    scheduler: str = "ddim",
-    warmup: int = 1,
-    repeats: int = 3,
-    device: torch.device | str = "cpu",
-    cond: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-) -> LatencyStats:
-    """Wall-clock time of one whole `diffusion.sample` run drawing `batch_size` images in one batch, in eval mode.
-
-    Covers noise creation, every scheduler step and denoiser call (no decoding). `cond` defaults to stand-in
-    conditions for conditional models; with `guidance_scale != 1` each step runs the denoiser on a doubled batch.
-    """
+def _sampling_run(
+    adapter: Adapter, steps: int, batch_size: int, scheduler: str, cond: torch.Tensor | None, guidance_scale: float
+) -> Callable[[], None]:
+    """One whole `diffusion.sample` run drawing `batch_size` images in one batch, stand-in conditions by default."""
     from slimdiff.diffusion import sample  # diffusion imports schedulers; keep cost.py light to import
 
-    dev = _check_on_device(adapter.model, device)
     if cond is None:
         cond = _default_cond(adapter, batch_size)
     uncond = None
@@ -375,6 +362,28 @@ def sampling_latency(
             progress=False,
         )
 
+    return run
+
+
+def sampling_latency(
+    adapter: Adapter,
+    *,
+    steps: int,
+    batch_size: int,
+    scheduler: str = "ddim",
+    warmup: int = 1,
+    repeats: int = 3,
+    device: torch.device | str = "cpu",
+    cond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> LatencyStats:
+    """Wall-clock time of one whole `diffusion.sample` run drawing `batch_size` images in one batch, in eval mode.
+
+    Covers noise creation, every scheduler step and denoiser call (no decoding). `cond` defaults to stand-in
+    conditions for conditional models; with `guidance_scale != 1` each step runs the denoiser on a doubled batch.
+    """
+    dev = _check_on_device(adapter.model, device)
+    run = _sampling_run(adapter, steps, batch_size, scheduler, cond, guidance_scale)
     with _eval_mode(adapter.model):
         return time_callable(
             run,
@@ -386,55 +395,109 @@ def sampling_latency(
         )
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device | str) -> int:
-    """Peak memory `fn()` needs beyond what was in use when it started, in bytes (run under inference mode).
+@dataclass
+class PeakMemory:
+    """The peak memory of a measured block beyond what was in use when it started, in bytes, and what was counted
+    (`counts`: CUDA's allocated tensor memory, or torch's CPU tensor allocations)."""
 
-    On CUDA: the peak of allocated tensor memory (`torch.cuda.max_memory_allocated`, after resetting the peak
-    statistics) minus what was allocated before; exact for tensors, blind to the caching allocator's slack. On
-    CPU: the peak increase of the whole process's resident set size (RSS), sampled by a background thread every
-    ~2 ms — approximate: other threads count too, spikes shorter than the sampling interval can be missed, and
-    memory the allocator already holds from earlier frees is reused without raising RSS.
+    bytes: int = 0
+    counts: str = ""
+
+    def record(self) -> dict[str, Any]:
+        """The measurement as a log or report entry."""
+        return {"peak_memory_bytes": self.bytes, "peak_memory_counts": self.counts}
+
+
+#: What each device's peak memory counts (`measure_peak_memory`).
+MEMORY_COUNTS = {
+    "cuda": "CUDA tensor memory allocated (torch.cuda.max_memory_allocated)",
+    "cpu": "CPU tensor memory allocated by torch (the profiler's memory events)",
+}
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for the block: this torch build's profiler prints a line on every start and stop."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextmanager
+def measure_peak_memory(device: torch.device | str) -> Iterator[PeakMemory]:
+    """`with measure_peak_memory(device) as peak:` … then `peak.bytes`: the peak of tensor memory the block held
+    beyond what was in use when it started.
+
+    On CUDA: `torch.cuda.max_memory_allocated` (after resetting the peak statistics) minus what was allocated
+    before; exact for tensors, blind to the caching allocator's slack and the CUDA context. On CPU: every tensor
+    allocation and free torch's CPU allocator makes, from the profiler's memory events, summed in order — exact for
+    tensors (not Python objects or library buffers), at the profiler's cost of a few µs per op.
     """
     dev = _device(device)
+    if dev.type not in MEMORY_COUNTS:
+        raise SlimdiffError(f"peak memory is measured on cpu and cuda devices (got '{device}')")
+    peak = PeakMemory(counts=MEMORY_COUNTS[dev.type])
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         baseline = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        with torch.inference_mode():
-            fn()
+        yield peak
         torch.cuda.synchronize(dev)
-        return max(0, torch.cuda.max_memory_allocated(dev) - baseline)
-    if dev.type != "cpu":
-        raise SlimdiffError(f"peak_memory supports cpu and cuda devices (got '{device}')")
-    process = psutil.Process()
-    baseline = process.memory_info().rss
-    peak = baseline
-    done = threading.Event()
-
-    def watch() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            done.wait(0.002)
-
-    watcher = threading.Thread(target=watch, name="slimdiff-peak-rss", daemon=True)
-    watcher.start()
+        peak.bytes = max(0, torch.cuda.max_memory_allocated(dev) - baseline)
+        return
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        profiler.__enter__()
     try:
-        with torch.inference_mode():
-            fn()
+        yield peak
     finally:
-        done.set()
-        watcher.join()
-    peak = max(peak, process.memory_info().rss)
-    return max(0, peak - baseline)
+        with _quiet_stderr():
+            profiler.__exit__(None, None, None)
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        if event.device_type() == DeviceType.CPU:
+            live += event.nbytes()
+            peak.bytes = max(peak.bytes, live)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str) -> int:
+    """Peak memory `fn()` needs beyond what was in use when it started, in bytes, run under inference mode
+    (`measure_peak_memory` says what is counted on each device)."""
+    with measure_peak_memory(device) as peak, torch.inference_mode():
+        fn()
+    return peak.bytes
 
 
 def denoiser_memory(model: nn.Module, *, batch_size: int, device: torch.device | str = "cpu") -> int:
     """Peak memory of one denoiser call on `batch_size` example inputs, beyond the weights and inputs (bytes).
 
-    See `peak_memory` for what is counted on each device (on CPU an approximate process-RSS measurement).
+    See `measure_peak_memory` for what is counted on each device.
     """
     dev = _check_on_device(model, device)
     inputs = _denoiser_inputs(model, batch_size, dev)
     with _eval_mode(model):
         return peak_memory(lambda: model(**inputs), dev)
+
+
+def sampling_memory(
+    adapter: Adapter,
+    *,
+    steps: int,
+    batch_size: int,
+    scheduler: str = "ddim",
+    device: torch.device | str = "cpu",
+    cond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> int:
+    """Peak memory of one whole sampling run (as `sampling_latency` times it) beyond the weights (bytes)."""
+    dev = _check_on_device(adapter.model, device)
+    run = _sampling_run(adapter, steps, batch_size, scheduler, cond, guidance_scale)
+    with _eval_mode(adapter.model):
+        return peak_memory(run, dev)
