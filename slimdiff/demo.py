@@ -427,7 +427,7 @@ def _smoke(step: CompressStep | FinetuneStep | Any) -> None:
     elif isinstance(step, CompressStep) and step.engine == "ofa":
         step.config = dataclasses.replace(step.config, steps=2, batch_size=4, warmup=1, checkpoint_every=2)
     elif isinstance(step, CompressStep) and step.engine == "skip":
-        step.config = dataclasses.replace(step.config, iterations=2, noises=2, steps=3)
+        step.config = dataclasses.replace(step.config, iterations=2, noises=2, batch_size=2, steps=3)
     elif isinstance(step, CompressStep) and step.engine == "channels":
         step.config = dataclasses.replace(step.config, calibration_size=4, timestep_stride=250)
 

@@ -10,7 +10,11 @@ import pytest
 from diffusers import StableDiffusionPipeline
 
 from slimdiff.demo import LATENT_ROWS, run_latent_demo
+from slimdiff.latent_teacher import digits_split
 from slimdiff.recipe import load_recipe
+
+# The smoke demo trains a teacher and runs six recipes and their measurements: minutes on a loaded CPU.
+pytestmark = pytest.mark.timeout(1500)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,7 @@ def test_latent_demo_trains_the_teacher_and_writes_captioned_data(demo_run: tupl
     out, _ = demo_run
     StableDiffusionPipeline.from_pretrained(out / "teacher")
     rows = [json.loads(line) for line in (out / "digits-captioned" / "metadata.jsonl").read_text().splitlines()]
-    assert len(rows) == 1437 and rows[0]["text"].startswith("a photo of the digit ")
+    assert len(rows) == len(digits_split()["train"][1]) and rows[0]["text"].startswith("a photo of the digit ")
     assert (out / "digits-captioned" / rows[0]["file_name"]).is_file()
 
 
