@@ -427,7 +427,7 @@ def _smoke(step: CompressStep | FinetuneStep | Any) -> None:
     elif isinstance(step, CompressStep) and step.engine == "ofa":
         step.config = dataclasses.replace(step.config, steps=2, batch_size=4, warmup=1, checkpoint_every=2)
     elif isinstance(step, CompressStep) and step.engine == "skip":
-        step.config = dataclasses.replace(step.config, iterations=2, noises=2, batch_size=2, steps=3)
+        step.config = dataclasses.replace(step.config, iterations=2, noises=2, batch_size=2, steps=5)
     elif isinstance(step, CompressStep) and step.engine == "channels":
         step.config = dataclasses.replace(step.config, calibration_size=4, timestep_stride=250)
 
@@ -512,7 +512,7 @@ def run_latent_demo(out: str | Path, echo: Callable[[str], None] = print, *, smo
         work=out,
         out=out / "results.json",
         n=20 if smoke else 500,
-        samplers=(("ddim", 3),) if smoke else LATENT_SAMPLERS[:1],
+        samplers=(("ddim", 5),) if smoke else LATENT_SAMPLERS[:1],
         smoke=smoke,
     )
     echo(f"[2/3] {len(LATENT_ROWS)} latent recipes, one per engine and a composition (resumable)")
