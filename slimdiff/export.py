@@ -577,7 +577,7 @@ def load(
         if any(p.is_meta for p in model.parameters()):
             raise SlimdiffError(f"{model_dir}: some parameters were not loaded")
         model.to(device)
-        if dtype is not None:
+        if dtype is not None and dtype != next(model.parameters()).dtype:  # (diffusers warns on every `to(dtype)`)
             model.to(dtype)
     if spec is not None and artifacts:
         from slimdiff.engines import attach_artifact

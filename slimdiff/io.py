@@ -153,6 +153,7 @@ def output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = Fals
         raise _refusal(path, "files", "--resume to continue the run there or --overwrite to replace it")
     state.wait_for_everyone()  # every process has looked before any writes
     work = path.with_name(f".{path.name}.overwrite") if replace else path
+    created = not path.exists()
     if state.is_main_process:
         if replace:
             shutil.rmtree(work, ignore_errors=True)  # what an interrupted --overwrite left
@@ -166,6 +167,8 @@ def output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = Fals
     except BaseException:
         if replace and state.is_main_process:
             shutil.rmtree(work, ignore_errors=True)
+        elif created and state.is_main_process and not _holds_something(path):
+            path.rmdir()  # a run that failed before writing anything leaves no empty folder behind
         raise
     state.wait_for_everyone()
 

@@ -54,12 +54,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from PIL import Image
@@ -67,6 +67,9 @@ from safetensors.torch import load_file, save_file
 
 from slimdiff.io import atomic_dir
 from slimdiff.text import make_tiny_clip_text
+
+if TYPE_CHECKING:  # diffusers' SD pipeline module loads transformers' image processors: imported where used
+    from diffusers import StableDiffusionPipeline
 
 SIZE = 32
 NUM_DIGITS = 10
@@ -378,6 +381,8 @@ def load_or_train_vae(args: argparse.Namespace, partial: Path, data: dict) -> tu
 
 def train(args: argparse.Namespace) -> None:
     """Train the VAE and the U-Net, save the pipeline, its sample grid and `training.json` into `--out`."""
+    from diffusers import StableDiffusionPipeline
+
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"{out} already exists; remove it or pick another --out")
@@ -519,6 +524,8 @@ def sample_grid(pipe: StableDiffusionPipeline, rows: int, steps: int, seed: int)
 
 def evaluate(args: argparse.Namespace) -> None:
     """Class agreement of `--evaluate` samples of the pipeline in `--out`, beside real and reconstructed digits."""
+    from diffusers import StableDiffusionPipeline
+
     from slimdiff.metrics.features import digits_feature_extractor
     from slimdiff.metrics.quality import class_agreement
 

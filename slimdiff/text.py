@@ -14,16 +14,18 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from slimdiff.data.cache import weights_checksum
 from slimdiff.errors import SlimdiffError
 from slimdiff.io import atomic_dir
 from slimdiff.models.unet import TIME_IDS, pack_added_cond, with_time_ids
+
+if TYPE_CHECKING:  # importing diffusers' pipelines loads transformers' image processors: only where SDXL is used
+    from diffusers import StableDiffusionXLPipeline
 
 TOKENIZER_DIR = "tokenizer"
 TEXT_ENCODER_DIR = "text_encoder"
@@ -137,6 +139,8 @@ class SDXLTextEncoders:
     @classmethod
     def from_dir(cls, path: str | Path, resolution: int) -> SDXLTextEncoders:
         """Load `tokenizer/`, `text_encoder/`, `tokenizer_2/` and `text_encoder_2/` of an SDXL pipeline folder."""
+        from diffusers import StableDiffusionXLPipeline
+
         path = Path(path)
         if not (path / TEXT_ENCODER_2_DIR).is_dir():
             raise SlimdiffError(

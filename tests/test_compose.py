@@ -69,7 +69,7 @@ def _run_in_pipeline(model_dir: Path) -> torch.Tensor:
     if family == "dit":
         pipeline = DiTPipeline(transformer=model, vae=tiny_vae(model.config.in_channels), scheduler=scheduler)
         return pipeline(class_labels=[1, 2], num_inference_steps=STEPS, generator=generator, output_type="np").images
-    pipeline = tiny_sd_pipeline(model, load_text_encoder(model_dir), scheduler)
+    pipeline = tiny_sd_pipeline(model, load_text_encoder(model_dir, adapter_for(model)), scheduler)
     return pipeline(["a digit"], num_inference_steps=STEPS, generator=generator, output_type="np").images
 
 

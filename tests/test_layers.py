@@ -291,7 +291,7 @@ def test_recipe_prunes_layers_and_distils_features(tmp_path: Path, monkeypatch, 
     recipe.write_text(
         f"model: {tmp_path / 'teacher'}\nout: {tmp_path / 'out'}\nsteps:\n"
         "  - compress: {engine: layers, criterion: task-loss, target_params: 0.6, calibration_size: 8}\n"
-        "  - finetune: {steps: 2, batch_size: 8, teacher: model, kd: plain}\n"
+        "  - finetune: {steps: 2, batch_size: 8, teacher: model, kd: plain, kd_feature_weight: 1}\n"
     )
     code, out, err = run_cli(monkeypatch, capsys, "run", recipe)
     assert code == 0, err
