@@ -38,8 +38,7 @@ from typing import Any
 import torch
 from diff_pruning import Curve, teacher_train_steps  # a sibling script: run as python benchmarks/compose.py
 
-from slimdiff.distill import KDConfig
-from slimdiff.engines import get_engine, latency
+from slimdiff.engines import budgets, get_engine
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, read_provenance
 from slimdiff.io import atomic_write_json, read_json
@@ -48,7 +47,7 @@ from slimdiff.jobs.info import model_info
 from slimdiff.jobs.training import finetune_model
 from slimdiff.metrics.cost import count_macs, device_description, sampling_latency
 from slimdiff.models import adapter_for
-from slimdiff.train import TrainConfig
+from slimdiff.settings import KDConfig, TrainConfig
 
 
 def label(teacher: Path) -> str:
@@ -170,19 +169,19 @@ def retime(engine: str, model_dir: Path, args: argparse.Namespace) -> float:
     """The saved product, re-loaded (with its skip table) and timed the way its engine timed it."""
     model = load(model_dir)
     if engine == "skip":
-        stats = latency.time_sampling(
+        stats = budgets.time_sampling(
             adapter_for(model), args.batch, steps=args.table_steps, scheduler="ddim", guidance_scale=1.0
         )
     else:
-        stats = latency.time_denoiser(model, args.batch)
+        stats = budgets.time_denoiser(model, args.batch)
     return stats.median_ms
 
 
 def latency_part(args: argparse.Namespace, teacher: Path) -> dict[str, Any]:
     work = args.work / label(teacher) / "latency"
     teacher_model = load(teacher, artifacts=False)
-    call = latency.time_denoiser(teacher_model, args.batch).median_ms
-    run = latency.time_sampling(
+    call = budgets.time_denoiser(teacher_model, args.batch).median_ms
+    run = budgets.time_sampling(
         adapter_for(teacher_model), args.batch, steps=args.table_steps, scheduler="ddim", guidance_scale=1.0
     ).median_ms
     engines = {

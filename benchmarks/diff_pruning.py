@@ -44,8 +44,6 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import Downsample2D, Upsample2D
 
 from slimdiff.data import load_data
-from slimdiff.diffusion import sample
-from slimdiff.distill import KDConfig
 from slimdiff.engines.channels import ChannelPruningConfig
 from slimdiff.export import load, load_scheduler_config, read_provenance, save
 from slimdiff.io import atomic_write_json, read_json
@@ -55,7 +53,8 @@ from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.metrics.features import DIGITS_FEATURES, feature_extractor
 from slimdiff.metrics.quality import compute_quality, reference_features
 from slimdiff.models import adapter_for
-from slimdiff.train import TrainConfig
+from slimdiff.settings import KDConfig, TrainConfig
+from slimdiff.training.diffusion import sample
 
 OFFICIAL = ("official", "official-global")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimdiff.demo import LATENT_ROWS, LatentBenchSettings, run_latent_bench
+from slimdiff.demo.latent import LATENT_ROWS, LatentBenchSettings, run_latent_bench
 from slimdiff.io import atomic_write_bytes
 from slimdiff.report import markdown_table
 

@@ -28,8 +28,6 @@ from typing import Any
 
 import torch
 
-from slimdiff.diffusion import DEFAULT_SCHEDULE
-from slimdiff.distill import KDConfig
 from slimdiff.engines import Calibration
 from slimdiff.engines.layers import LayerPruningConfig, compress
 from slimdiff.export import load, read_provenance
@@ -40,7 +38,8 @@ from slimdiff.jobs.training import finetune_model
 from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sampling_latency
 from slimdiff.models import adapter_for, build
 from slimdiff.report import markdown_table
-from slimdiff.train import TrainConfig
+from slimdiff.settings import KDConfig, TrainConfig
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
 ROWS = (
     "output-loss/normalized",

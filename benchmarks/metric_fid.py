@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from slimdiff.data import load_data
-from slimdiff.diffusion import sample
 from slimdiff.export import load, load_scheduler_config
 from slimdiff.io import atomic_write_json
 from slimdiff.metrics.features import DIGITS_FEATURES, feature_extractor
 from slimdiff.metrics.quality import compute_quality, reference_features
 from slimdiff.models import adapter_for
+from slimdiff.training.diffusion import sample
 
 SPECKLE = (0.002, 0.005, 0.01, 0.02, 0.05)
 NOISE = (0.05, 0.1, 0.2, 0.4, 0.8)

@@ -29,8 +29,6 @@ from typing import Any
 
 import torch
 
-from slimdiff.diffusion import DEFAULT_SCHEDULE
-from slimdiff.distill import KDConfig
 from slimdiff.engines.base import Calibration
 from slimdiff.engines.channels import ChannelPruningConfig
 from slimdiff.engines.ofa import IMPORTANCE_NORMS, OFAConfig, compress, extract_all
@@ -42,7 +40,8 @@ from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
 from slimdiff.jobs.training import finetune_model
 from slimdiff.metrics.cost import count_macs
 from slimdiff.models import adapter_for
-from slimdiff.train import TrainConfig
+from slimdiff.settings import KDConfig, TrainConfig
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
 
 class Bench:

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 from slimdiff.data import load_data
-from slimdiff.diffusion import sample
 from slimdiff.engines import get_engine, skip
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config, read_provenance, read_spec, save
@@ -43,6 +42,7 @@ from slimdiff.metrics.features import digits_feature_extractor
 from slimdiff.metrics.quality import class_agreement, compute_quality, reference_features
 from slimdiff.models import adapter_for
 from slimdiff.report import markdown_table, save_grid
+from slimdiff.training.diffusion import sample
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 

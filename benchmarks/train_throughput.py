@@ -15,7 +15,7 @@ import torch
 
 from slimdiff.jobs.training import train_model
 from slimdiff.models import build_tiny
-from slimdiff.train import TrainConfig
+from slimdiff.settings import TrainConfig
 
 
 def measure(name: str, steps: int, batch_size: int) -> dict[str, float | int | str]:

@@ -10,7 +10,7 @@ The public API (imported lazily, so that `slimdiff --help` stays fast):
 - `adapter_for(model)`, `build_tiny(name)` — the family adapters (`slimdiff.models`)
 - `apply_skip(model, table_or_config)`, `remove_skip(model)` — a skip table's hooks on an in-memory model, as
   diffusers' `apply_first_block_cache` (`slimdiff.engines.skip`)
-- `train(...)` — the training loop (`slimdiff.train`); `sample(...)` — sampling through diffusers schedulers
+- `train(...)` — the training loop (`slimdiff.training.loop`); `sample(...)` — sampling through diffusers schedulers
 - `SlimdiffError` — raised for bad input
 """
 
@@ -38,8 +38,8 @@ _EXPORTS = {
     "build_tiny": "slimdiff.models",
     "apply_skip": "slimdiff.engines.skip",
     "remove_skip": "slimdiff.engines.skip",
-    "train": "slimdiff.train",
-    "sample": "slimdiff.diffusion",
+    "train": "slimdiff.training.loop",
+    "sample": "slimdiff.training.diffusion",
     "SlimdiffError": "slimdiff.errors",
 }
 __all__ = [*_EXPORTS, "__version__"]

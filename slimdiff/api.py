@@ -33,7 +33,7 @@ from slimdiff.jobs.compression import compress_model
 from slimdiff.jobs.evaluation import evaluate_model
 from slimdiff.jobs.training import finetune_model
 from slimdiff.settings import EvalSettings, FinetuneConfig
-from slimdiff.train import TrainResult
+from slimdiff.training.loop import TrainResult
 
 ModelOrDir = nn.Module | str | Path
 

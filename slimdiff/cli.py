@@ -272,7 +272,8 @@ def run(recipe: Path) -> None:
 @click.option("--latent", is_flag=True, help="On a tiny latent text-to-image pipeline (VAE + CLIP + U-Net) instead.")
 def demo(out: Path, latent: bool) -> None:
     """The main job on the bundled digits: train (or reuse) a teacher, sample a grid, print its cost, compress it."""
-    from slimdiff.demo import run_demo, run_latent_demo
+    from slimdiff.demo.latent import run_latent_demo
+    from slimdiff.demo.pixel import run_demo
 
     (run_latent_demo if latent else run_demo)(out, echo=click.echo)
 

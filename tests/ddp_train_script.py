@@ -9,9 +9,9 @@ import torch
 from accelerate import PartialState
 
 from slimdiff.data import load_data
-from slimdiff.distill import KDConfig
 from slimdiff.models import adapter_for, build_tiny
-from slimdiff.train import TrainConfig, train
+from slimdiff.settings import KDConfig, TrainConfig
+from slimdiff.training.loop import train
 
 out, steps = Path(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from slimdiff.diffusion import make_scheduler
 from slimdiff.engines import Calibration, get_engine, skip
 from slimdiff.jobs.compression import training_data
 from slimdiff.models import adapter_for, build_tiny
+from slimdiff.training.diffusion import make_scheduler
 
 out = Path(sys.argv[1])
 torch.manual_seed(0)

@@ -7,11 +7,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from slimdiff.diffusion import sample
 from slimdiff.engines import cache_baselines as cb
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, macs_by_module
 from slimdiff.models import adapter_for, build_tiny
+from slimdiff.training.diffusion import sample
 from tests.helpers import FAMILIES
 
 STEPS = 4

@@ -10,7 +10,6 @@ import torch
 from helpers import FAMILIES, tiny_vae
 
 from slimdiff.data import load_data
-from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.engines import Calibration
 from slimdiff.engines.channels import (
     ChannelPruningConfig,
@@ -24,6 +23,7 @@ from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_architecture, save
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import adapter_for, build_tiny
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from helpers import reference_config, run_cli
 from PIL import Image
 
 from slimdiff import __version__
-from slimdiff.demo import RECIPE, recipe_label
+from slimdiff.demo.pixel import RECIPE, recipe_label
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import save
 from slimdiff.models import build_tiny

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from slimdiff.data import class_prompts, load_data
-from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.engines import Calibration
 from slimdiff.engines.channels import ChannelPruningConfig, compress, prune_copy
 from slimdiff.export import save
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.text import make_tiny_clip_text
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
 pytestmark = pytest.mark.subprocess
 

@@ -12,7 +12,6 @@ from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline
 from helpers import FAMILIES, run_cli, tiny_sd_pipeline, tiny_vae
 
 import slimdiff
-from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.engines import get_engine
 from slimdiff.export import read_provenance, save
 from slimdiff.jobs.compression import compress_model
@@ -20,6 +19,7 @@ from slimdiff.jobs.conditioning import load_text_encoder
 from slimdiff.jobs.info import model_info
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.text import make_tiny_clip_text
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
 STEPS = 4  # the sampler every skip table here is made for: DDIM, 4 steps
 #: The teachers' noise schedule; steps_offset=1 and clip_sample=False as in SD-1.5's own scheduler config

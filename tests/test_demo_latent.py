@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from slimdiff.demo import LATENT_ROWS, run_latent_demo
+from slimdiff.demo.latent import LATENT_ROWS, run_latent_demo
 from slimdiff.latent_teacher import digits_split
 from slimdiff.recipe import load_recipe
 

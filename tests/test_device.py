@@ -12,8 +12,6 @@ import torch
 
 from slimdiff.data import load_data
 from slimdiff.devices import available_devices, half_dtype, resolve_device
-from slimdiff.diffusion import DEFAULT_SCHEDULE
-from slimdiff.distill import KDConfig
 from slimdiff.engines import get_engine
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, read_provenance, save
@@ -21,8 +19,9 @@ from slimdiff.jobs.compression import compress_model
 from slimdiff.jobs.evaluation import evaluate_model
 from slimdiff.jobs.sampling import sample_model
 from slimdiff.models import adapter_for, build_tiny
-from slimdiff.settings import DeviceConfig, EvalSettings, SampleConfig
-from slimdiff.train import TrainConfig, train
+from slimdiff.settings import DeviceConfig, EvalSettings, KDConfig, SampleConfig, TrainConfig
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
+from slimdiff.training.loop import train
 from tests.helpers import run_cli, sd21_pipeline
 
 
@@ -169,14 +168,14 @@ def test_a_model_without_gradient_checkpointing_is_refused(tmp_path: Path, digit
     class Plain(torch.nn.Module):
         """Not a diffusers model: no checkpointing of its own."""
 
-    from slimdiff.train import enable_gradient_checkpointing
+    from slimdiff.training.loop import enable_gradient_checkpointing
 
     with pytest.raises(SlimdiffError, match="^Plain does not support gradient checkpointing; train it without"):
         enable_gradient_checkpointing(Plain())
 
 
 def test_paused_feature_capture_records_nothing() -> None:
-    from slimdiff.distill import FeatureCapture
+    from slimdiff.training.distill import FeatureCapture
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     capture = FeatureCapture(model, ["0"])

@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers import ddim_error_gain
 
-from slimdiff.diffusion import DEFAULT_SCHEDULE, SAMPLERS, make_scheduler, sample, task_loss, training_target
 from slimdiff.errors import SlimdiffError
 from slimdiff.models import adapter_for, build_tiny
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE, SAMPLERS, make_scheduler, sample, task_loss, training_target
 
 
 @pytest.mark.parametrize("scheduler", sorted(SAMPLERS))

@@ -12,11 +12,11 @@ from helpers import run_cli
 from torch.utils._pytree import tree_map
 
 import slimdiff
-from slimdiff.diffusion import make_scheduler, sample
 from slimdiff.engines import skip
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, save
 from slimdiff.models import adapter_for, build_tiny
+from slimdiff.training.diffusion import make_scheduler, sample
 
 STEPS = 6
 CASES = [("tiny-unet", "block"), ("tiny-unet", "layer"), ("tiny-dit", "block"), ("tiny-dit", "layer")]

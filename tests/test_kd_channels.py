@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from slimdiff.distill import KDConfig, KeptChannels, at_kept_channels, capture, default_feature_pairs
 from slimdiff.engines.channels import ChannelPruningConfig, block_channels, prune_copy
 from slimdiff.export import read_provenance, save
 from slimdiff.jobs.compression import compress_model
 from slimdiff.jobs.training import finetune_model, kept_block_channels
 from slimdiff.models import adapter_for, build_tiny
-from slimdiff.train import TrainConfig
+from slimdiff.settings import KDConfig, TrainConfig
+from slimdiff.training.distill import KeptChannels, at_kept_channels, capture, default_feature_pairs
 
 
 def test_kept_channels_pick_the_teacher_channels_the_student_computes() -> None:

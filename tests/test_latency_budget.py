@@ -11,14 +11,14 @@ import torch
 from helpers import run_cli
 
 from slimdiff.data import load_data
-from slimdiff.diffusion import DEFAULT_SCHEDULE
-from slimdiff.engines import Calibration, get_engine, latency, skip
-from slimdiff.engines.base import Budget
+from slimdiff.engines import Calibration, budgets, get_engine, skip
+from slimdiff.engines.budgets import Budget
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import read_provenance, save
 from slimdiff.jobs.compression import compress_model
 from slimdiff.metrics.cost import LatencyStats, count_macs
 from slimdiff.models import adapter_for, build_tiny
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
 
 def _stats(ms: float, batch: int = 4, what: str = "call") -> LatencyStats:
@@ -33,7 +33,7 @@ def _fit(budget_ms: float, latency_of, *, lowest: float = 0.1, step: float = 0.0
         reached = round(fraction / step) * step if step else fraction
         return reached, reached
 
-    return latency.fit_latency(budget, _stats(teacher), build, lambda f: _stats(latency_of(f)), lowest=lowest)
+    return budgets.fit_latency(budget, _stats(teacher), build, lambda f: _stats(latency_of(f)), lowest=lowest)
 
 
 # -- the search ------------------------------------------------------------------------------------------------------
@@ -51,13 +51,13 @@ def test_the_search_meets_an_affine_latency_a_macs_ratio_misses() -> None:
 def test_the_search_brackets_a_convex_latency_and_survives_noise() -> None:
     noise = iter([1.03, 0.97, 1.02, 0.98, 1.01, 0.99])
     fit = _fit(40.0, lambda f: (10 + 90 * f**2) * next(noise))
-    assert fit.within_tolerance and len(fit.trials) <= latency.MAX_TRIALS
+    assert fit.within_tolerance and len(fit.trials) <= budgets.MAX_TRIALS
 
 
 def test_the_search_stops_where_the_granularity_repeats_itself() -> None:
     fit = _fit(50.0, lambda f: 100 * f, step=0.3)  # products at 0.3, 0.6, 0.9 only: 50 ms is unreachable within 5 %
     assert not fit.within_tolerance and fit.best.reached in (0.3, 0.6)
-    assert len(fit.trials) < latency.MAX_TRIALS
+    assert len(fit.trials) < budgets.MAX_TRIALS
     assert "off the target" in fit.summary()
 
 
@@ -84,8 +84,8 @@ def fake_timer(monkeypatch: pytest.MonkeyPatch) -> None:
         per_call = count_macs(adapter.model).total * batch / 1e6
         return _stats(steps * (0.5 + per_call * kept), batch, "sampling run")
 
-    monkeypatch.setattr(latency, "time_denoiser", denoiser)
-    monkeypatch.setattr(latency, "time_sampling", sampling)
+    monkeypatch.setattr(budgets, "time_denoiser", denoiser)
+    monkeypatch.setattr(budgets, "time_sampling", sampling)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_a_real_timing_is_measured_and_recorded() -> None:
     """Real timings on a shared CPU are noisy: only that real numbers are measured and recorded."""
     torch.manual_seed(0)
     model = build_tiny("tiny-unet").eval()
-    teacher = latency.time_denoiser(model, 2).median_ms
+    teacher = budgets.time_denoiser(model, 2).median_ms
     config = get_engine("channels").make_config(
         target_latency_ms=0.6 * teacher, latency_batch=2, importance="magnitude", calibration_size=4
     )

@@ -14,7 +14,6 @@ from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline
 from helpers import FAMILIES, run_cli, tiny_sd_pipeline, tiny_vae
 
 from slimdiff.data import load_data
-from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.engines import Calibration, channels
 from slimdiff.engines.layers import LayerPruningConfig, compress, select_layers
 from slimdiff.errors import SlimdiffError
@@ -22,6 +21,7 @@ from slimdiff.export import load, save
 from slimdiff.metrics.cost import count_params
 from slimdiff.models import SkippedLayer, adapter_for, build_tiny
 from slimdiff.text import make_tiny_clip_text
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
 #: A params target per family that some removal set meets within 2 % (a tiny DiT has 3 equal removable blocks).
 TARGETS = {"tiny-unet": 0.6, "tiny-sd": 0.6, "tiny-dit": 0.51}

@@ -14,7 +14,6 @@ from test_channels import small_groups_unet
 from test_cli import run_cli
 
 from slimdiff.data import load_data
-from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.engines.base import Calibration
 from slimdiff.engines.ofa import (
     ChannelGroupInfo,
@@ -33,6 +32,7 @@ from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, read_provenance, save
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.text import make_tiny_clip_text
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
 SIZES = (0.4, 0.7)
 

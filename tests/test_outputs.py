@@ -17,14 +17,15 @@ from helpers import run_cli
 from safetensors.torch import save_file
 
 from slimdiff.data import class_prompts, load_data
-from slimdiff.diffusion import DEFAULT_SCHEDULE
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import save
 from slimdiff.io import atomic_dir, atomic_write_json, check_output_file, output_dir
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.report import write_compare_report
+from slimdiff.settings import TrainConfig
 from slimdiff.text import make_tiny_clip_text
-from slimdiff.train import LOG_NAME, TrainConfig, _resume, _setup, train
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
+from slimdiff.training.loop import LOG_NAME, _resume, _setup, train
 
 
 @pytest.fixture(scope="module")

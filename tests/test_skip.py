@@ -13,12 +13,12 @@ from helpers import ddim_error_gain, tiny_sd_pipeline, tiny_vae
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimdiff.diffusion import make_scheduler, sample
 from slimdiff.engines import sampling_plan, skip
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, save
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.text import make_tiny_clip_text
+from slimdiff.training.diffusion import make_scheduler, sample
 
 STEPS = 5
 

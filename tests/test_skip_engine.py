@@ -14,12 +14,12 @@ import pytest
 import torch
 from helpers import run_cli, tiny_vae
 
-from slimdiff.diffusion import make_scheduler, sample
 from slimdiff.engines import Calibration, get_engine, skip
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, read_provenance, save
 from slimdiff.io import read_json
 from slimdiff.models import adapter_for, build_tiny
+from slimdiff.training.diffusion import make_scheduler, sample
 
 
 def _base(model: torch.nn.Module, granularity: str, steps: int = 8) -> skip.SkipTable:

@@ -13,13 +13,13 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
-from slimdiff.diffusion import DEFAULT_SCHEDULE, make_scheduler
 from slimdiff.engines import sampling_plan, skip
 from slimdiff.engines.base import sampler_settings
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import SPEC_NAME, WEIGHTS_NAME, load, save
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.settings import SampleConfig
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE, make_scheduler
 
 STEPS = 4
 

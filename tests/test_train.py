@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from slimdiff.data import load_data
-from slimdiff.distill import KDConfig, capture, feature_kd_loss, output_kd_loss
 from slimdiff.errors import SlimdiffError
 from slimdiff.models import adapter_for, build_tiny
-from slimdiff.train import TrainConfig, batch_indices, train
+from slimdiff.settings import KDConfig, TrainConfig
+from slimdiff.training.distill import capture, feature_kd_loss, output_kd_loss
+from slimdiff.training.loop import batch_indices, train
 
 HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "slimdiff"]
@@ -57,7 +58,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 KILL_AT = 6
 KILL_AFTER_CHECKPOINT = f"""
 import os, signal, sys
-import slimdiff.train as loop
+import slimdiff.training.loop as loop
 from slimdiff.cli import main
 
 save = loop._save_checkpoint
@@ -269,8 +270,8 @@ def test_distillation_lowers_the_gap_to_the_teacher(tmp_path: Path, digits) -> N
 
 
 def test_channel_pruned_student_distils_from_same_shaped_blocks_only(tmp_path: Path, digits) -> None:
-    from slimdiff.distill import default_feature_pairs
     from slimdiff.engines.channels import prune_copy
+    from slimdiff.training.distill import default_feature_pairs
 
     teacher = build_tiny("tiny-unet").eval()
     # prune only the channels of up_blocks.0's upsampler: that block's output narrows, every other block's stays

@@ -21,7 +21,7 @@ Fang, Ma, Wang, *Structural Pruning for Diffusion Models* (NeurIPS 2023); summar
    the two ratios. The scores are taken once on the real model (`channel_scores`); every trial prunes a
    weightless (meta-device) copy with them and counts its MACs, and the real model is pruned once, at the
    chosen ratios. The achieved MACs and params are reported, not assumed. A latency budget searches the MACs
-   fraction on measurements (`engines/latency.py`): each trial meets a MACs target as above, prunes the real model
+   fraction on measurements (`engines/budgets.py`): each trial meets a MACs target as above, prunes the real model
    and times one denoiser call at the budget's batch.
 4. Check. Every kept weight must equal its slice of the original (`verify_slices`); a ratio of 0 is the identity.
 """
@@ -41,14 +41,15 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from slimdiff.data import ImageDataset
-from slimdiff.diffusion import make_scheduler, training_target
-from slimdiff.distill import first_tensor
-from slimdiff.engines import latency
-from slimdiff.engines.base import Budget, Calibration, Engine, Log, Result, no_log, register
+from slimdiff.engines import budgets
+from slimdiff.engines.base import Calibration, Engine, Log, Result, no_log, register
+from slimdiff.engines.budgets import Budget
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params, macs_by_module
 from slimdiff.models import Adapter, adapter_for
 from slimdiff.models.base import get_submodule
+from slimdiff.training.diffusion import make_scheduler, training_target
+from slimdiff.training.distill import first_tensor
 
 Importance = Literal["diff-pruning", "taylor", "magnitude", "random"]
 IMPORTANCES: tuple[str, ...] = ("diff-pruning", "taylor", "magnitude", "random")
@@ -638,18 +639,18 @@ def compress(
     original = {"macs": count_macs(model).total, "params": count_params(model)}
     scores = channel_scores(model, config.importance, attention=config.attention, seed=config.seed)
     fit = None
-    if config.unit == "latency":  # every trial a real pruned model, timed (engines/latency.py)
+    if config.unit == "latency":  # every trial a real pruned model, timed (engines/budgets.py)
         smallest = prune_copy(model, MAX_RATIO, scores, attention=config.attention, weightless=True)
 
         def build(fraction: float) -> tuple[_Choice, float]:
             choice = _prune_to(model, scores, config.at_macs(fraction), original, log)
             return choice, choice[0].macs / original["macs"]
 
-        fit = latency.fit_latency(
+        fit = budgets.fit_latency(
             config,
-            latency.time_denoiser(model, config.latency_batch),
+            budgets.time_denoiser(model, config.latency_batch),
             build,
-            lambda choice: latency.time_denoiser(choice[0].model, config.latency_batch),
+            lambda choice: budgets.time_denoiser(choice[0].model, config.latency_batch),
             lowest=max(0.05, smallest.macs / original["macs"]),
             engine="channel pruning",
             log=log,

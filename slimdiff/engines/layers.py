@@ -24,7 +24,7 @@ Zhang et al., *LAPTOP-Diff* (arXiv 2404.11098); summary in docs/methods.md.
    most `tolerance` (relative) past it: an exact 0/1 knapsack by dynamic programming over a cost grid (exact when
    the total cost fits the grid, otherwise within the grid's rounding, which is reported). When no set lands in
    the window, the cheapest set that still meets the budget is taken and the gap is reported. A latency budget
-   searches the MACs fraction on measurements (`engines/latency.py`): each trial solves the knapsack on MACs,
+   searches the MACs fraction on measurements (`engines/budgets.py`): each trial solves the knapsack on MACs,
    removes the set from a copy and times one denoiser call.
 4. Check. The measured L_out of the removed set is reported beside the predicted Σ L_out({i}); with
    `check_additivity K`, K random budget-meeting sets are measured too, with Pearson and Spearman correlations
@@ -45,13 +45,14 @@ import torch
 from scipy import stats
 from torch import nn
 
-from slimdiff.diffusion import make_scheduler, training_target
-from slimdiff.engines import latency
-from slimdiff.engines.base import Budget, Calibration, Engine, Log, Result, no_log, register
+from slimdiff.engines import budgets
+from slimdiff.engines.base import Calibration, Engine, Log, Result, no_log, register
+from slimdiff.engines.budgets import Budget
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params, macs_by_module
 from slimdiff.models import Adapter, adapter_for
 from slimdiff.models.base import Layer, get_submodule, set_submodule
+from slimdiff.training.diffusion import make_scheduler, training_target
 
 Criterion = Literal["output-loss", "task-loss", "magnitude", "random", "handcrafted", "handcrafted-mid"]
 CRITERIA: tuple[str, ...] = ("output-loss", "task-loss", "magnitude", "random", "handcrafted", "handcrafted-mid")
@@ -366,17 +367,17 @@ def compress(adapter: Adapter, config: LayerPruningConfig, data: Calibration, *,
         return _Removal(target, removed, grid, in_window, pruned)
 
     fit = None
-    if config.unit == "latency":  # every trial a real pruned model, timed (engines/latency.py)
+    if config.unit == "latency":  # every trial a real pruned model, timed (engines/budgets.py)
 
         def build(fraction: float) -> tuple[_Removal, float]:
             removal = remove(fraction)
             return removal, count_macs(removal.model).total / original["macs"]
 
-        fit = latency.fit_latency(
+        fit = budgets.fit_latency(
             config,
-            latency.time_denoiser(model, config.latency_batch),
+            budgets.time_denoiser(model, config.latency_batch),
             build,
-            lambda removal: latency.time_denoiser(removal.model, config.latency_batch),
+            lambda removal: budgets.time_denoiser(removal.model, config.latency_batch),
             lowest=max(0.05, 1 - sum(costs) / total),
             engine="layer pruning",
             log=log,

@@ -60,13 +60,13 @@ import torch_pruning as tp
 from torch import nn
 from torch.func import functional_call
 
-from slimdiff.diffusion import make_scheduler, training_target
 from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, Training, no_log, register
 from slimdiff.engines.channels import _NormPlan, _Pruned, calibration_batch, make_pruner, prune_copy, verify_slices
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import Adapter, adapter_for
-from slimdiff.train import stream_seed
+from slimdiff.training.diffusion import make_scheduler, training_target
+from slimdiff.training.loop import stream_seed
 
 Sampling = Literal["reweighted", "uniform", "sandwich"]
 SAMPLINGS: tuple[str, ...] = ("reweighted", "uniform", "sandwich")

@@ -63,17 +63,14 @@ from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from slimdiff.diffusion import SAMPLERS, guided, make_scheduler, null_condition
-from slimdiff.engines import latency
+from slimdiff.engines import budgets
 from slimdiff.engines.base import (
     Calibration,
     Engine,
-    LatencyBudget,
     Log,
     Result,
     SamplingPlan,
     described_sampler,
-    exactly_one,
     no_log,
     register,
     register_artifact,
@@ -82,11 +79,13 @@ from slimdiff.engines.base import (
     sampler_settings,
     set_sampling_plan,
 )
+from slimdiff.engines.budgets import LatencyBudget, exactly_one
 from slimdiff.errors import SlimdiffError
 from slimdiff.io import atomic_dir, atomic_write_json, load_optimizer_tensors, optimizer_tensors, read_json
 from slimdiff.metrics.cost import count_macs, macs_by_module
 from slimdiff.models import Adapter, adapter_for
 from slimdiff.models.base import count_params, get_submodule
+from slimdiff.training.diffusion import SAMPLERS, guided, make_scheduler, null_condition
 
 Granularity = Literal["block", "layer"]
 GRANULARITIES: tuple[str, ...] = ("block", "layer")
@@ -1207,17 +1206,17 @@ def _fit_latency(
     costs: UnitCosts,
     table_for: Callable[[SkipConfig], tuple[SkipTable, str]],
     log: Log,
-) -> latency.LatencyFit[tuple[SkipTable, str]]:
-    """The table whose whole sampling run at `latency_batch` meets the latency budget (engines/latency.py): each
+) -> budgets.LatencyFit[tuple[SkipTable, str]]:
+    """The table whose whole sampling run at `latency_batch` meets the latency budget (engines/budgets.py): each
     trial a table for a sampling-MACs fraction, attached to a copy of the model and timed."""
     timed = copy.deepcopy(adapter.model).eval()
     timed_adapter = adapter_for(timed)
 
-    def measure(table: SkipTable | None) -> latency.LatencyStats:
+    def measure(table: SkipTable | None) -> budgets.LatencyStats:
         if table is not None:
             attach(timed, table)
         try:
-            return latency.time_sampling(
+            return budgets.time_sampling(
                 timed_adapter,
                 config.latency_batch,
                 steps=config.steps,
@@ -1236,7 +1235,7 @@ def _fit_latency(
         table, how = table_for(config.at_macs(fraction))
         return (table, how), kept_fraction(table, costs)
 
-    return latency.fit_latency(
+    return budgets.fit_latency(
         config,
         measure(None),
         build,

@@ -19,8 +19,6 @@ from accelerate import PartialState
 
 from slimdiff.data import DataConfig
 from slimdiff.devices import autocast
-from slimdiff.diffusion import DEFAULT_SCHEDULE
-from slimdiff.distill import KDConfig
 from slimdiff.engines import Calibration, Engine, EngineConfig, Result, get_engine
 from slimdiff.engines.base import Log, Training, no_log
 from slimdiff.errors import SlimdiffError
@@ -28,8 +26,10 @@ from slimdiff.export import SPEC_NAME, load, load_scheduler_config, read_provena
 from slimdiff.io import atomic_write_json, output_dir, read_json
 from slimdiff.jobs.conditioning import decoder_for, training_conditioning, training_data
 from slimdiff.models import Adapter, adapter_for
-from slimdiff.settings import DeviceConfig
-from slimdiff.train import Conditioning, TrainConfig, TrainResult, train
+from slimdiff.settings import DeviceConfig, KDConfig, TrainConfig
+from slimdiff.training.conditioning import Conditioning
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
+from slimdiff.training.loop import TrainResult, train
 
 #: Where a training engine's shared run lives inside `--out`.
 SHARED_RUN = "shared"

@@ -26,7 +26,7 @@ from slimdiff.text import (
     load_text_encoders,
     make_tiny_clip_text,
 )
-from slimdiff.train import Conditioning, default_conditioning, text_conditioning
+from slimdiff.training.conditioning import Conditioning, default_conditioning, text_conditioning
 
 #: The VAE subfolder of a diffusers pipeline.
 VAE_DIR = "vae"
@@ -52,7 +52,7 @@ def _pipeline_index(denoiser_dir: Path) -> dict[str, Any]:
     return read_json(index, "pipeline index") if index.is_file() else {}
 
 
-def _load_vae(model_dir: str | Path) -> tuple[AutoencoderKL, Path] | None:
+def load_vae(model_dir: str | Path) -> tuple[AutoencoderKL, Path] | None:
     """The VAE of a latent model and its folder (None for pixel-space models)."""
     pipeline = pipeline_dir(model_dir)
     if pipeline is None:
@@ -78,7 +78,7 @@ def decoder_for(
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Latents → images for latent models (the frozen VAE beside the denoiser, on `device`, in `dtype` when given),
     None for pixel-space models."""
-    loaded = _load_vae(model_dir)
+    loaded = load_vae(model_dir)
     if loaded is None:
         return None
     vae = loaded[0].to(device, dtype)
@@ -96,7 +96,7 @@ def load_text_encoder(model_dir: str | Path, adapter: Adapter) -> TextEncoder | 
     pipeline = pipeline_dir(model_dir)
     for root in (resolved, resolved.parent, pipeline):
         if root is not None and (root / TEXT_ENCODER_DIR).is_dir():
-            loaded = _load_vae(model_dir)
+            loaded = load_vae(model_dir)
             resolution = adapter.sample_size * (vae_scale(loaded[0]) if loaded else 1)
             return load_text_encoders(root, dict(adapter.model.config), resolution)
     raise SlimdiffError(
@@ -221,7 +221,7 @@ def training_data(
     or from a pipeline with a VAE) — their latents, encoded by the pipeline's VAE at its pixel resolution and cached
     (random crops and flips for `purpose="train"` per the data settings, centered for calibration)."""
     config = DataConfig.of(data)
-    loaded = _load_vae(model_dir) if model_dir is not None else None
+    loaded = load_vae(model_dir) if model_dir is not None else None
     crop, flip = config.crop(purpose), config.flip(purpose)
     if loaded is None:
         return load_data(

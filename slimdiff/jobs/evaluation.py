@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from slimdiff.data import DataConfig, load_data
-from slimdiff.diffusion import sample
 from slimdiff.engines import full_compute, sampling_plan
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config, read_spec
@@ -34,6 +33,7 @@ from slimdiff.metrics.quality import clip_score, compute_quality, reference_feat
 from slimdiff.models import Adapter, adapter_for
 from slimdiff.report import markdown_table, save_grid, write_compare_report
 from slimdiff.settings import EvalSettings as EvalSettings
+from slimdiff.training.diffusion import sample
 
 
 def evaluate_model(

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from slimdiff.data import load_prompts
-from slimdiff.diffusion import make_scheduler, sample
 from slimdiff.engines import check_sampler
 from slimdiff.export import load, load_scheduler_config
 from slimdiff.io import check_output_file
@@ -19,6 +18,7 @@ from slimdiff.metrics.cost import PeakMemory, measure_peak_memory
 from slimdiff.models import adapter_for
 from slimdiff.report import save_grid
 from slimdiff.settings import SampleConfig
+from slimdiff.training.diffusion import make_scheduler, sample
 
 
 @dataclass(frozen=True)

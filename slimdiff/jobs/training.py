@@ -8,8 +8,6 @@ from typing import Any
 from torch import nn
 
 from slimdiff.data import DataConfig
-from slimdiff.diffusion import DEFAULT_SCHEDULE
-from slimdiff.distill import KeptChannels
 from slimdiff.engines.base import Log, no_log
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import Provenance, load, load_scheduler_config, read_provenance, save
@@ -17,7 +15,9 @@ from slimdiff.io import output_dir, read_json
 from slimdiff.jobs.conditioning import training_conditioning, training_data
 from slimdiff.models import TINY_CONFIGS, adapter_for, build, build_tiny
 from slimdiff.settings import KDConfig, TrainConfig
-from slimdiff.train import TrainResult, train
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE
+from slimdiff.training.distill import KeptChannels
+from slimdiff.training.loop import TrainResult, train
 
 
 def new_model(spec: str) -> nn.Module:

@@ -341,7 +341,7 @@ def _sampling_run(
     adapter: Adapter, steps: int, batch_size: int, scheduler: str, cond: torch.Tensor | None, guidance_scale: float
 ) -> Callable[[], None]:
     """One whole `diffusion.sample` run drawing `batch_size` images in one batch, stand-in conditions by default."""
-    from slimdiff.diffusion import sample  # diffusion imports schedulers; keep cost.py light to import
+    from slimdiff.training.diffusion import sample  # diffusion imports schedulers; keep cost.py light to import
 
     if cond is None:
         cond = _default_cond(adapter, batch_size)

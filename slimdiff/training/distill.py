@@ -12,7 +12,6 @@ from torch import nn
 
 from slimdiff.errors import SlimdiffError
 from slimdiff.models import Adapter
-from slimdiff.settings import KDConfig as KDConfig
 from slimdiff.settings import KDMode
 
 

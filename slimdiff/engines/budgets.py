@@ -1,4 +1,7 @@
-"""Latency budgets: meet a latency measured on this machine by searching on measurements, not on MACs.
+"""Budgets, in the user's unit, for every engine: `Budget` (exactly one of a MACs fraction, a params fraction or a
+measured latency), its latency half `LatencyBudget`, and the search that meets a latency budget.
+
+Meet a latency measured on this machine by searching on measurements, not on MACs.
 
 An engine with a latency budget (`LatencyBudget.target_latency_ms`, at batch `latency_batch`) still searches in its
 own unit — the fraction of the MACs it keeps (channels, layers) or of the sampling MACs a skip table keeps — but
@@ -21,16 +24,102 @@ device the model lives on, CUDA synchronised): `time_denoiser` and `time_samplin
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, Self, TypeVar
 
 from torch import nn
 
-from slimdiff.engines.base import LatencyBudget, Log, no_log
+from slimdiff.engines.base import EngineConfig, Log, no_log
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import LatencyStats, denoiser_latency, device_description, sampling_latency
 from slimdiff.models import Adapter
+
+
+@dataclass
+class LatencyBudget(EngineConfig):
+    """The measured-latency budget: `target_latency_ms` on this machine, at batch `latency_batch`, met within
+    `latency_tolerance` (relative) by searching on measurements (`slimdiff.engines.budgets`). Engines whose budget
+    may be a latency build on it; what is timed (one denoiser call, or a whole sampling run) is the engine's."""
+
+    target_latency_ms: float | None = field(
+        default=None,
+        metadata={
+            "help": "Meet this measured latency in ms on this machine instead (channels, layers: one denoiser call "
+            "at --batch; skip: a whole sampling run).",
+            "flag": "--target-latency",
+        },
+    )
+    latency_batch: int = field(default=1, metadata={"help": "Batch the latency is measured at.", "flag": "--batch"})
+    latency_tolerance: float = field(
+        default=0.05, metadata={"help": "Relative tolerance of a latency budget.", "flag": "--latency-tolerance"}
+    )
+
+    def validate_latency(self) -> None:
+        """Refuse a bad latency budget (the engine's `validate` calls this)."""
+        ms = self.target_latency_ms
+        if ms is not None and not (math.isfinite(ms) and ms > 0):
+            raise SlimdiffError(f"target_latency_ms (--target-latency) must be a positive number of ms, got {ms}")
+        if self.latency_batch < 1:
+            raise SlimdiffError(f"latency_batch (--batch) must be ≥ 1, got {self.latency_batch}")
+        if not 0 < self.latency_tolerance < 0.5:
+            raise SlimdiffError(f"latency_tolerance {self.latency_tolerance} must be in (0, 0.5)")
+
+    def latency_budget(self) -> dict[str, float]:
+        """The latency budget as recorded in the provenance."""
+        return {"latency_ms": self.target_latency_ms, "batch": self.latency_batch}
+
+    def at_macs(self, fraction: float) -> Self:
+        """The same settings with the budget `target_macs=fraction` instead (one trial of a latency search)."""
+        cleared = {f.name: None for f in dataclasses.fields(self) if f.name.startswith("target_")}
+        return dataclasses.replace(self, **cleared | {"target_macs": fraction})
+
+
+def exactly_one(given: dict[str, Any]) -> str:
+    """The one budget field set among `given` (name → value or None); refuses none or several, by name."""
+    chosen = [name for name, value in given.items() if value is not None]
+    if len(chosen) != 1:
+        names = ", ".join(given)
+        got = f"got {' and '.join(chosen)}" if chosen else "got none"
+        raise SlimdiffError(f"give exactly one budget of {names} ({got})")
+    return chosen[0]
+
+
+@dataclass
+class Budget(LatencyBudget):
+    """A budget of exactly one of `target_macs` / `target_params` — the fraction of the original's MACs or params
+    to keep, met within `tolerance` (relative) where the engine's granularity allows — or `target_latency_ms`, a
+    measured latency met within `latency_tolerance` (see `LatencyBudget`)."""
+
+    target_macs: float | None = field(default=None, metadata={"help": "Keep this fraction of MACs."})
+    target_params: float | None = field(default=None, metadata={"help": "Keep this fraction of params."})
+    tolerance: float = field(default=0.02, metadata={"help": "Relative tolerance of a MACs or params budget."})
+
+    def validate(self) -> None:
+        given = {"target_macs": self.target_macs, "target_params": self.target_params}
+        exactly_one(given | {"target_latency_ms": self.target_latency_ms})
+        self.validate_latency()
+        if self.unit != "latency" and not 0.05 <= self.target < 1:
+            raise SlimdiffError(f"budget {self.target} must be a fraction of the original in [0.05, 1)")
+        if not 0 < self.tolerance < 0.5:
+            raise SlimdiffError(f"tolerance {self.tolerance} must be in (0, 0.5)")
+
+    def budget(self) -> dict[str, float]:
+        return self.latency_budget() if self.unit == "latency" else {self.unit: self.target}
+
+    @property
+    def unit(self) -> Literal["macs", "params", "latency"]:
+        if self.target_latency_ms is not None:
+            return "latency"
+        return "macs" if self.target_macs is not None else "params"
+
+    @property
+    def target(self) -> float:
+        """The target in its unit: a fraction of the original, or milliseconds."""
+        return {"macs": self.target_macs, "params": self.target_params, "latency": self.target_latency_ms}[self.unit]
+
 
 #: Untimed and timed calls of one denoiser-call measurement, and of one sampling-run measurement.
 DENOISER_TIMING = {"warmup": 3, "repeats": 10}
