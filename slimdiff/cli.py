@@ -84,7 +84,9 @@ def _train(config: TrainConfig, out: Path, model: str, resume: bool, overwrite: 
         overwrite=overwrite,
         log=click.echo,
     )
-    click.echo(f"trained {config.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
+    click.echo(
+        f"trained {config.steps} steps in {result.seconds:.0f} s, last step's loss {result.describe_loss()} → {out}"
+    )
 
 
 def _finetune(
@@ -103,7 +105,9 @@ def _finetune(
         overwrite=overwrite,
         log=click.echo,
     )
-    click.echo(f"fine-tuned {config.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f} → {out}")
+    click.echo(
+        f"fine-tuned {config.steps} steps in {result.seconds:.0f} s, last step's loss {result.describe_loss()} → {out}"
+    )
 
 
 def _evaluate(settings: EvalSettings, model_dir: Path, json_out: Path | None, overwrite: bool) -> None:
@@ -121,8 +125,9 @@ def _evaluate(settings: EvalSettings, model_dir: Path, json_out: Path | None, ov
 
 def _compare(settings: CompareSettings, model_dirs: tuple[Path, ...], out: Path, resume: bool, overwrite: bool) -> None:
     from slimdiff.jobs.evaluation import compare_models
+    from slimdiff.report import markdown_table
 
-    index = compare_models(
+    comparison = compare_models(
         list(model_dirs),
         out,
         settings.evaluation(),
@@ -131,7 +136,8 @@ def _compare(settings: CompareSettings, model_dirs: tuple[Path, ...], out: Path,
         resume=resume,
         overwrite=overwrite,
     )
-    click.echo(f"wrote {index}")
+    click.echo(markdown_table(comparison.rows))
+    click.echo(f"wrote {comparison.index}")
 
 
 def _model_dir() -> click.Argument:
@@ -257,7 +263,8 @@ def export_command(model_dir: Path, pipeline_dir: Path, out: Path) -> None:
 @app.command()
 @click.argument("recipe", type=PathArg)
 def run(recipe: Path) -> None:
-    """Run a multi-step recipe (train → compress → fine-tune → eval …)."""
+    """Run a multi-step recipe (train → compress → fine-tune → eval …); one JSON line per step, `"reused": true`
+    where a rerun found the step finished with the same settings and input."""
     from slimdiff.jobs.recipes import run_recipe
     from slimdiff.recipe import load_recipe
 

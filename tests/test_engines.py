@@ -228,7 +228,9 @@ def test_a_rerun_recipe_resumes_after_its_finished_steps(toy: Engine, teacher_di
     path.write_text(f"model: {teacher_dir}\nout: {tmp_path / 'out'}\n" + steps % 0.5)
     first = run_recipe(load_recipe(path), progress=False)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/slimdiff.json")}
-    assert run_recipe(load_recipe(path), progress=False) == first  # nothing ran again
+    rerun = run_recipe(load_recipe(path), progress=False)
+    assert [s["reused"] for s in first] == [False, False] and [s["reused"] for s in rerun] == [True, True]
+    assert [s | {"reused": False} for s in rerun] == first  # nothing ran again, and each reused step says so
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/slimdiff.json")}
     path.write_text(f"model: {teacher_dir}\nout: {tmp_path / 'out'}\n" + steps % 0.25)
     run_recipe(load_recipe(path), progress=False)  # the second step's settings changed: it alone runs again

@@ -113,6 +113,10 @@ def test_compare_writes_one_report(model_dir: Path, tmp_path: Path, monkeypatch,
         ],
     )
     main()
+    printed = capsys.readouterr().out.splitlines()  # the report's table, then where the report is
+    assert printed[0].startswith("| model | params |") and "sampling_macs" in printed[0]
+    assert [row.split(" | ")[0] for row in printed[2:4]] == ["| 0:tiny", "| 1:other"]
+    assert printed[-1] == f"wrote {out / 'index.html'}"
     page = (out / "index.html").read_text()
     assert "0:tiny" in page and "1:other" in page
     assert len(list(out.glob("*.png"))) >= 4  # two plots and two sample grids

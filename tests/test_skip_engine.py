@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,8 @@ def test_an_interrupted_search_resumes_where_its_checkpoint_left_off(tmp_path: P
     messages: list[str] = []
     resumed, history = skip.search(adapter, config, resumable, base, costs, messages.append)
     assert "resuming the dip-go search after 4 of 5 steps" in messages[0]
+    searched = r"search    4: consistency loss \d\.\d{4} \(1 − SSIM to the full sampler's samples\), "
+    assert any(re.fullmatch(searched + r"expected \d\.\d{3} of the sampling MACs kept", m) for m in messages), messages
     assert torch.equal(resumed, straight) and [row["iteration"] for row in history] == [0, 4]
     other = dataclasses.replace(config, lr=0.01)  # other settings: the checkpoint is not theirs
     messages.clear()

@@ -80,7 +80,7 @@ def ensure_teacher(out: Path, echo: Callable[[str], None] = print) -> Path:
     result = train_model(
         new_model(TEACHER_MODEL), "digits", teacher_dir, TEACHER_CONFIG, source=f"scratch:{TEACHER_MODEL}", resume=True
     )
-    echo(f"      trained in {result.seconds:.0f} s, final loss {result.final_loss:.4f}")
+    echo(f"      trained in {result.seconds:.0f} s, last step's loss {result.describe_loss()}")
     return teacher_dir
 
 
@@ -118,7 +118,8 @@ def run_rows(teacher_dir: Path, out: Path, echo: Callable[[str], None]) -> dict[
         summaries = run_recipe(recipe, progress=False)
         for product, path in products(Path(summaries[-1]["out"])).items():
             made[f"{row.name} {product}".strip()] = path
-        echo(f"            done in {time.perf_counter() - start:.0f} s")
+        reused = all(summary["reused"] for summary in summaries)
+        echo(f"            {'reused (finished earlier)' if reused else 'done'} in {time.perf_counter() - start:.0f} s")
     return made
 
 
@@ -144,7 +145,7 @@ def run_demo(out: str | Path, echo: Callable[[str], None] = print) -> dict[str, 
         f"[4/4] evaluating {1 + len(made)} models alike ({EVALUATION.n} samples, {EVALUATION.scheduler} "
         f"{EVALUATION.steps} steps) and the teacher at {', '.join(map(str, curve_steps))} steps (DDIM and DPM-Solver)"
     )
-    index = compare_models(
+    comparison = compare_models(
         [teacher_dir, *made.values()],
         out / "report",
         EVALUATION,
@@ -160,8 +161,8 @@ def run_demo(out: str | Path, echo: Callable[[str], None] = print) -> dict[str, 
         f"{EVALUATION.steps} steps, time of one run at batch {EVALUATION.batch_size} on this machine "
         f"({torch.get_num_threads()} threads); 'teacher at equal MACs' samples the teacher with that many DDIM steps"
     )
-    echo(f"      report: {index}")
-    return {"rows": rows, "report": str(index)}
+    echo(f"      report: {comparison.index}")
+    return {"rows": rows, "report": str(comparison.index)}
 
 
 def _sampling_macs(model_dir: Path) -> float:

@@ -55,6 +55,8 @@ Importance = Literal["diff-pruning", "taylor", "magnitude", "random"]
 IMPORTANCES: tuple[str, ...] = ("diff-pruning", "taylor", "magnitude", "random")
 #: The largest uniform ratio searched.
 MAX_RATIO = 0.7
+#: How the search log names each budget unit.
+UNIT_NAMES = {"macs": "MACs", "params": "params"}
 
 
 @dataclass
@@ -573,6 +575,7 @@ def _search(
     #    the target. Above MAX_RATIO small GroupNorm groups would lose every channel, which torch-pruning answers by
     #    not pruning them at all.
     lo, hi = 0.0, MAX_RATIO
+    ratio_name = "global pruning ratio (of all channels ranked together)" if ranked else "uniform pruning ratio"
     best_lo, best_hi = None, run(hi)
     if fraction(best_hi) > config.target:
         raise SlimdiffError(
@@ -583,7 +586,7 @@ def _search(
     for _ in range(16 if ranked else 10):  # a global ranking moves one channel at a time: finer steps pay off
         mid = (lo + hi) / 2
         candidate = run(mid)
-        log(f"ratio {mid:.3f} → {fraction(candidate):.3f} of the {unit}")
+        log(f"{ratio_name} {mid:.3f} tried → {fraction(candidate):.3f} of the original {UNIT_NAMES[unit]} kept")
         if fraction(candidate) >= config.target:
             lo, best_lo = mid, candidate
         else:

@@ -1001,6 +1001,10 @@ def _noises(
     return noises
 
 
+#: What the consistency loss of each `SkipConfig.loss` is, as the search log names it.
+CONSISTENCY_NAMES = {"ssim": "1 − SSIM", "mse": "MSE"}
+
+
 def _consistency(config: SkipConfig, final: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     if config.loss == "ssim":
         return 1 - structural_similarity_index_measure(final, reference, data_range=2.0)
@@ -1191,7 +1195,10 @@ def search(
                 "hard_skipped": int((hard[1:] == 0).sum()),
             }
             history.append(row)
-            log(f"search {it:4d}: 1-ssim/mse {row['consistency']:.4f}, expected kept {row['expected_kept']:.3f}")
+            log(
+                f"search {it:4d}: consistency loss {row['consistency']:.4f} ({CONSISTENCY_NAMES[config.loss]} to the "
+                f"full sampler's samples), expected {row['expected_kept']:.3f} of the sampling MACs kept"
+            )
         if folder is not None and (it + 1) % SEARCH_CHECKPOINT_EVERY == 0 and processes.is_main_process:
             _save_search(folder, it + 1, pruner, optimizer, cosine, history, settings)
     with torch.no_grad():

@@ -195,6 +195,14 @@ def eval_table(report: dict[str, Any]) -> str:
     return markdown_table(rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """What `compare_models` wrote: the report's `index.html`, and its table's rows (model → metric values)."""
+
+    index: Path
+    rows: list[dict[str, Any]]
+
+
 def compare_models(
     model_dirs: list[str | Path],
     out_dir: str | Path,
@@ -206,7 +214,7 @@ def compare_models(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> Path:
+) -> Comparison:
     """Evaluate each model with the same settings and write one HTML report: table (with each model's chain),
     quality vs sampling MACs and vs measured sampling time with the Pareto front, MACs per block, sample grids.
 
@@ -223,8 +231,8 @@ def compare_models(
         raise SlimdiffError(f"{len(names)} names for {len(model_dirs)} models")
     settings.validate()
     with output_dir(out_dir, resume=resume, overwrite=overwrite) as work:
-        _report_into(work, model_dirs, names, settings, curve_steps, curve_schedulers, progress)
-    return Path(out_dir) / "index.html"
+        rows = _report_into(work, model_dirs, names, settings, curve_steps, curve_schedulers, progress)
+    return Comparison(Path(out_dir) / "index.html", rows)
 
 
 def _report_into(
@@ -235,8 +243,8 @@ def _report_into(
     curve_steps: tuple[int, ...],
     curve_schedulers: tuple[str, ...],
     progress: bool,
-) -> None:
-    """`compare_models` writing into `out_dir`, the folder that becomes its `out_dir`."""
+) -> list[dict[str, Any]]:
+    """`compare_models` writing into `out_dir`, the folder that becomes its `out_dir`; returns the table's rows."""
     rows, grids, breakdown = [], {}, {}
     quality_key = next((m for m in ("fid", "kid_mean", "is_mean", "clip") if m.split("_")[0] in settings.metrics), None)
     for index, (name, model_dir) in enumerate(zip(names, model_dirs)):
@@ -272,6 +280,7 @@ def _report_into(
         breakdown=breakdown,
         notes={"chain": "how the model was made: its source, then each job (engine budgets → achieved fractions)"},
     )
+    return rows
 
 
 def _evaluate_once(

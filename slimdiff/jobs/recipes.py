@@ -106,12 +106,14 @@ DONE_NAME = "step.json"
 
 
 def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every step of a recipe in order; returns one summary per step (`step`, `out`, and what it measured).
+    """Run every step of a recipe in order; returns one summary per step (`step`, `reused`, `out`, and what it
+    measured).
 
     A rerun resumes: a step whose directory records that it finished with the same settings, on the same input,
-    is not run again (its summary is reused) unless a step before it ran again; an interrupted training step
-    continues from its last checkpoint. A step that runs again from scratch (its settings or its input changed)
-    first moves its old directory aside to `<dir>.superseded-<k>`, so nothing it made is lost or resumed from.
+    is not run again (its summary is reused, with `reused: true`) unless a step before it ran again; an
+    interrupted training step continues from its last checkpoint. A step that runs again from scratch (its
+    settings or its input changed) first moves its old directory aside to `<dir>.superseded-<k>`, so nothing it
+    made is lost or resumed from.
     """
     for step in recipe.steps:  # refuse a bad teacher before any step has run
         if isinstance(step, FinetuneStep):
@@ -125,6 +127,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
         source = os.path.abspath(current) if Path(current).exists() else current  # a folder, or a preset name
         settings = json.loads(json.dumps({"input": source, "data": recipe.data, **dataclasses.asdict(step)}))
         done = None if reran else _finished(ctx.out, settings)
+        reused = done is not None
         if done is None:
             if reran or (ctx.out / DONE_NAME).is_file():  # made from another input or with other settings
                 _set_aside(ctx.out)
@@ -133,7 +136,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
             atomic_write_json(ctx.out / DONE_NAME, {"settings": settings, "summary": done})
         summary = dict(done)
         current = summary.pop("model", current)
-        summaries.append({"step": kind, "out": summary.pop("out", current), **summary})
+        summaries.append({"step": kind, "reused": reused, "out": summary.pop("out", current), **summary})
     return summaries
 
 

@@ -138,7 +138,12 @@ def sample(
     null = null_condition(adapter, cond, uncond_embedding) if cond is not None and guidance_scale != 1.0 else None
 
     images = []
-    bar = tqdm(total=n * steps, desc=f"sampling ({scheduler}, {steps} steps)", disable=not progress, unit="step")
+    bar = tqdm(
+        total=n * steps,
+        desc=f"sampling {n} images × {steps} {scheduler} steps",
+        disable=not progress,
+        unit="image-step",
+    )
     for start in range(0, n, batch_size):
         x = noise[start : start + batch_size].to(device, dtype) * sched.init_noise_sigma
         c = None if cond is None else _placed(cond[start : start + batch_size], device, dtype)
