@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from slimdiff.errors import SlimdiffError
 
@@ -227,9 +227,19 @@ class FinetuneConfig(TrainConfig):
         return None if self.teacher is None else KDConfig(self.kd, self.kd_output_weight, self.kd_feature_weight)
 
 
+_ARTIFACTS_HELP = (
+    "Use what an engine saved beside the weights (a skip table); --no-artifacts: the bare denoiser, computing every "
+    "step."
+)
+
+
 @dataclass
-class SampleConfig(DeviceConfig):
-    """How a sample grid is drawn: `n` seeded samples, `steps` of a diffusers scheduler, batched."""
+class SamplingSettings(DeviceConfig):
+    """What every sampling run shares (a sample grid, an evaluation): `n` seeded samples, `steps` of a diffusers
+    scheduler, batched, optionally guided, with the model's artifacts or without; one rule set for all."""
+
+    #: How a refusal names these settings ("invalid sample setting n ('--n'): …").
+    what: ClassVar[str] = "sampling setting"
 
     n: int = field(default=64, metadata={"help": "Number of samples."})
     steps: int = field(default=50, metadata={"help": "Sampling steps."})
@@ -239,19 +249,7 @@ class SampleConfig(DeviceConfig):
     guidance_scale: float = field(
         default=1.0, metadata={"help": "Classifier-free guidance (1 = off).", "flag": "--guidance"}
     )
-    labels: tuple[int, ...] | None = field(
-        default=None, metadata={"help": "Class labels, comma-separated (default: the model's classes in turn)."}
-    )
-    prompts: str | None = field(
-        default=None, metadata={"help": "Prompts file, one per line (default: the prompts saved with the model)."}
-    )
-    artifacts: bool = field(
-        default=True,
-        metadata={
-            "help": "Use what an engine saved beside the weights (a skip table); --no-artifacts: the bare denoiser, "
-            "computing every step."
-        },
-    )
+    artifacts: bool = field(default=True, metadata={"help": _ARTIFACTS_HELP})
 
     def validate(self) -> None:
         check(
@@ -262,18 +260,37 @@ class SampleConfig(DeviceConfig):
                 "batch_size": (self.batch_size >= 1, "≥ 1"),
                 "guidance_scale": (self.guidance_scale >= 0, "≥ 0 (1 = off)"),
             },
-            what="sample setting",
+            what=self.what,
         )
         super().validate()
 
 
 @dataclass
-class EvalSettings(DeviceConfig):
+class SampleConfig(SamplingSettings):
+    """How a sample grid is drawn: the sampling settings, and the labels or prompts to draw."""
+
+    what: ClassVar[str] = "sample setting"
+
+    labels: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "Class labels, comma-separated (default: the model's classes in turn)."}
+    )
+    prompts: str | None = field(
+        default=None, metadata={"help": "Prompts file, one per line (default: the prompts saved with the model)."}
+    )
+
+
+@dataclass
+class EvalSettings(SamplingSettings):
     """How a model is evaluated; every reported metric carries these settings.
 
     `n` is 1000: the sample count at which `digits` FID differences below about 0.1 are noise (docs/metrics.md).
     """
 
+    what: ClassVar[str] = "evaluation setting"
+
+    n: int = field(default=1000, metadata={"help": "Samples for the quality metrics."})
+    seed: int = field(default=0, metadata={"help": "Random seed of the samples (and of KID's subsets)."})
+    batch_size: int = field(default=64, metadata={"help": "Samples per denoiser batch; latency is timed at it."})
     data: str = field(
         default="digits", metadata={"help": "Reference data: 'digits' (bundled) or an image folder (class subfolders)."}
     )
@@ -281,26 +298,11 @@ class EvalSettings(DeviceConfig):
         default=("fid", "kid", "macs", "latency"),
         metadata={"help": "Comma-separated, of: " + ",".join(EVAL_METRICS) + "."},
     )
-    n: int = field(default=1000, metadata={"help": "Samples for the quality metrics."})
-    steps: int = field(default=50, metadata={"help": "Sampling steps."})
-    scheduler: Scheduler = field(default="ddim", metadata={"help": "ddpm, ddim or dpm (DPM-Solver++)."})
-    seed: int = field(default=0, metadata={"help": "Random seed of the samples (and of KID's subsets)."})
-    batch_size: int = field(default=64, metadata={"help": "Samples per denoiser batch; latency is timed at it."})
-    guidance_scale: float = field(
-        default=1.0, metadata={"help": "Classifier-free guidance (1 = off).", "flag": "--guidance"}
-    )
     feature: str = field(
         default="digits",
         metadata={"help": "'digits' or 'digits-ms' (our two digits networks) or the FID Inception TorchScript file."},
     )
     clip_dir: str | None = field(default=None, metadata={"help": "Local CLIP folder for the clip metric."})
-    artifacts: bool = field(
-        default=True,
-        metadata={
-            "help": "Use what an engine saved beside the weights (a skip table); --no-artifacts: the bare denoiser, "
-            "computing every step."
-        },
-    )
 
     def validate(self) -> None:
         unknown = [m for m in self.metrics if m not in EVAL_METRICS]
@@ -308,16 +310,6 @@ class EvalSettings(DeviceConfig):
             raise SlimdiffError(
                 f"unknown metric {unknown[0] if unknown else '(none)'}; valid: {', '.join(EVAL_METRICS)}"
             )
-        check(
-            self,
-            {
-                "n": (self.n >= 1, "≥ 1"),
-                "steps": (self.steps >= 1, "≥ 1"),
-                "batch_size": (self.batch_size >= 1, "≥ 1"),
-                "guidance_scale": (self.guidance_scale >= 0, "≥ 0 (1 = off)"),
-            },
-            what="evaluation setting",
-        )
         super().validate()
 
 

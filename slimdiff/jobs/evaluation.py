@@ -16,7 +16,7 @@ from slimdiff.export import load, load_scheduler_config, read_spec
 from slimdiff.io import atomic_write_json, output_dir, read_json
 from slimdiff.jobs.conditioning import decoder_for, pipeline_dir, sampling_inputs
 from slimdiff.jobs.info import model_info
-from slimdiff.jobs.sampling import refuse_other_sampler
+from slimdiff.jobs.sampling import draw, refuse_other_sampler
 from slimdiff.metrics.cost import (
     MEMORY_COUNTS,
     count_macs,
@@ -33,7 +33,6 @@ from slimdiff.metrics.quality import clip_score, compute_quality, reference_feat
 from slimdiff.models import Adapter, adapter_for
 from slimdiff.report import markdown_table, save_grid, write_compare_report
 from slimdiff.settings import EvalSettings as EvalSettings
-from slimdiff.training.diffusion import sample
 
 
 def evaluate_model(
@@ -43,7 +42,8 @@ def evaluate_model(
     settings.validate()
     device, dtype = settings.torch_device(), settings.torch_dtype()
     model = load(model_dir, device=device, dtype=dtype, artifacts=settings.artifacts)
-    refuse_other_sampler(model, settings.scheduler, settings.steps, load_scheduler_config(model_dir))
+    schedule = load_scheduler_config(model_dir)
+    refuse_other_sampler(model, settings.scheduler, settings.steps, schedule)
     adapter = adapter_for(model)
     plan = sampling_plan(model)
     quality = [m for m in settings.metrics if m in ("fid", "kid", "is", "pr")]
@@ -67,20 +67,8 @@ def evaluate_model(
     inputs = None
     if quality or "clip" in settings.metrics or grid is not None:
         inputs = sampling_inputs(model_dir, adapter, settings.n)
-        images = sample(
-            adapter,
-            n=settings.n,
-            steps=settings.steps,
-            scheduler=settings.scheduler,
-            schedule=load_scheduler_config(model_dir),
-            cond=inputs.cond,
-            guidance_scale=settings.guidance_scale,
-            uncond_embedding=inputs.uncond_embedding,
-            seed=settings.seed,
-            batch_size=settings.batch_size,
-            decode=decoder_for(model_dir, device=device, dtype=dtype),
-            progress=progress,
-        )
+        decode = decoder_for(model_dir, device=device, dtype=dtype)
+        images = draw(adapter, settings, inputs, schedule=schedule, decode=decode, progress=progress)
         if grid is not None:
             save_grid(images[:64], grid, scale=max(1, 128 // images.shape[-1]))
     if quality:
@@ -123,61 +111,54 @@ def evaluate_model(
                 "no denoiser compression removes it (not in sampling_macs)",
             }
     if "latency" in settings.metrics:
-        with full_compute(model):  # one call outside a sampling run computes everything
-            call = denoiser_latency(model, batch_size=settings.batch_size, device=device)
-        run = sampling_latency(
-            adapter,
-            steps=settings.steps,
-            batch_size=settings.batch_size,
-            scheduler=settings.scheduler,
-            device=device,
-            guidance_scale=settings.guidance_scale,
-        )
-        threads = {"threads": torch.get_num_threads()} if device.type == "cpu" else {}
-        report["metrics"]["latency_ms"] = {
-            "value": call.median_ms,
-            "p10": call.p10_ms,
-            "p90": call.p90_ms,
-            "counts": f"one denoiser call at batch {settings.batch_size}",
-            "repeats": call.repeats,
-            "device": str(device),
-            "dtype": settings.dtype,
-        } | threads
-        report["metrics"]["sampling_latency_ms"] = {
-            "value": run.median_ms,
-            "p10": run.p10_ms,
-            "p90": run.p90_ms,
-            "counts": f"{settings.steps}-step sampling run at batch {settings.batch_size}",
-            "repeats": run.repeats,
-            "device": str(device),
-            "dtype": settings.dtype,
-        } | threads
+        report["metrics"] |= _latency(model, adapter, settings, device)
     if "memory" in settings.metrics:
         report["metrics"] |= _memory(model, adapter, settings, device)
     return report
+
+
+def _latency(model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, device: torch.device) -> dict[str, Any]:
+    """Median wall-clock time of one denoiser call and of one sampling run at the evaluation's batch."""
+    with full_compute(model):  # one call outside a sampling run computes everything
+        call = denoiser_latency(model, batch_size=settings.batch_size, device=device)
+    run = sampling_latency(adapter, **_sampling_run(settings), device=device)
+    threads = {"threads": torch.get_num_threads()} if device.type == "cpu" else {}
+    call_counts, run_counts = _measured_runs(settings)
+    measured = {"device": str(device), "dtype": settings.dtype} | threads
+    timed = [
+        {"value": stats.median_ms, "p10": stats.p10_ms, "p90": stats.p90_ms, "counts": counts, "repeats": stats.repeats}
+        for stats, counts in ((call, call_counts), (run, run_counts))
+    ]
+    return {"latency_ms": timed[0] | measured, "sampling_latency_ms": timed[1] | measured}
 
 
 def _memory(model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, device: torch.device) -> dict[str, Any]:
     """Peak memory beyond the weights of one denoiser call and of one sampling run at the evaluation's batch."""
     with full_compute(model):  # one call outside a sampling run computes everything
         call = denoiser_memory(model, batch_size=settings.batch_size, device=device)
-    run = sampling_memory(
-        adapter,
-        steps=settings.steps,
-        batch_size=settings.batch_size,
-        scheduler=settings.scheduler,
-        device=device,
-        guidance_scale=settings.guidance_scale,
-    )
+    run = sampling_memory(adapter, **_sampling_run(settings), device=device)
+    call_counts, run_counts = _measured_runs(settings)
     measured = {"device": str(device), "dtype": settings.dtype, "measures": MEMORY_COUNTS[device.type]}
     return {
-        "peak_memory_bytes": {"value": call, "counts": f"one denoiser call at batch {settings.batch_size}"} | measured,
-        "sampling_peak_memory_bytes": {
-            "value": run,
-            "counts": f"{settings.steps}-step sampling run at batch {settings.batch_size}",
-        }
-        | measured,
+        "peak_memory_bytes": {"value": call, "counts": call_counts} | measured,
+        "sampling_peak_memory_bytes": {"value": run, "counts": run_counts} | measured,
     }
+
+
+def _sampling_run(settings: EvalSettings) -> dict[str, Any]:
+    """The sampling run that latency and memory measure, as `metrics.cost` takes it."""
+    return {
+        "steps": settings.steps,
+        "batch_size": settings.batch_size,
+        "scheduler": settings.scheduler,
+        "guidance_scale": settings.guidance_scale,
+    }
+
+
+def _measured_runs(settings: EvalSettings) -> tuple[str, str]:
+    """What a latency or memory figure counts: one denoiser call, and one sampling run, at the evaluation's batch."""
+    batch = settings.batch_size
+    return f"one denoiser call at batch {batch}", f"{settings.steps}-step sampling run at batch {batch}"
 
 
 def eval_table(report: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,11 @@ from slimdiff.data import load_prompts
 from slimdiff.engines import check_sampler
 from slimdiff.export import load, load_scheduler_config
 from slimdiff.io import check_output_file
-from slimdiff.jobs.conditioning import decoder_for, sampling_inputs
+from slimdiff.jobs.conditioning import SamplingInputs, decoder_for, sampling_inputs
 from slimdiff.metrics.cost import PeakMemory, measure_peak_memory
-from slimdiff.models import adapter_for
+from slimdiff.models import Adapter, adapter_for
 from slimdiff.report import save_grid
-from slimdiff.settings import SampleConfig
+from slimdiff.settings import SampleConfig, SamplingSettings
 from slimdiff.training.diffusion import make_scheduler, sample
 
 
@@ -48,30 +49,45 @@ def sample_model(
     check_output_file(out, overwrite=overwrite)
     device, dtype = config.torch_device(), config.torch_dtype()
     model = load(model_dir, device=device, dtype=dtype, artifacts=config.artifacts)
-    refuse_other_sampler(model, config.scheduler, config.steps, load_scheduler_config(model_dir))
+    schedule = load_scheduler_config(model_dir)
+    refuse_other_sampler(model, config.scheduler, config.steps, schedule)
     adapter = adapter_for(model)
     prompts = load_prompts(config.prompts) if config.prompts else None
     labels = list(config.labels) if config.labels else None
     inputs = sampling_inputs(model_dir, adapter, config.n, labels=labels, prompts=prompts)
     decode = decoder_for(model_dir, device=device, dtype=dtype)
     with measure_peak_memory(device) as memory, torch.inference_mode():
-        images = sample(
-            adapter,
-            n=config.n,
-            steps=config.steps,
-            scheduler=config.scheduler,
-            schedule=load_scheduler_config(model_dir),
-            cond=inputs.cond,
-            guidance_scale=config.guidance_scale,
-            uncond_embedding=inputs.uncond_embedding,
-            seed=config.seed,
-            batch_size=config.batch_size,
-            decode=decode,
-            progress=progress,
-        )
+        images = draw(adapter, config, inputs, schedule=schedule, decode=decode, progress=progress)
     scale = max(1, 128 // images.shape[-1])
     save_grid(images, out, scale=scale)
     return Samples(images, memory)
+
+
+def draw(
+    adapter: Adapter,
+    settings: SamplingSettings,
+    inputs: SamplingInputs,
+    *,
+    schedule: dict[str, Any] | None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None,
+    progress: bool,
+) -> torch.Tensor:
+    """`settings.n` seeded samples as the settings ask (sampler, steps, guidance, batch), on `inputs`' conditions,
+    decoded by `decode` for latent models: the one sampling call of `sample` and `eval`."""
+    return sample(
+        adapter,
+        n=settings.n,
+        steps=settings.steps,
+        scheduler=settings.scheduler,
+        schedule=schedule,
+        cond=inputs.cond,
+        guidance_scale=settings.guidance_scale,
+        uncond_embedding=inputs.uncond_embedding,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        decode=decode,
+        progress=progress,
+    )
 
 
 def refuse_other_sampler(model: nn.Module, scheduler: str, steps: int, schedule: dict[str, Any] | None) -> None:
