@@ -12,6 +12,7 @@ from helpers import run_cli
 from slimdiff.data import load_data
 from slimdiff.engines import Calibration
 from slimdiff.engines.channels import ChannelPruningConfig, compress
+from slimdiff.export import save
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.training.diffusion import DEFAULT_SCHEDULE, sample
 from slimdiff.training.loop import TrainResult
@@ -61,3 +62,19 @@ def test_train_and_finetune_print_the_loss_terms(tmp_path: Path, monkeypatch, ca
     assert code == 0, err
     line = r"fine-tuned 2 steps in \d+ s, last step's loss \d\.\d{4} \(task \d\.\d{4} \+ output KD \d\.\d{4}\) → "
     assert re.search(line, out), out
+
+
+def test_compare_fills_the_peak_memory_column_the_report_describes(tmp_path: Path, monkeypatch, capsys) -> None:
+    model = tmp_path / "model"
+    save(build_tiny("tiny-unet"), model)
+    out = tmp_path / "report"
+    args = ("--n", "2", "--steps", "1", "--batch-size", "2", "--metrics", "macs,memory", "--device", "cpu")
+    code, printed, err = run_cli(monkeypatch, capsys, "compare", model, "--out", out, *args)
+    assert code == 0, err
+    header, _, row, wrote = printed.splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    values = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
+    assert float(values["peak_memory_bytes"]) > 0 and float(values["sampling_peak_memory_bytes"]) > 0
+    assert wrote == f"wrote {out / 'index.html'}"
+    page = (out / "index.html").read_text()
+    assert "peak memory of one denoiser call beyond weights and inputs" in page
