@@ -26,6 +26,7 @@ from slimdiff.settings import (
     TrainConfig,
     flag_of,
 )
+from slimdiff.training.loop import TrainResult
 
 REFERENCE_PARAMS = {
     "ddpm-cifar10-32.unet.json": 35_746_307,
@@ -276,10 +277,8 @@ def test_settings_are_recorded_as_given(tmp_path: Path, monkeypatch, capsys) -> 
     assert kwargs["kd"] == KDConfig("normalized", 10.0, 0.0) and kwargs["teacher_dir"] == str(tmp_path)
 
 
-def _done() -> object:
-    from types import SimpleNamespace
-
-    return SimpleNamespace(seconds=0, final_loss=0.0)
+def _done() -> TrainResult:
+    return TrainResult(model=None, steps=0, final_loss=0.0, seconds=0)
 
 
 def test_version(monkeypatch, capsys) -> None:

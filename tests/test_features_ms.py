@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from slimdiff.metrics.features import (
 )
 from slimdiff.metrics.quality import compute_quality, reference_features
 from slimdiff.models import build_tiny
+from slimdiff.training.loop import TrainResult
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +118,7 @@ def test_finetune_cli_defaults_are_the_measured_recipe(tmp_path: Path, monkeypat
     from slimdiff.jobs import training
 
     seen = []
-    monkeypatch.setattr(
-        training, "finetune_model", lambda *a, **kw: seen.append(a[3]) or SimpleNamespace(seconds=0, final_loss=0)
-    )
+    monkeypatch.setattr(training, "finetune_model", lambda *a, **kw: seen.append(a[3]) or TrainResult(None, 0, 0.0, 0))
     for steps, warmup in (("300", 20), ("3", 20)):
         monkeypatch.setattr(
             sys, "argv", ["slimdiff", "finetune", str(tmp_path), "--out", str(tmp_path / "ft"), "--steps", steps]
