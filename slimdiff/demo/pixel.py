@@ -34,7 +34,7 @@ TEACHER_MODEL = "tiny-unet"
 TEACHER_CONFIG = TrainConfig(
     steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995, checkpoint_every=250, seed=0
 )
-RECIPES = Path(__file__).parent / "recipes"
+RECIPES = Path(__file__).parents[1] / "recipes"
 #: The Diff-Pruning recipe (also runnable alone: `slimdiff run slimdiff/recipes/digits-diff-pruning.yaml`).
 RECIPE = RECIPES / "digits-diff-pruning.yaml"
 #: How every model is measured (the skip tables are made for this sampler).
