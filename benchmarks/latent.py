@@ -1,6 +1,6 @@
 """Every engine on the latent teacher (a tiny Stable Diffusion pipeline on the digits, docs/latent.md), one table.
 
-Rows (`slimdiff.demo.LATENT_ROWS`, each a shipped latent recipe `slimdiff/recipes/latent-*.yaml`, fine-tuned for
+Rows (`slimdiff.demo.latent.LATENT_ROWS`, each a shipped latent recipe `slimdiff/recipes/latent-*.yaml`, fine-tuned for
 15 % of the teacher's 1750 steps with KD where the engine fine-tunes): channels at 0.5 MACs, layers at 0.6 params,
 OFA 0.3 / 0.5 / 0.75, skip at 0.5 and 0.25 of the sampling MACs, channels × skip. Every model is sampled with guidance
 3 (prompts "a photo of the digit K", K in turn, seed 0) at DDIM 25, DDIM 13 and DPM-Solver++ 10 and measured by FID
@@ -14,7 +14,7 @@ command records (`encoding` in the JSON) how long loading the latent training se
 the second run of the same command shows that nothing is encoded.
 
 Rows append to `--out` as they finish; a rerun skips finished rows. An engine that fails records its one-line error
-in its row and the next row runs. The same code runs `slimdiff demo --latent` (slimdiff/demo.py).
+in its row and the next row runs. The same code runs `slimdiff demo --latent` (slimdiff/demo/latent.py).
 
     OMP_NUM_THREADS=1 nice python benchmarks/latent.py --teacher /work/cache/latent-teacher \\
         --work runs/latent-bench --out benchmarks/results/latent.json --table benchmarks/results/latent.md --n 500
