@@ -29,9 +29,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimdiff import latent_teacher
+from slimdiff.artifacts import full_compute, sampling_plan
 from slimdiff.data import load_data
 from slimdiff.diffusion import sample
-from slimdiff.engines import full_compute, sampling_plan
 from slimdiff.export import load, load_scheduler_config, read_provenance
 from slimdiff.io import atomic_write_bytes, atomic_write_json
 from slimdiff.jobs.conditioning import _load_vae, decoder_for, load_text_encoder, training_data
