@@ -16,6 +16,7 @@ from helpers import run_cli, tiny_vae
 
 from slimdiff.diffusion import make_scheduler, sample
 from slimdiff.engines import Calibration, get_engine, skip
+from slimdiff.engines.skip import dipgo
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, read_provenance, save
 from slimdiff.io import read_json
@@ -211,7 +212,7 @@ def test_checkpointed_trajectory_has_the_same_gradients_and_recomputes_each_step
 
 def test_an_interrupted_search_resumes_where_its_checkpoint_left_off(tmp_path: Path, monkeypatch) -> None:
     adapter, base, costs, data = _search_setup()
-    monkeypatch.setattr(skip, "SEARCH_CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(dipgo, "SEARCH_CHECKPOINT_EVERY", 2)
     config = get_engine("skip").make_config(target_macs=0.5, steps=4, iterations=5, noises=4, batch_size=2)
     straight, _ = skip.search(adapter, config, data, base, costs, lambda message: None)
 

@@ -45,6 +45,7 @@ from slimdiff.engines.skip.table import SkipTable, UnitCosts, consumers, kept_fr
 from slimdiff.errors import SlimdiffError
 from slimdiff.io import atomic_dir, atomic_write_json, load_optimizer_tensors, optimizer_tensors, read_json
 from slimdiff.models import Adapter, adapter_for
+from slimdiff.models.base import get_submodule
 
 #: |keep − skip logit| the gate network starts from: keep probability 0.95 (kept) or 0.05 (reused, warm start)
 KEEP_LOGIT = 3.0
@@ -109,7 +110,7 @@ class Gating:
         self.cache_in: dict[str, tuple[list[float], list[Any]]] = {}
         self.cache_out: dict[str, tuple[list[float], list[Any]]] = {}
         for name in table.units:
-            unit = model.get_submodule(name)
+            unit = get_submodule(model, name)
             HookRegistry.check_if_exists_or_initialize(unit).register_hook(_GateHook(self, name), GATE_HOOK)
 
     def clear(self) -> None:
