@@ -252,7 +252,7 @@ def searched_tables(bench: Bench, ref_steps: int) -> None:
         entry = read_provenance(out).history[-1]
         config = skip.SkipConfig(**entry["config"])
         made = skip.table_of(load(out))
-        units = skip.skip_units(bench.adapter, config.granularity)
+        units = skip.model_units(bench.adapter, config.granularity)
         base = skip.SkipTable.full(made.scheduler, made.timesteps, units, config.granularity, made.settings)
         costs = skip.unit_costs(bench.teacher, base.units)
         probs = torch.tensor(entry["skip_probabilities"])
@@ -279,7 +279,7 @@ def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]
     sched = DDIMScheduler(steps_offset=1)
     sched.set_timesteps(steps)
     adapter = adapter_for(model)
-    units = skip.skip_units(adapter, "layer")
+    units = skip.model_units(adapter, "layer")
     base = skip.SkipTable.full("DDIMScheduler", sched.timesteps.tolist(), units, "layer")
     costs = skip.unit_costs(model, base.units)
     report = {
@@ -298,7 +298,7 @@ def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]
     for method in ("step-reuse", "deepcache"):
         config = engine.make_config(method=method, granularity="layer", steps=steps, target_macs=0.2)
         try:
-            table, how = skip._baseline(adapter, config, base, costs)
+            table, how = skip.baseline_table(adapter, config, base, costs)
             report[f"{method}_0.2"] = {
                 "sampling_macs": skip.kept_fraction(table, costs) * costs.total * steps,
                 "how": how,

@@ -8,7 +8,8 @@ A model directory holds:
 - `slimdiff.json` — the *structure* (every module whose sizes or type differ from the skeleton built from the
   config), the weights' checksum, and the provenance (source, engine, budget, metrics so far);
 - `<artifact>.json` — what an engine made beside the weights (e.g. a skip table), listed in `slimdiff.json` with
-  its checksum and re-attached by `load` (`slimdiff.engines.attach_artifact`).
+  its checksum and re-attached by `load` (`slimdiff.artifacts.attach_artifact`: the artifact layer, below this
+  module; the exporter imports nothing of the engines).
 
 A model saved with `weights_from=SOURCE` whose weights are SOURCE's, unchanged (a skip table on an untouched
 model), shares SOURCE's weights file instead of copying it: a hard link where the filesystem allows (the directory
@@ -35,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from slimdiff.artifacts import attach_artifact
 from slimdiff.errors import SlimdiffError
 from slimdiff.hub import locate
 from slimdiff.io import atomic_path, atomic_write_json, read_json, sha256_file
@@ -580,8 +582,6 @@ def load(
         if dtype is not None and dtype != next(model.parameters()).dtype:  # (diffusers warns on every `to(dtype)`)
             model.to(dtype)
     if spec is not None and artifacts:
-        from slimdiff.engines import attach_artifact
-
         for name in spec.get("artifacts", []):
             attach_artifact(model, name, read_json(model_dir / f"{name}.json", f"artifact {name}"))
     return model.eval()

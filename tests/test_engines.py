@@ -18,17 +18,9 @@ import torch
 from helpers import run_cli
 
 import slimdiff
-from slimdiff.engines import (
-    Calibration,
-    Engine,
-    EngineConfig,
-    Result,
-    SamplingPlan,
-    get_engine,
-    register,
-    register_artifact,
-    set_sampling_plan,
-)
+from slimdiff import artifacts
+from slimdiff.artifacts import SamplingPlan, register_artifact, set_sampling_plan
+from slimdiff.engines import Calibration, Engine, EngineConfig, Result, get_engine, register
 from slimdiff.engines import base as engines_base
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import Provenance, read_artifact, read_spec, save
@@ -44,7 +36,7 @@ ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 def registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """A registry the test may add engines and artifacts to; restored afterwards."""
     monkeypatch.setattr(engines_base, "_engines", dict(engines_base._engines))
-    monkeypatch.setattr(engines_base, "_artifacts", dict(engines_base._artifacts))
+    monkeypatch.setattr(artifacts, "_artifacts", dict(artifacts._artifacts))
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ def _table(model: torch.nn.Module, granularity: str, order: int) -> skip.SkipTab
     units have three computed steps to forecast from)."""
     sched = make_scheduler("ddim")
     sched.set_timesteps(STEPS)
-    units = skip.skip_units(adapter_for(model), granularity)
+    units = skip.model_units(adapter_for(model), granularity)
     table = skip.SkipTable.full(type(sched).__name__, sched.timesteps.tolist(), units, granularity, None, order)
     for step in (2, 4, 5):
         table.compute[step] = [False] * len(units)
@@ -205,12 +205,12 @@ def test_gated_trajectory_with_hard_gates_equals_the_forecasting_table(order: in
     config = skip.SkipConfig(target_macs=0.5, steps=STEPS, forecast_order=order)
     noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
     gated = copy.deepcopy(model)
-    skip.attach(gated, dataclasses.replace(table, compute=[[True] * len(table.units)] * STEPS))
+    gating = skip.Gating(gated, table)  # gate hooks forecasting with the table's order
     gates = torch.tensor(table.effective(), dtype=torch.float32)  # dead units gated off, as the runtime skips them
     skip.attach(model, table)
     with torch.no_grad():
-        expected = skip._trajectory(adapter_for(model), config, {}, noise, None, None, 0)
-        got = skip._trajectory(adapter_for(gated), config, {}, noise, None, None, 0, gates=gates, units=table.units)
+        expected = skip.trajectory(adapter_for(model), config, {}, noise, None, None, 0)
+        got = skip.trajectory(adapter_for(gated), config, {}, noise, None, None, 0, gating=gating, gates=gates)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -224,9 +224,9 @@ def test_select_compares_with_reuse_and_a_uniform_forecast_table() -> None:
     costs = skip.unit_costs(model, base.units)
     config = skip.SkipConfig(target_macs=0.5, steps=STEPS, noises=4, batch_size=2, forecast_order=1)
     data = Calibration(training_data(adapter, "digits", 0), lambda labels: None, {})
-    noises = skip.held_out_noises(adapter, config, data)
+    held_out = skip.held_out_noise_set(adapter, config, data)
     probs = torch.rand(STEPS, len(base.units), generator=torch.Generator().manual_seed(0))
-    chosen = skip.select(adapter, config, data, base, costs, probs, noises)
+    chosen = skip.choose_table(adapter, config, data, base, costs, probs, held_out)
     losses = chosen.held_out
     assert set(losses) == {"dip-go", "step-reuse", "step-reuse-forecast"}
     assert losses["step-reuse"] != losses["step-reuse-forecast"]  # the forecast changes the samples

@@ -70,7 +70,7 @@ def test_ddim_pipeline_carries_the_skip_table(tmp_path: Path) -> None:
     pruned = prune_copy(teacher, 0.5, "magnitude").model
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(2)
-    units = skip.skip_units(adapter_for(pruned), "block")
+    units = skip.model_units(adapter_for(pruned), "block")
     table = skip.SkipTable.full("DDIMScheduler", scheduler.timesteps.tolist(), units, "block")
     table.compute[1] = [i % 2 == 0 for i in range(len(units))]
     out = _export(DDIMPipeline(teacher, DDIMScheduler()), pruned, tmp_path, artifacts={"skip_table": table.to_json()})

@@ -13,7 +13,8 @@ from helpers import ddim_error_gain, tiny_sd_pipeline, tiny_vae
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimdiff.engines import sampling_plan, skip
+from slimdiff.artifacts import full_compute, sampling_plan
+from slimdiff.engines import skip
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, save
 from slimdiff.models import adapter_for, build_tiny
@@ -26,7 +27,7 @@ STEPS = 5
 def _table(model: torch.nn.Module, granularity: str, scheduler: str = "ddim", steps: int = STEPS) -> skip.SkipTable:
     sched = make_scheduler(scheduler)
     sched.set_timesteps(steps)
-    units = skip.skip_units(adapter_for(model), granularity)
+    units = skip.model_units(adapter_for(model), granularity)
     return skip.SkipTable.full(type(sched).__name__, sched.timesteps.tolist(), units, granularity)
 
 
@@ -103,7 +104,7 @@ def test_table_equals_hand_written_reuse_loop_with_dead_blocks() -> None:
 
 
 def _sample_from(model, x: torch.Tensor) -> torch.Tensor:
-    with skip.full_compute(model), torch.no_grad():
+    with full_compute(model), torch.no_grad():
         sched = make_scheduler("ddim")
         sched.set_timesteps(STEPS)
         for t in sched.timesteps:
@@ -127,7 +128,7 @@ def test_unet_whole_step_reuse_equals_reusing_the_noise_prediction() -> None:
             hooked = sched.step(model(hooked, t).sample, t, hooked).prev_sample
         for step, t in enumerate(sched.timesteps):
             if step not in (2, 4):
-                with skip.full_compute(model):
+                with full_compute(model):
                     eps = model(manual, t).sample
             manual = sched.step(eps, t, manual).prev_sample
     assert torch.allclose(hooked, manual, atol=1e-6, rtol=0)
@@ -198,10 +199,10 @@ def test_separate_cond_and_uncond_calls_each_get_their_own_cache() -> None:
     # exact: each call slot has its own cache — two calls a step are two slots, and equal two models that each
     # serve one of the calls alone (the same computation, bit for bit); a doubled batch is one slot
     separate = run(model, model)
-    assert skip._state_of(model).slots == 2
+    assert skip.run_state(model).slots == 2
     assert torch.equal(separate, run(alone[0], alone[1]))
     together = run(model)
-    assert skip._state_of(model).slots == 1
+    assert skip.run_state(model).slots == 1
 
     # floats: the doubled batch differs from the separate calls only by batching noise. Each guided ε weighs the
     # two calls' errors by |w| + |w − 1| = 2w − 1, DDIM carries an ε error to the final x at most by its gain, and
@@ -215,7 +216,7 @@ def test_separate_cond_and_uncond_calls_each_get_their_own_cache() -> None:
 def test_state_resets_each_run_and_survives_repeated_timesteps() -> None:
     model = build_tiny("tiny-unet").eval()
     timesteps = [900.0, 700.0, 700.0, 300.0, 100.0]  # a solver that evaluates one timestep twice
-    units = skip.skip_units(adapter_for(model), "block")
+    units = skip.model_units(adapter_for(model), "block")
     table = skip.SkipTable.full("HeunLikeScheduler", timesteps, units, "block")
     table.compute[2] = [False] * len(units)
     table.compute[3][units.index(next(u for u in units if u.name == "mid_block"))] = False
@@ -226,7 +227,7 @@ def test_state_resets_each_run_and_survives_repeated_timesteps() -> None:
         second = [model(x, torch.tensor(t)).sample for t in timesteps]  # a new run starts at the first timestep
     assert torch.equal(first[2], first[1])  # step 2 (the repeated timestep) reused the whole of step 1
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    state = skip._state_of(model)
+    state = skip.run_state(model)
     assert state.step == 4 and state.slots == 1
 
 
@@ -266,7 +267,7 @@ def _unit_runs(model: torch.nn.Module, units: list[str]) -> dict[str, int]:
 
 def _sparse_table(model: torch.nn.Module, scheduler, steps: int, granularity: str) -> skip.SkipTable:
     scheduler.set_timesteps(steps)
-    units = skip.skip_units(adapter_for(model), granularity)
+    units = skip.model_units(adapter_for(model), granularity)
     table = skip.SkipTable.full(type(scheduler).__name__, scheduler.timesteps.tolist(), units, granularity)
     for step in range(1, steps):
         for i in range(len(units)):

@@ -16,6 +16,7 @@ import torch
 from helpers import run_cli, tiny_vae
 
 from slimdiff.engines import Calibration, get_engine, skip
+from slimdiff.engines.skip import dipgo
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, read_provenance, save
 from slimdiff.io import read_json
@@ -26,7 +27,7 @@ from slimdiff.training.diffusion import make_scheduler, sample
 def _base(model: torch.nn.Module, granularity: str, steps: int = 8) -> skip.SkipTable:
     sched = make_scheduler("ddim")
     sched.set_timesteps(steps)
-    units = skip.skip_units(adapter_for(model), granularity)
+    units = skip.model_units(adapter_for(model), granularity)
     return skip.SkipTable.full("DDIMScheduler", sched.timesteps.tolist(), units, granularity)
 
 
@@ -56,11 +57,11 @@ def test_step_reuse_and_deepcache_tables() -> None:
     costs = skip.unit_costs(model, base.units)
     engine = get_engine("skip")
     config = engine.make_config(method="step-reuse", steps=8, target_macs=0.5)
-    table, how = skip._baseline(adapter, config, base, costs)
+    table, how = skip.baseline_table(adapter, config, base, costs)
     assert [all(row) for row in table.compute] == [s in (0, 2, 4, 6) for s in range(8)]
     assert not any(any(row) for row in table.effective()[1::2]) and "4 full steps" in how
     config = engine.make_config(method="deepcache", steps=8, target_macs=0.6, granularity="layer")
-    table, how = skip._baseline(adapter, config, base, costs)
+    table, how = skip.baseline_table(adapter, config, base, costs)
     partial = next(row for row in table.compute if not all(row))
     # branch 0: the first down resnet and the up-side layers from the one that consumes its skip tensor
     assert {n for n, c in zip(base.units, partial, strict=True) if c} == {
@@ -70,10 +71,12 @@ def test_step_reuse_and_deepcache_tables() -> None:
     }
     assert skip.kept_fraction(table, costs) <= config.limit
     with pytest.raises(SlimdiffError, match="least is"):
-        skip._baseline(adapter, engine.make_config(method="deepcache", steps=8, target_macs=0.2), base, costs)
+        skip.baseline_table(adapter, engine.make_config(method="deepcache", steps=8, target_macs=0.2), base, costs)
     dit = build_tiny("tiny-dit").eval()
     with pytest.raises(SlimdiffError, match="needs a U-Net"):
-        skip._baseline(adapter_for(dit), config, _base(dit, "block"), skip.unit_costs(dit, _base(dit, "block").units))
+        skip.baseline_table(
+            adapter_for(dit), config, _base(dit, "block"), skip.unit_costs(dit, _base(dit, "block").units)
+        )
 
 
 def test_postprocess_skips_from_the_output_side_by_probability_and_never_step_0() -> None:
@@ -119,15 +122,15 @@ def test_dip_go_search_makes_a_table_at_the_target(tmp_path: Path) -> None:
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
 
 
-def test_warm_started_pruner_begins_at_the_given_table() -> None:
+def test_warm_started_gate_network_begins_at_the_given_table() -> None:
     model = build_tiny("tiny-unet").eval()
     base = _base(model, "block")
     costs = skip.unit_costs(model, base.units)
     config = get_engine("skip").make_config(method="step-reuse", target_macs=0.5, steps=8)
-    start, _ = skip._baseline(adapter_for(model), config, base, costs)
-    keep = skip.Pruner(len(base.timesteps), len(base.units), start=torch.tensor(start.compute))()
+    start, _ = skip.baseline_table(adapter_for(model), config, base, costs)
+    keep = skip.GateNetwork(len(base.timesteps), len(base.units), start=torch.tensor(start.compute))()
     assert torch.equal(keep > 0.5, torch.tensor(start.compute))
-    assert bool((skip.Pruner(len(base.timesteps), len(base.units))() > 0.9).all())  # the paper's start: all kept
+    assert bool((skip.GateNetwork(len(base.timesteps), len(base.units))() > 0.9).all())  # the paper's start: all kept
 
 
 def _calibration(model: torch.nn.Module) -> Calibration:
@@ -136,29 +139,29 @@ def _calibration(model: torch.nn.Module) -> Calibration:
     return Calibration(training_data(adapter_for(model), "digits", 0), lambda labels: None, {})
 
 
-def test_select_keeps_whichever_table_is_more_consistent_on_held_out_noises() -> None:
+def test_choose_table_keeps_whichever_table_is_more_consistent_on_held_out_noises() -> None:
     model = build_tiny("tiny-unet").eval()
     adapter, base = adapter_for(model), _base(model, "block", steps=6)
     costs = skip.unit_costs(model, base.units)
     config = get_engine("skip").make_config(target_macs=0.5, steps=6, noises=4, batch_size=2)
     data = _calibration(model)
-    noises = skip.held_out_noises(adapter, config, data)
-    assert skip.held_out_consistency(adapter, config, data, noises, {"full": base})["full"] == pytest.approx(
+    held_out = skip.held_out_noise_set(adapter, config, data)
+    assert skip.held_out_consistency(adapter, config, data, held_out, {"full": base})["full"] == pytest.approx(
         0, abs=1e-6
     )
-    reuse, _ = skip._baseline(
+    reuse, _ = skip.baseline_table(
         adapter, get_engine("skip").make_config(method="step-reuse", target_macs=0.5, steps=6), base, costs
     )
     for seed in range(3):  # random probabilities: whichever wins, the selection follows the held-out losses
         probs = torch.rand(6, len(base.units), generator=torch.Generator().manual_seed(seed))
-        chosen = skip.select(adapter, config, data, base, costs, probs, noises)
+        chosen = skip.choose_table(adapter, config, data, base, costs, probs, held_out)
         losses = chosen.held_out
         assert set(losses) == {"dip-go", "step-reuse"} and losses["dip-go"] > 0
         if losses["step-reuse"] < losses["dip-go"]:
             assert chosen.selected == "step-reuse" and chosen.table.compute == reuse.compute
         else:
             assert chosen.selected == "dip-go" and skip.kept_fraction(chosen.table, costs) <= config.limit
-    never = skip.select(adapter, dataclasses.replace(config, fallback="none"), data, base, costs, probs, noises)
+    never = skip.choose_table(adapter, dataclasses.replace(config, fallback="none"), data, base, costs, probs, held_out)
     assert never.selected == "dip-go" and never.held_out == {}
     assert never.table.compute == skip.postprocess(probs, base, costs, 0.5, config.tolerance, config.threshold).compute
 
@@ -190,7 +193,7 @@ def _search_setup(steps: int = 4) -> tuple[Any, skip.SkipTable, skip.UnitCosts, 
 def test_checkpointed_trajectory_has_the_same_gradients_and_recomputes_each_step() -> None:
     adapter, base, _, _ = _search_setup(steps=5)
     model = copy.deepcopy(adapter.model).requires_grad_(False)
-    skip.attach(model, base)
+    gating = skip.Gating(model, base)
     calls = []
     model.mid_block.register_forward_pre_hook(lambda *_: calls.append(1))
     noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -199,7 +202,7 @@ def test_checkpointed_trajectory_has_the_same_gradients_and_recomputes_each_step
         calls.clear()
         config = get_engine("skip").make_config(target_macs=0.5, steps=5, checkpointing=mode)
         gates = torch.full((5, len(base.units)), 0.6, requires_grad=True)
-        final = skip._trajectory(adapter_for(model), config, {}, noise, None, None, 0, gates=gates, units=base.units)
+        final = skip.trajectory(adapter_for(model), config, {}, noise, None, None, 0, gating=gating, gates=gates)
         final.square().mean().backward()
         results[mode] = (final.detach(), gates.grad, len(calls))
     assert torch.equal(results["steps"][0], results["none"][0])
@@ -210,7 +213,7 @@ def test_checkpointed_trajectory_has_the_same_gradients_and_recomputes_each_step
 
 def test_an_interrupted_search_resumes_where_its_checkpoint_left_off(tmp_path: Path, monkeypatch) -> None:
     adapter, base, costs, data = _search_setup()
-    monkeypatch.setattr(skip, "SEARCH_CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(dipgo, "SEARCH_CHECKPOINT_EVERY", 2)
     config = get_engine("skip").make_config(target_macs=0.5, steps=4, iterations=5, noises=4, batch_size=2)
     straight, _ = skip.search(adapter, config, data, base, costs, lambda message: None)
 
@@ -253,7 +256,7 @@ def test_the_search_scores_a_latent_model_through_its_vae() -> None:
     assert seen == [(False, 3), (False, 3), (True, 3), (True, 3)]
 
 
-def test_two_gloo_processes_search_the_same_pruner(tmp_path: Path) -> None:
+def test_two_gloo_processes_search_the_same_gate_network(tmp_path: Path) -> None:
     script = Path(__file__).parent / "dip_go_search_script.py"
     command = ["torchrun", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
-from slimdiff.engines import sampling_plan, skip
-from slimdiff.engines.base import sampler_settings
+from slimdiff.artifacts import sampler_settings, sampling_plan
+from slimdiff.engines import skip
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import SPEC_NAME, WEIGHTS_NAME, load, save
 from slimdiff.models import adapter_for, build_tiny
@@ -29,7 +29,7 @@ def _table(model: torch.nn.Module, name: str = "ddim", *, recorded: bool = True)
     as in tables saved before they were)."""
     sched = make_scheduler(name, DEFAULT_SCHEDULE)
     sched.set_timesteps(STEPS)
-    units = skip.skip_units(adapter_for(model), "block")
+    units = skip.model_units(adapter_for(model), "block")
     settings = sampler_settings(sched) if recorded else None
     table = skip.SkipTable.full(type(sched).__name__, sched.timesteps.tolist(), units, "block", settings)
     for step in range(1, STEPS):
@@ -77,7 +77,7 @@ def test_a_dpm_table_refuses_another_solver_order(tmp_path: Path) -> None:
     model = build_tiny("tiny-unet").eval()
     sched = make_scheduler("dpm", DEFAULT_SCHEDULE)
     sched.set_timesteps(STEPS)
-    units = skip.skip_units(adapter_for(model), "block")
+    units = skip.model_units(adapter_for(model), "block")
     table = skip.SkipTable.full(type(sched).__name__, sched.timesteps.tolist(), units, "block", sampler_settings(sched))
     skip.attach(model, json.loads(json.dumps(table.to_json())))  # as read back from disk (-inf as a string)
     plan = sampling_plan(model)

@@ -21,9 +21,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimdiff import latent_teacher
+from slimdiff.artifacts import full_compute, sampling_plan
 from slimdiff.data import load_data
 from slimdiff.demo.pixel import RECIPES, products
-from slimdiff.engines import full_compute, sampling_plan
 from slimdiff.export import load, load_scheduler_config
 from slimdiff.io import atomic_write_bytes, atomic_write_json
 from slimdiff.jobs.conditioning import decoder_for, load_text_encoder, load_vae, training_data

@@ -1,7 +1,8 @@
-"""Compression engines, one file each, behind one contract (`slimdiff.engines.base`).
+"""Compression engines, one module (or package) each, behind one contract (`slimdiff.engines.base`).
 
 `get_engine(name)` returns a registered engine; `register(Engine(...))` adds one. Built-in engines are imported on
-first use. `sampling_plan(model)` is what an attached artifact says a sampling run of the model computes.
+first use. What an engine's artifact does to a loaded model (re-attaching it, its sampling plan) lives in the
+artifact layer below the exporter, `slimdiff.artifacts`.
 """
 
 from slimdiff.engines.base import (
@@ -9,16 +10,9 @@ from slimdiff.engines.base import (
     Engine,
     EngineConfig,
     Result,
-    SamplingPlan,
-    attach_artifact,
-    check_sampler,
     engine_names,
-    full_compute,
     get_engine,
     register,
-    register_artifact,
-    sampling_plan,
-    set_sampling_plan,
 )
 
 __all__ = [
@@ -26,14 +20,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "Result",
-    "SamplingPlan",
-    "attach_artifact",
-    "check_sampler",
     "engine_names",
-    "full_compute",
     "get_engine",
     "register",
-    "register_artifact",
-    "sampling_plan",
-    "set_sampling_plan",
 ]

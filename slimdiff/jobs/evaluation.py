@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from slimdiff.artifacts import full_compute, sampling_plan
 from slimdiff.data import DataConfig, load_data
-from slimdiff.engines import full_compute, sampling_plan
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_scheduler_config, read_spec
 from slimdiff.io import atomic_write_json, output_dir, read_json

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimdiff.engines import full_compute, sampling_plan
+from slimdiff.artifacts import full_compute, sampling_plan
 from slimdiff.export import check_finite, load_architecture, read_provenance
 from slimdiff.metrics.cost import count_macs, count_params, macs_by_module, sampling_macs
 from slimdiff.models import adapter_for

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimdiff.artifacts import check_sampler
 from slimdiff.data import load_prompts
-from slimdiff.engines import check_sampler
 from slimdiff.export import load, load_scheduler_config
 from slimdiff.io import check_output_file
 from slimdiff.jobs.conditioning import SamplingInputs, decoder_for, sampling_inputs
