@@ -37,7 +37,7 @@ from slimdiff.io import atomic_write_bytes, atomic_write_json
 from slimdiff.jobs.conditioning import _load_vae, decoder_for, load_text_encoder, training_data
 from slimdiff.jobs.evaluation import EvalSettings, compare_models
 from slimdiff.jobs.info import model_info
-from slimdiff.jobs.recipes import run_recipe
+from slimdiff.jobs.recipe_runner import run_recipe
 from slimdiff.jobs.sampling import refuse_other_sampler, sample_model
 from slimdiff.jobs.training import new_model, train_model
 from slimdiff.latent_teacher import GUIDANCE, NUM_DIGITS, caption, write_captioned_digits
@@ -45,7 +45,7 @@ from slimdiff.metrics.cost import count_macs, sampling_macs
 from slimdiff.metrics.features import digits_feature_extractor
 from slimdiff.metrics.quality import class_agreement, compute_quality, reference_features
 from slimdiff.models import adapter_for
-from slimdiff.recipe import CompressStep, EvalStep, FinetuneStep, Recipe, load_recipe
+from slimdiff.recipe_spec import CompressStep, EvalStep, FinetuneStep, load_recipe
 from slimdiff.report import markdown_table, save_grid
 from slimdiff.settings import SampleConfig, TrainConfig
 
@@ -102,17 +102,6 @@ def ensure_teacher(out: Path, echo: Callable[[str], None] = print) -> Path:
     )
     echo(f"      trained in {result.seconds:.0f} s, final loss {result.final_loss:.4f}")
     return teacher_dir
-
-
-def recipe_label(recipe: Recipe) -> str:
-    """A one-line name for what a compress → fine-tune recipe made, e.g. for a comparison table."""
-    compress = next(step.config for step in recipe.steps if isinstance(step, CompressStep))
-    finetune = next(step.finetune for step in recipe.steps if isinstance(step, FinetuneStep))
-    distilled = " with output KD" if finetune.teacher and finetune.kd_output_weight > 0 else ""
-    return (
-        f"{compress.importance} {compress.target:.0%} {'MACs' if compress.unit == 'macs' else 'params'} + "
-        f"{finetune.steps}-step fine-tune{distilled}"
-    )
 
 
 def products(model_dir: Path) -> dict[str, Path]:

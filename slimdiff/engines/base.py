@@ -46,6 +46,7 @@ from torch import nn
 
 from slimdiff.data import ImageDataset
 from slimdiff.errors import SlimdiffError
+from slimdiff.settings import check
 
 Log = Callable[[str], None]
 
@@ -58,10 +59,13 @@ def no_log(message: str) -> None:
 class EngineConfig:
     """Base of every engine's settings. Fields carry their CLI help in `metadata["help"]` (and, optionally, an
     older flag spelling accepted beside `--field-name` in `metadata["flag"]`); `validate` raises `SlimdiffError`
-    naming the bad field."""
+    naming the bad field. A `Literal`-typed field's choices are its type: the base `validate` refuses any other
+    value, naming the flag and the choices, so an engine declares a choice list once."""
 
     def validate(self) -> None:
-        """Refuse settings that cannot work (called by every surface before `compress`)."""
+        """Refuse settings that cannot work (called by every surface before `compress`). This base check refuses a
+        `Literal` field outside its choices; an engine's `validate` calls it first (`super().validate()`)."""
+        check(self, {})
 
     def budget(self) -> dict[str, Any]:
         """The budget asked for, in the user's unit (e.g. `{"macs": 0.5}`); recorded in the provenance."""
@@ -128,6 +132,7 @@ class Budget(LatencyBudget):
     tolerance: float = field(default=0.02, metadata={"help": "Relative tolerance of a MACs or params budget."})
 
     def validate(self) -> None:
+        super().validate()
         given = {"target_macs": self.target_macs, "target_params": self.target_params}
         exactly_one(given | {"target_latency_ms": self.target_latency_ms})
         self.validate_latency()
