@@ -8,6 +8,7 @@ class ToyConfig(EngineConfig):
     scale: float = field(default=1.0, metadata={"help": "Multiply conv_out by this."})
 
     def validate(self) -> None:
+        super().validate()  # a `Literal` field outside its choices, refused by flag
         if self.scale <= 0:
             raise SlimdiffError(f"scale must be > 0, got {self.scale}")
 
