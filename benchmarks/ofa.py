@@ -25,13 +25,13 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from slimdiff.engines.base import Calibration
 from slimdiff.engines.channels import ChannelPruningConfig
-from slimdiff.engines.ofa import IMPORTANCE_NORMS, OFAConfig, compress, extract_all
+from slimdiff.engines.ofa import ImportanceNorm, OFAConfig, compress, extract_all
 from slimdiff.export import load, read_provenance, save
 from slimdiff.io import atomic_write_json
 from slimdiff.jobs.compression import compress_model
@@ -174,8 +174,8 @@ def table(data: dict[str, Any], sizes: list[float], eval_steps: list[int]) -> st
     head = " | ".join(f"FID (KID) DDIM {k}" for k in eval_steps)
     lines = [f"| row | size | MACs | {head} | train steps | train MACs (×10¹²) |", "|---" * (5 + len(eval_steps)) + "|"]
     rows = ("ofa-reweighted", "ofa-uniform", "ofa-sandwich", "ofa-reweighted-uniform-alloc", "dedicated", "equal-cost")
-    norms = [f"init-ofa-{norm}-norm" for norm in IMPORTANCE_NORMS if norm != "none"]
-    rows = (*rows, *(f"{row}-{norm}-norm" for row in rows[:4] for norm in IMPORTANCE_NORMS if norm != "none"))
+    norms = [f"init-ofa-{norm}-norm" for norm in get_args(ImportanceNorm) if norm != "none"]
+    rows = (*rows, *(f"{row}-{norm}-norm" for row in rows[:4] for norm in get_args(ImportanceNorm) if norm != "none"))
     for row in (*rows, "init-ofa", *norms, "init-ofa-uniform-alloc", "init-diff-pruning"):
         for size in sizes:
             key = f"{row}-{size:g}"
@@ -263,12 +263,16 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--norms", nargs="+", default=["none", "kind"], choices=IMPORTANCE_NORMS, help="'init' row: importance norms"
+        "--norms",
+        nargs="+",
+        default=["none", "kind"],
+        choices=get_args(ImportanceNorm),
+        help="'init' row: importance norms",
     )
     parser.add_argument(
         "--importance-norm",
         default=OFAConfig.importance_norm,
-        choices=IMPORTANCE_NORMS,
+        choices=get_args(ImportanceNorm),
         help="the shared runs' importance norm (the first results used 'none')",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ofa.json"))

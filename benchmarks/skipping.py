@@ -26,7 +26,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -418,7 +418,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=60, help="dip-go optimizer steps per search")
     parser.add_argument("--search-batch", type=int, default=4)
     parser.add_argument("--search-noises", type=int, default=16)
-    parser.add_argument("--start", choices=skip.STARTS, default="step-reuse", help="dip-go: where the search starts")
+    parser.add_argument(
+        "--start", choices=get_args(skip.Start), default="step-reuse", help="dip-go: where the search starts"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="dip-go search seeds")
     parser.add_argument("--granularities", nargs="+", choices=skip.GRANULARITIES, default=list(skip.GRANULARITIES))
     parser.add_argument("--wall-repeats", type=int, default=1, help="--stage wall: runs per timing (median)")

@@ -265,8 +265,8 @@ def export_command(model_dir: Path, pipeline_dir: Path, out: Path) -> None:
 def run(recipe: Path) -> None:
     """Run a multi-step recipe (train → compress → fine-tune → eval …); one JSON line per step, `"reused": true`
     where a rerun found the step finished with the same settings and input."""
-    from slimdiff.jobs.recipes import run_recipe
-    from slimdiff.recipe import load_recipe
+    from slimdiff.jobs.recipe_runner import run_recipe
+    from slimdiff.recipe_spec import load_recipe
 
     for summary in run_recipe(load_recipe(recipe)):
         click.echo(json.dumps(summary))

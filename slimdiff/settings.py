@@ -4,7 +4,7 @@
 
 A field carries its help in `metadata["help"]`; its default is the measured best setting, named in the docs
 (docs/training.md). The command line derives `--field-name` from each field (`slimdiff.cli_config`), a recipe
-step takes the field names (`slimdiff.recipe`), the Python API takes the dataclasses (`slimdiff.api`), and `check`
+step takes the field names (`slimdiff.recipe_spec`), the Python API takes the dataclasses (`slimdiff.api`), and `check`
 refuses a bad value in one line naming the field and its flag, so a mistake reads the same from every surface.
 """
 
@@ -26,30 +26,32 @@ def flag_of(field: dataclasses.Field) -> str:
     return "--" + field.name.replace("_", "-")
 
 
-def _literal_choices(tp: Any) -> tuple[Any, ...] | None:
-    """The choices of `Literal[...]` or `Literal[...] | None`, else None."""
+def literal_choices(tp: Any) -> tuple[Any, ...] | None:
+    """The choices of `Literal[...]`, `Literal[...] | None` or `tuple[Literal[...], ...]`, else None."""
     if typing.get_origin(tp) is Literal:
         return typing.get_args(tp)
-    options = [a for a in typing.get_args(tp) if a is not type(None)]
+    options = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
     if len(options) == 1 and typing.get_origin(options[0]) is Literal:
         return typing.get_args(options[0])
     return None
 
 
 def check(settings: Any, rules: dict[str, tuple[bool, str]], *, what: str = "setting") -> None:
-    """Refuse the first `Literal` field outside its choices, then the first rule that fails.
+    """Refuse the first `Literal` field outside its choices (every item of a tuple of them), then the first rule
+    that fails.
 
     `rules` maps a field name to (whether its value is valid, what a valid value is). The error names the field
     and its flag: `invalid training setting warmup_steps ('--warmup-steps'): must be ≥ 0, got -1`.
     """
     fields = {f.name: f for f in dataclasses.fields(settings)}
     hints = typing.get_type_hints(type(settings))
-    choices = {name: _literal_choices(hints[name]) for name in fields}
-    failures = [
-        (name, "one of " + ", ".join(map(str, options)))
-        for name, options in choices.items()
-        if options is not None and getattr(settings, name) is not None and getattr(settings, name) not in options
-    ] + [(name, valid) for name, (ok, valid) in rules.items() if not ok]
+    failures = []
+    for name in fields:
+        options, value = literal_choices(hints[name]), getattr(settings, name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if options is not None and any(v is not None and v not in options for v in values):
+            failures.append((name, "one of " + ", ".join(map(str, options))))
+    failures += [(name, valid) for name, (ok, valid) in rules.items() if not ok]
     if failures:
         name, valid = failures[0]
         value = getattr(settings, name)
@@ -178,8 +180,8 @@ class KDConfig:
     features: tuple[tuple[str, str], ...] | None = None  # None: match the shared blocks automatically
 
     def __post_init__(self) -> None:
-        if self.mode not in ("plain", "normalized"):
-            raise SlimdiffError(f"unknown KD mode '{self.mode}'; valid: plain, normalized")
+        if self.mode not in typing.get_args(KDMode):
+            raise SlimdiffError(f"unknown KD mode '{self.mode}'; valid: {', '.join(typing.get_args(KDMode))}")
         if self.output_weight < 0 or self.feature_weight < 0:
             raise SlimdiffError("KD weights must be ≥ 0")
 
@@ -330,14 +332,8 @@ class CompareSettings(EvalSettings):
 
     def validate(self) -> None:
         super().validate()
-        bad = [s for s in self.curve_schedulers if s not in ("ddpm", "ddim", "dpm")]
         check(
-            self,
-            {
-                "curve_steps": (all(s >= 1 for s in self.curve_steps), "step counts ≥ 1"),
-                "curve_schedulers": (not bad, "some of ddpm, ddim, dpm"),
-            },
-            what="comparison setting",
+            self, {"curve_steps": (all(s >= 1 for s in self.curve_steps), "step counts ≥ 1")}, what="comparison setting"
         )
 
     def evaluation(self) -> EvalSettings:

@@ -11,14 +11,8 @@ from helpers import FAMILIES, tiny_vae
 
 from slimdiff.data import load_data
 from slimdiff.engines import Calibration
-from slimdiff.engines.channels import (
-    ChannelPruningConfig,
-    accumulate_gradients,
-    channel_scores,
-    compress,
-    prune_copy,
-    verify_slices,
-)
+from slimdiff.engines.channel_surgery import channel_scores, prune_copy, verify_slices
+from slimdiff.engines.channels import ChannelPruningConfig, accumulate_gradients, compress
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_architecture, save
 from slimdiff.metrics.cost import count_macs, count_params
@@ -193,9 +187,14 @@ def test_importances_choose_different_channels(digits) -> None:
 def test_bad_configs_are_refused() -> None:
     with pytest.raises(SlimdiffError, match="exactly one budget"):
         ChannelPruningConfig(target_macs=0.5, target_params=0.5).validate()
-    with pytest.raises(SlimdiffError, match="unknown importance 'l2'; valid: diff-pruning, taylor, magnitude, random"):
+    with pytest.raises(
+        SlimdiffError,
+        match=r"importance \('--importance'\): must be one of diff-pruning, taylor, magnitude, random, got 'l2'",
+    ):
         ChannelPruningConfig(importance="l2", target_macs=0.5).validate()
-    with pytest.raises(SlimdiffError, match="widths must be uniform or global, got 'per-layer'"):
+    with pytest.raises(
+        SlimdiffError, match=r"invalid setting widths \('--widths'\): must be one of uniform, global, got 'per-layer'"
+    ):
         ChannelPruningConfig(widths="per-layer", target_macs=0.5).validate()
     with pytest.raises(SlimdiffError, match=r"budget 1.5 must be a fraction"):
         ChannelPruningConfig(target_macs=1.5).validate()

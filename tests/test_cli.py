@@ -12,11 +12,11 @@ from helpers import reference_config, run_cli
 from PIL import Image
 
 from slimdiff import __version__
-from slimdiff.demo.pixel import RECIPE, recipe_label
+from slimdiff.demo.pixel import RECIPE
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import save
 from slimdiff.models import build_tiny
-from slimdiff.recipe import load_recipe
+from slimdiff.recipe_spec import load_recipe
 from slimdiff.settings import (
     CompareSettings,
     EvalSettings,
@@ -230,7 +230,9 @@ def test_recipe_compress_field_is_validated(tmp_path: Path, monkeypatch, capsys)
 def test_shipped_recipe_prunes_distils_and_evaluates() -> None:
     recipe = load_recipe(RECIPE)
     assert [type(step).__name__ for step in recipe.steps] == ["CompressStep", "FinetuneStep", "EvalStep"]
-    assert recipe_label(recipe) == "diff-pruning 50% MACs + 225-step fine-tune with output KD"
+    compress, finetune = recipe.steps[0].config, recipe.steps[1].finetune
+    assert (compress.importance, compress.unit, compress.target, finetune.steps) == ("diff-pruning", "macs", 0.5, 225)
+    assert finetune.teacher and finetune.kd_output_weight > 0  # fine-tuned with output KD
 
 
 @pytest.mark.parametrize(
@@ -306,7 +308,7 @@ def test_recipe_steps_take_the_settings_dataclasses(tmp_path: Path) -> None:
 def test_the_defaults_are_the_shipped_recipes_tuned_settings() -> None:
     """The settings every measurement used (docs/training.md, "Defaults") are what a user gets without flags."""
     from slimdiff.engines.ofa import OFAConfig
-    from slimdiff.recipe import EvalStep, FinetuneStep
+    from slimdiff.recipe_spec import EvalStep, FinetuneStep
 
     ofa, default_ofa = load_recipe(RECIPE.parent / "digits-ofa.yaml").steps[0].config, OFAConfig()
     assert (ofa.lr, ofa.warmup, ofa.teacher_kd) == (default_ofa.lr, default_ofa.warmup, default_ofa.teacher_kd)

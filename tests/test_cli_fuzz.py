@@ -220,7 +220,7 @@ def test_bad_values_are_named(variants: dict[str, Path], tmp_path: Path) -> None
     cases = {
         ("info", tmp_path / "nope"): "model directory not found",
         ("compress", "channels", model, "--importance", "l2", "--target-macs", "0.5", "--out", tmp_path / "o"): (
-            "unknown importance 'l2'"
+            "invalid setting importance ('--importance'): must be one of diff-pruning"
         ),
         ("compress", "channels", model, "--target-macs", "1.5", "--out", tmp_path / "o"): "budget 1.5",
         (*sample, "--scheduler", "euler"): "euler",

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 
 from slimdiff.demo.latent import LATENT_ROWS, run_latent_demo
 from slimdiff.latent_teacher import digits_split
-from slimdiff.recipe import load_recipe
+from slimdiff.recipe_spec import load_recipe
 
 # The smoke demo trains a teacher and runs six recipes and their measurements: minutes on a loaded CPU.
 pytestmark = pytest.mark.timeout(1500)

@@ -25,9 +25,9 @@ from slimdiff.engines import base as engines_base
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import Provenance, read_artifact, read_spec, save
 from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
-from slimdiff.jobs.recipes import run_recipe
+from slimdiff.jobs.recipe_runner import run_recipe
 from slimdiff.models import adapter_for, build_tiny
-from slimdiff.recipe import load_recipe
+from slimdiff.recipe_spec import load_recipe
 
 ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from slimdiff.engines.channels import ChannelPruningConfig, block_channels, prune_copy
+from slimdiff.engines.channel_surgery import prune_copy
+from slimdiff.engines.channels import ChannelPruningConfig, block_channels
 from slimdiff.export import read_provenance, save
 from slimdiff.jobs.compression import compress_model
 from slimdiff.jobs.training import finetune_model, kept_block_channels

@@ -228,10 +228,16 @@ def test_cli_run_makes_one_loadable_model_per_size_and_resumes_exactly(tmp_path:
     [
         (["--sizes", "0.3,1.5"], "sizes: 1.5 is not a fraction"),
         (["--sizes", "0.5,0.5"], "repeats a size"),
-        (["--sampling", "greedy"], "unknown sampling rule 'greedy'; valid: reweighted, uniform, sandwich"),
-        (["--unit", "latency"], "unknown unit 'latency'; valid: macs, params"),
-        (["--allocation", "even"], "unknown allocation 'even'; valid: importance, uniform"),
-        (["--importance-norm", "max"], "unknown importance_norm 'max'; valid: kind, none, sqrt, rank"),
+        (
+            ["--sampling", "greedy"],
+            "sampling ('--sampling'): must be one of reweighted, uniform, sandwich, got 'greedy'",
+        ),
+        (["--unit", "latency"], "unit ('--unit'): must be one of macs, params, got 'latency'"),
+        (["--allocation", "even"], "allocation ('--allocation'): must be one of importance, uniform, got 'even'"),
+        (
+            ["--importance-norm", "max"],
+            "importance_norm ('--importance-norm'): must be one of kind, none, sqrt, rank, got 'max'",
+        ),
         (["--smallest-weight", "0.5"], "smallest_weight=0.5 is invalid"),
     ],
 )

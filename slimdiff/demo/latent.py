@@ -27,14 +27,14 @@ from slimdiff.demo.pixel import RECIPES, products
 from slimdiff.export import load, load_scheduler_config
 from slimdiff.io import atomic_write_bytes, atomic_write_json
 from slimdiff.jobs.conditioning import decoder_for, load_text_encoder, load_vae, training_data
-from slimdiff.jobs.recipes import run_recipe
+from slimdiff.jobs.recipe_runner import run_recipe
 from slimdiff.jobs.sampling import refuse_other_sampler
 from slimdiff.latent_teacher import GUIDANCE, NUM_DIGITS, caption, write_captioned_digits
 from slimdiff.metrics.cost import count_macs, sampling_macs
 from slimdiff.metrics.features import digits_feature_extractor
 from slimdiff.metrics.quality import class_agreement, compute_quality, reference_features
 from slimdiff.models import adapter_for
-from slimdiff.recipe import CompressStep, EvalStep, FinetuneStep, load_recipe
+from slimdiff.recipe_spec import CompressStep, EvalStep, FinetuneStep, load_recipe
 from slimdiff.report import markdown_table, save_grid
 from slimdiff.training.diffusion import sample
 

@@ -22,10 +22,10 @@ import torch
 from slimdiff.export import read_provenance
 from slimdiff.jobs.evaluation import EvalSettings, compare_models
 from slimdiff.jobs.info import model_info
-from slimdiff.jobs.recipes import run_recipe
+from slimdiff.jobs.recipe_runner import run_recipe
 from slimdiff.jobs.sampling import sample_model
 from slimdiff.jobs.training import new_model, train_model
-from slimdiff.recipe import CompressStep, EvalStep, FinetuneStep, Recipe, load_recipe
+from slimdiff.recipe_spec import EvalStep, FinetuneStep, load_recipe
 from slimdiff.report import markdown_table
 from slimdiff.settings import SampleConfig, TrainConfig
 
@@ -82,17 +82,6 @@ def ensure_teacher(out: Path, echo: Callable[[str], None] = print) -> Path:
     )
     echo(f"      trained in {result.seconds:.0f} s, last step's loss {result.describe_loss()}")
     return teacher_dir
-
-
-def recipe_label(recipe: Recipe) -> str:
-    """A one-line name for what a compress → fine-tune recipe made, e.g. for a comparison table."""
-    compress = next(step.config for step in recipe.steps if isinstance(step, CompressStep))
-    finetune = next(step.finetune for step in recipe.steps if isinstance(step, FinetuneStep))
-    distilled = " with output KD" if finetune.teacher and finetune.kd_output_weight > 0 else ""
-    return (
-        f"{compress.importance} {compress.target:.0%} {'MACs' if compress.unit == 'macs' else 'params'} + "
-        f"{finetune.steps}-step fine-tune{distilled}"
-    )
 
 
 def products(model_dir: Path) -> dict[str, Path]:

@@ -8,6 +8,7 @@ class ToyConfig(EngineConfig):
     scale: float = field(default=1.0, metadata={"help": "Multiply conv_out by this."})
 
     def validate(self) -> None:
+        super().validate()  # a `Literal` field outside its choices, refused by flag
         if self.scale <= 0:
             raise SlimdiffError(f"scale must be > 0, got {self.scale}")
 
@@ -44,6 +45,7 @@ from torch import nn
 from slimdiff import export
 from slimdiff.data import ImageDataset
 from slimdiff.errors import SlimdiffError
+from slimdiff.settings import check
 
 Log = Callable[[str], None]
 
@@ -56,10 +58,13 @@ def no_log(message: str) -> None:
 class EngineConfig:
     """Base of every engine's settings. Fields carry their CLI help in `metadata["help"]` (and, optionally, an
     older flag spelling accepted beside `--field-name` in `metadata["flag"]`); `validate` raises `SlimdiffError`
-    naming the bad field."""
+    naming the bad field. A `Literal`-typed field's choices are its type: the base `validate` refuses any other
+    value, naming the flag and the choices, so an engine declares a choice list once."""
 
     def validate(self) -> None:
-        """Refuse settings that cannot work (called by every surface before `compress`)."""
+        """Refuse settings that cannot work (called by every surface before `compress`). This base check refuses a
+        `Literal` field outside its choices; an engine's `validate` calls it first (`super().validate()`)."""
+        check(self, {})
 
     def budget(self) -> dict[str, Any]:
         """The budget asked for, in the user's unit (e.g. `{"macs": 0.5}`); recorded in the provenance."""
@@ -183,7 +188,7 @@ def engine_names() -> list[str]:
 def get_engine(name: str) -> Engine:
     """The engine called `name`; an unknown name is refused with the list of engines."""
     if name not in _engines and name in BUILTIN_ENGINES:
-        importlib.import_module(BUILTIN_ENGINES[name])  # the module registers its ENGINE
+        register(importlib.import_module(BUILTIN_ENGINES[name]).ENGINE)  # its module registered it on first import
     if name not in _engines:
         raise SlimdiffError(f"unknown engine '{name}'; valid: {', '.join(engine_names())}")
     return _engines[name]

@@ -98,6 +98,7 @@ class Budget(LatencyBudget):
     tolerance: float = field(default=0.02, metadata={"help": "Relative tolerance of a MACs or params budget."})
 
     def validate(self) -> None:
+        super().validate()
         given = {"target_macs": self.target_macs, "target_params": self.target_params}
         exactly_one(given | {"target_latency_ms": self.target_latency_ms})
         self.validate_latency()

@@ -29,18 +29,8 @@ returns an elastic model and a `Training` that the compression job runs through 
    (an ablation) gives every group the same share, i.e. a uniform keep ratio P, as Diff-Pruning prunes.
 3. Sizes. The keep ratio P walks the ladder P_i = 0.25 + 0.025 i; each requested size (a fraction of the MACs or
    params) is bracketed by two rungs, then P is bisected between them until the subnet lands within `tolerance`.
-4. Elastic model: slicing, not masking. The subnet of a step runs the pruned architecture with weights gathered
-   (index_select) from the shared full-width weights, so the trained function *is* the extracted model's —
-   masking would leave GroupNorm statistics and the attention scale those of the full width, and would cost the
-   full MACs every step. DDP stays happy: every shared tensor enters every subnet's graph (through its gather),
-   so every parameter gets a gradient (zero outside the subnet) and none is "unused".
-5. Sampling. Step s trains one subnet drawn from a generator seeded by (seed, s), so a resumed or multi-process run
-   draws the same ones: `reweighted` (weights falling linearly from m for the smallest to 1 for the largest),
-   `uniform`, or `sandwich` (the sandwich rule's largest / smallest / random spread over consecutive steps, so
-   every step still costs one subnet).
-6. EMA. The trainer keeps one EMA of the shared weights. Slicing is linear, so the slice of the EMA is exactly the
-   EMA of the slice: each extracted size gets the EMA of its own weights over the run — the right average, with
-   no per-size copies.
+4. Training: the elastic model (`engines/ofa_elastic.py`) runs each step's subnet with its slices of the shared
+   weights, and each size is extracted from it after the shared run.
 """
 
 from __future__ import annotations
@@ -49,19 +39,37 @@ import copy
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
-from torch.func import functional_call
 
 from slimdiff.engines.base import Calibration, Engine, EngineConfig, Log, Result, Training, no_log, register
-from slimdiff.engines.channels import _NormPlan, _Pruned, calibration_batch, make_pruner, prune_copy, verify_slices
+from slimdiff.engines.channel_surgery import (
+    ChannelScores,
+    GroupKey,
+    NormPlan,
+    PrunedCopy,
+    calibration_batch,
+    make_pruner,
+    prune_copy,
+    verify_slices,
+)
+from slimdiff.engines.ofa_elastic import (
+    ElasticModel,
+    Subnet,
+    check_nested,
+    draw_subnet,
+    extract_all,
+    gather,
+    named_tensors,
+    slice_indices,
+    subnet_probabilities,
+)
 from slimdiff.errors import SlimdiffError
 from slimdiff.metrics.cost import count_macs, count_params
 from slimdiff.models import Adapter, adapter_for
@@ -69,9 +77,7 @@ from slimdiff.training.diffusion import make_scheduler, training_target
 from slimdiff.training.loop import stream_seed
 
 Sampling = Literal["reweighted", "uniform", "sandwich"]
-SAMPLINGS: tuple[str, ...] = ("reweighted", "uniform", "sandwich")
-UNITS: tuple[str, ...] = ("macs", "params")
-IMPORTANCE_NORMS: tuple[str, ...] = ("kind", "none", "sqrt", "rank")
+ImportanceNorm = Literal["kind", "none", "sqrt", "rank"]
 #: The ladder of keep ratios of the reference code: P_i = LADDER_START + LADDER_STEP · i.
 LADDER_START, LADDER_STEP = 0.25, 0.025
 #: Interpolation steps between two rungs before the closest subnet found is taken.
@@ -99,7 +105,7 @@ class OFAConfig(EngineConfig):
         default="importance",
         metadata={"help": "importance (METHODS §2's proportional widths) or uniform (every group keeps P)."},
     )
-    importance_norm: Literal["kind", "none", "sqrt", "rank"] = field(
+    importance_norm: ImportanceNorm = field(
         default="kind",
         metadata={
             "help": "I_l of the importance allocation: kind (a layer's mean Taylor score over the mean of its "
@@ -122,6 +128,7 @@ class OFAConfig(EngineConfig):
     seed: int = field(default=0, metadata={"help": "Random seed (importance samples, subnet draws, training)."})
 
     def validate(self) -> None:
+        super().validate()
         if not self.sizes:
             raise SlimdiffError("sizes: give at least one size, e.g. 0.3,0.5,0.75")
         bad = [s for s in self.sizes if not 0.05 <= s < 1]
@@ -129,16 +136,6 @@ class OFAConfig(EngineConfig):
             raise SlimdiffError(f"sizes: {bad[0]} is not a fraction of the original in [0.05, 1)")
         if len(set(self.sizes)) != len(self.sizes):
             raise SlimdiffError(f"sizes: {list(self.sizes)} repeats a size")
-        if self.unit not in UNITS:
-            raise SlimdiffError(f"unknown unit '{self.unit}'; valid: {', '.join(UNITS)}")
-        if self.allocation not in ("importance", "uniform"):
-            raise SlimdiffError(f"unknown allocation '{self.allocation}'; valid: importance, uniform")
-        if self.importance_norm not in IMPORTANCE_NORMS:
-            raise SlimdiffError(
-                f"unknown importance_norm '{self.importance_norm}'; valid: {', '.join(IMPORTANCE_NORMS)}"
-            )
-        if self.sampling not in SAMPLINGS:
-            raise SlimdiffError(f"unknown sampling rule '{self.sampling}'; valid: {', '.join(SAMPLINGS)}")
         rules = {
             "steps": (self.steps >= 1, "≥ 1"),
             "smallest_weight": (self.smallest_weight >= 1, "≥ 1 (1 = uniform)"),
@@ -163,14 +160,6 @@ class OFAConfig(EngineConfig):
 # ----------------------------------------------------------------------------------------------------------------
 # importance on torch-pruning's groups
 # ----------------------------------------------------------------------------------------------------------------
-GroupKey = tuple[tuple[str, str], ...]
-
-
-def _group_key(group: tp.Group) -> GroupKey:
-    """A group's identity that survives copying the model: its (graph node, pruning function) pairs."""
-    return tuple(sorted({(dep.target.name, dep.handler.__name__) for dep, _ in group}))
-
-
 @dataclass(frozen=True)
 class ChannelGroupInfo:
     """One channel group as MetaPruner sees it: the layers whose outputs it sets, width, equal-sized chunks."""
@@ -189,62 +178,36 @@ class ChannelGroupInfo:
         return self.chunks * self.unit
 
 
-class _TaylorRecorder(tp.importance.Importance):
-    """Sums the per-sample multivariable Taylor score of every group MetaPruner visits, and records the groups."""
-
-    def __init__(self, model: nn.Module, stage_of: Callable[[str], str]) -> None:
-        self.names = {module: name for name, module in model.named_modules()}
-        self.stage_of = stage_of
-        self.taylor = tp.importance.GroupTaylorImportance(multivariable=True, normalizer=None)
-        self.pruner: tp.pruner.MetaPruner | None = None
-        self.norms: _NormPlan | None = None
-        self.sums: dict[GroupKey, torch.Tensor] = {}
-        self.groups: dict[GroupKey, ChannelGroupInfo] = {}
-
-    def __call__(self, group: tp.Group) -> torch.Tensor:
-        graph = self.pruner.DG
-        key = _group_key(group)
-        score = self.taylor(group).double().cpu()
-        self.sums[key] = self.sums.get(key, torch.zeros_like(score)) + score
-        if key not in self.groups:
-            # Conv/Linear outputs belong to one group each (a GroupNorm over a concatenation is in two)
-            outs = [
-                dep
-                for dep, _ in group
-                if graph.is_out_channel_pruning_fn(dep.handler)
-                and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
-            ]
-            chunks = max(
-                [
-                    (
-                        self.pruner.out_channel_groups
-                        if graph.is_out_channel_pruning_fn(dep.handler)
-                        else self.pruner.in_channel_groups
-                    ).get(dep.target.module, 1)
-                    for dep, _ in group
-                ]
-                + [1]
-            )
-            roots = tuple(dict.fromkeys(self.names[d.target.module] for d in outs if d.target.module in self.names))
-            kind = layer_kind(roots)
-            self.norms = self.norms or _NormPlan(self.pruner)
-            sizes = {len(unit) for unit in self.norms.split(group)}
-            unit = sizes.pop() if len(sizes) == 1 else 1  # uneven units (a partial last one): rounded when pruned
-            self.groups[key] = ChannelGroupInfo(key, roots, len(score), chunks, self.stage_of(roots[0]), kind, unit)
-        return score
-
-
-class _FixedScores(tp.importance.Importance):
-    """Hands MetaPruner the precomputed score of each group, so every prune of any copy ranks channels the same."""
-
-    def __init__(self, scores: dict[GroupKey, torch.Tensor]) -> None:
-        self.scores = scores
-
-    def __call__(self, group: tp.Group) -> torch.Tensor:
-        key = _group_key(group)
-        if key not in self.scores:
-            raise SlimdiffError(f"internal: channel group {key[:2]}… was not scored")
-        return self.scores[key].float()
+def group_info(
+    key: GroupKey,
+    group: tp.Group,
+    width: int,
+    pruner: tp.pruner.MetaPruner,
+    norms: NormPlan,
+    stage_of: Callable[[str], str],
+) -> ChannelGroupInfo:
+    """What allocation needs of a full-width group: its roots, width, chunks, resolution group, kind and unit."""
+    graph = pruner.DG
+    names = {module: name for name, module in pruner.model.named_modules()}
+    # Conv/Linear outputs belong to one group each (a GroupNorm over a concatenation is in two)
+    outs = [
+        dep
+        for dep, _ in group
+        if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
+    ]
+    chunks = max(
+        [
+            (
+                pruner.out_channel_groups if graph.is_out_channel_pruning_fn(dep.handler) else pruner.in_channel_groups
+            ).get(dep.target.module, 1)
+            for dep, _ in group
+        ]
+        + [1]
+    )
+    roots = tuple(dict.fromkeys(names[d.target.module] for d in outs if d.target.module in names))
+    sizes = {len(unit) for unit in norms.split(group)}
+    unit = sizes.pop() if len(sizes) == 1 else 1  # uneven units (a partial last one): rounded when pruned
+    return ChannelGroupInfo(key, roots, width, chunks, stage_of(roots[0]), layer_kind(roots), unit)
 
 
 def layer_kind(roots: tuple[str, ...]) -> str:
@@ -277,13 +240,13 @@ def _stage_function(adapter: Adapter) -> Callable[[str], str]:
 
 def taylor_importance(
     adapter: Adapter, data: Calibration, samples: int, seed: int
-) -> tuple[dict[GroupKey, torch.Tensor], list[ChannelGroupInfo]]:
-    """Mean per-sample Taylor score of every channel of every group, and the groups; `adapter.model` untouched."""
+) -> tuple[ChannelScores, list[ChannelGroupInfo]]:
+    """Every channel's mean per-sample multivariable Taylor score, recorded on every group (replayed by every
+    prune of a copy), and the scored groups; `adapter.model` untouched."""
     work = copy.deepcopy(adapter.model).eval()
     work_adapter = adapter_for(work)
-    recorder = _TaylorRecorder(work, _stage_function(work_adapter))
-    pruner = make_pruner(work, recorder, 0.0)
-    recorder.pruner = pruner
+    scores = ChannelScores(tp.importance.GroupTaylorImportance(multivariable=True, normalizer=None))
+    pruner = make_pruner(work, scores, 0.0)
     scheduler = make_scheduler("ddpm", data.schedule)
     x0, labels = calibration_batch(data.dataset, samples, seed)
     generator = torch.Generator().manual_seed(stream_seed(seed, 1))
@@ -295,11 +258,15 @@ def taylor_importance(
         work.zero_grad(set_to_none=True)
         prediction = work_adapter(scheduler.add_noise(image, noise, t), t, data.cond_for(label))
         F.mse_loss(prediction, training_target(scheduler, image, noise, t)).backward()
-        pruner.reset()
-        for _ in pruner.step(interactive=True):  # ratio 0: scores every group, prunes nothing
-            pass
-    means = {key: total / samples for key, total in recorder.sums.items()}
-    return means, list(recorder.groups.values())
+        scores.record(pruner)
+    norms, stage_of = NormPlan(pruner), _stage_function(work_adapter)
+    means = scores.means
+    groups = [
+        group_info(key, group, len(means[key]), pruner, norms, stage_of)
+        for key, group in scores.groups.items()
+        if key in means
+    ]
+    return scores, groups
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,7 +337,7 @@ def ladder(top: float) -> list[float]:
 class _Candidate:
     keep_ratio: float
     counts: dict[GroupKey, int]
-    pruned: _Pruned
+    pruned: PrunedCopy
     fraction: float
     held_back: tuple[str, ...] = ()  # groups grown past a coarser one the formula would grow first
 
@@ -396,7 +363,7 @@ class _Search:
         self,
         model: nn.Module,
         groups: list[ChannelGroupInfo],
-        scores: dict[GroupKey, torch.Tensor],
+        scores: ChannelScores,
         config: OFAConfig,
         log: Log,
     ) -> None:
@@ -405,11 +372,11 @@ class _Search:
         self.shares = (
             {g.key: 1.0 for g in groups}
             if uniform
-            else importance_shares(groups, layer_importance(groups, scores, config.importance_norm))
+            else importance_shares(groups, layer_importance(groups, scores.means, config.importance_norm))
         )
-        self.importance = _FixedScores(scores)
+        self.importance = scores  # every prune of a copy replays them
         self.original = count_macs(model).total if config.unit == "macs" else count_params(model)
-        self.cache: dict[tuple[int, ...], _Pruned] = {}
+        self.cache: dict[tuple[int, ...], PrunedCopy] = {}
         self.minimum: dict[GroupKey, int] = {}
 
     def ratios(self, counts: dict[GroupKey, int]) -> dict[str, float]:
@@ -422,7 +389,7 @@ class _Search:
                 ratios.update({root: 1 - (kept + 0.5) / per_chunk for root in group.roots})
         return ratios
 
-    def prune(self, model: nn.Module, counts: dict[GroupKey, int]) -> _Pruned:
+    def prune(self, model: nn.Module, counts: dict[GroupKey, int]) -> PrunedCopy:
         return prune_copy(model, 0.0, self.importance, boosted=self.ratios(counts))
 
     def with_counts(
@@ -512,169 +479,8 @@ class _Search:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the elastic model
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Subnet:
-    """One size: its pruned architecture (on the meta device) and, per tensor, the shared indices it keeps."""
-
-    name: str
-    size: float
-    keep_ratio: float
-    rung: int
-    skeleton: nn.Module
-    index: dict[str, dict[int, torch.Tensor]]  # tensor name → {dim: kept indices along dim}
-    record: dict[str, Any] = field(default_factory=dict)
-
-    def kept(self, name: str, dim: int, full: int) -> set[int]:
-        """The shared indices along `dim` of tensor `name` this subnet keeps."""
-        return set(self.index.get(name, {}).get(dim, torch.arange(full)).tolist())
-
-
-def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    return chain(model.named_parameters(), model.named_buffers())
-
-
-def slice_indices(model: nn.Module, prune: Callable[[nn.Module], _Pruned], pruned: nn.Module) -> dict:
-    """For every tensor of `pruned`, the indices of `model`'s tensor it kept along each shrunk dim.
-
-    Read off probe copies whose entries are their own index along one dim, pruned by the same plan (`prune` ranks
-    with fixed scores, so the weights' values cannot change it).
-    """
-    shared = dict(_named_tensors(model))
-    small = dict(_named_tensors(pruned))
-    dims = sorted({d for n, t in small.items() for d in range(t.ndim) if t.shape[d] != shared[n].shape[d]})
-    index: dict[str, dict[int, torch.Tensor]] = {}
-    for dim in dims:
-        probe = copy.deepcopy(model)
-        with torch.no_grad():
-            for _, tensor in _named_tensors(probe):
-                if tensor.ndim > dim and tensor.is_floating_point():
-                    shape = [1] * tensor.ndim
-                    shape[dim] = tensor.shape[dim]
-                    tensor.copy_(torch.arange(tensor.shape[dim], dtype=tensor.dtype).view(shape).expand_as(tensor))
-        for name, tensor in _named_tensors(prune(probe).model):
-            if tensor.ndim > dim and tensor.shape[dim] != shared[name].shape[dim]:
-                line = [0] * tensor.ndim
-                line[dim] = slice(None)
-                index.setdefault(name, {})[dim] = tensor[tuple(line)].round().long()
-    return index
-
-
-def gather(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
-    """The slice of a shared tensor that a subnet keeps (differentiable: gradients flow into the shared tensor)."""
-    for dim, idx in sorted(dims.items()):
-        tensor = tensor.index_select(dim, idx.to(tensor.device))
-    return tensor
-
-
-def subnet_probabilities(sampling: str, count: int, smallest_weight: float) -> list[float]:
-    """Long-run share of the steps each subnet (smallest first) trains under a sampling rule."""
-    if count == 1:
-        return [1.0]
-    if sampling == "uniform":
-        return [1 / count] * count
-    if sampling == "sandwich":
-        shares = [1 / (3 * count)] * count
-        shares[0] += 1 / 3
-        shares[-1] += 1 / 3
-        return shares
-    weights = [smallest_weight - (smallest_weight - 1) * i / (count - 1) for i in range(count)]
-    return [w / sum(weights) for w in weights]
-
-
-def draw_subnet(sampling: str, count: int, smallest_weight: float, seed: int, step: int) -> int:
-    """The subnet (0 = smallest) that step `step` trains: a function of (seed, step) only."""
-    generator = torch.Generator().manual_seed(stream_seed(seed, step, 3))
-    if sampling == "sandwich" and step % 3 < 2:
-        return count - 1 if step % 3 == 0 else 0  # largest, smallest, then one at random
-    probabilities = subnet_probabilities("uniform" if sampling == "sandwich" else sampling, count, smallest_weight)
-    return int(torch.multinomial(torch.tensor(probabilities), 1, generator=generator))
-
-
-class ElasticModel(nn.Module):
-    """Shared full-width weights and K nested subnets; `forward` runs the active subnet with gathered weights.
-
-    It computes like its diffusers model (`diffusers_class`, `config`), so the trainer and adapters take it as one.
-    """
-
-    def __init__(
-        self, shared: nn.Module, subnets: list[Subnet], sampling: str, smallest_weight: float, seed: int
-    ) -> None:
-        super().__init__()
-        self.shared = shared
-        self.subnets = subnets  # a plain list: the meta skeletons hold no state
-        self.sampling, self.smallest_weight, self.seed = sampling, smallest_weight, seed
-        self.diffusers_class = type(shared).__name__
-        self.active = len(subnets) - 1
-
-    @property
-    def config(self) -> Any:
-        return self.shared.config
-
-    def draw_subnet_for_step(self, step: int) -> None:
-        """Activate the subnet of optimizer step `step` (the trainer's `before_step`)."""
-        self.active = draw_subnet(self.sampling, len(self.subnets), self.smallest_weight, self.seed, step)
-
-    def tensors(self, subnet: Subnet) -> dict[str, torch.Tensor]:
-        """Every parameter and buffer of the subnet, gathered from the shared ones."""
-        shared = dict(_named_tensors(self.shared))
-        return {name: gather(shared[name], subnet.index.get(name, {})) for name, _ in _named_tensors(subnet.skeleton)}
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        subnet = self.subnets[self.active]
-        subnet.skeleton.train(self.training)
-        return functional_call(subnet.skeleton, self.tensors(subnet), args, kwargs)
-
-    def extract(self, i: int) -> nn.Module:
-        """Subnet `i` as a dense diffusers model whose weights are copies of its slices of the shared weights."""
-        subnet = self.subnets[i]
-        model = copy.deepcopy(subnet.skeleton).to_empty(device="cpu")
-        tensors = self.tensors(subnet)
-        with torch.no_grad():
-            for name, tensor in _named_tensors(model):
-                tensor.copy_(tensors[name])
-        return model.eval()
-
-
-def extract_all(elastic: ElasticModel) -> dict[str, Result]:
-    """Every size as its own dense model, each checked to compute what the elastic model computes for it."""
-    elastic = elastic.cpu().eval()
-    adapter = adapter_for(elastic.shared)
-    inputs = adapter.example_inputs(2)
-    original = {"macs": count_macs(elastic.shared).total, "params": count_params(elastic.shared)}
-    products: dict[str, Result] = {}
-    for i, subnet in enumerate(elastic.subnets):
-        model = elastic.extract(i)
-        elastic.active = i
-        with torch.no_grad():
-            expected = elastic(**inputs, return_dict=False)[0]
-            got = model(**inputs, return_dict=False)[0]
-        if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
-            raise SlimdiffError(f"internal: extracted '{subnet.name}' differs from the elastic model's subnet")
-        macs, params = count_macs(model).total, count_params(model)
-        achieved = {"macs": macs / original["macs"], "params": params / original["params"]}
-        products[subnet.name] = Result(
-            model=model,
-            achieved=achieved,
-            record={**subnet.record, "macs": macs, "params": params},
-            summary=f"{subnet.name}: {achieved['macs']:.3f} of the MACs, {achieved['params']:.3f} of the params",
-        )
-    return products
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the engine
 # ----------------------------------------------------------------------------------------------------------------
-def _check_nested(subnets: list[Subnet], model: nn.Module) -> None:
-    shared = dict(_named_tensors(model))
-    for small, large in zip(subnets, subnets[1:]):
-        for name, dims in small.index.items():
-            for dim in dims:
-                if not small.kept(name, dim, shared[name].shape[dim]) <= large.kept(name, dim, shared[name].shape[dim]):
-                    raise SlimdiffError(f"internal: '{small.name}' keeps channels of {name} that '{large.name}' drops")
-
-
 def compress(adapter: Adapter, config: OFAConfig, data: Calibration, *, log: Log = no_log) -> Result:
     """Rank, allocate and search the sizes; return the elastic model and the shared run that trains it."""
     config.validate()
@@ -710,11 +516,11 @@ def compress(adapter: Adapter, config: OFAConfig, data: Calibration, *, log: Log
                 },
             )
         )
-        expected = dict(_named_tensors(candidate.pruned.model))
-        elastic_view = {n: gather(t, index.get(n, {})) for n, t in _named_tensors(model) if n in expected}
+        expected = dict(named_tensors(candidate.pruned.model))
+        elastic_view = {n: gather(t, index.get(n, {})) for n, t in named_tensors(model) if n in expected}
         if any(not torch.equal(elastic_view[n], t) for n, t in expected.items()):
             raise SlimdiffError(f"internal: the slice indices of '{name}' do not reproduce its pruned weights")
-    _check_nested(subnets, model)
+    check_nested(subnets, model)
     elastic = ElasticModel(model, subnets, config.sampling, config.smallest_weight, config.seed)
     draws = Counter(
         draw_subnet(config.sampling, len(subnets), config.smallest_weight, config.seed, s) for s in range(config.steps)

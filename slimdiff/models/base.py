@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from slimdiff.errors import SlimdiffError
-from slimdiff.models.surgery import fix_after_surgery
+from slimdiff.models.resize import fix_after_surgery
 
 CondKind = Literal["none", "class", "text"]
 

@@ -47,8 +47,6 @@ from slimdiff.engines.skip.table import (
 
 _LAZY = {
     "SkipConfig": "config",
-    "METHODS": "config",
-    "STARTS": "config",
     "base_table": "baselines",
     "baseline_table": "baselines",
     "deepcache_branches": "baselines",

@@ -6,17 +6,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from slimdiff.engines.budgets import LatencyBudget, exactly_one
-from slimdiff.engines.skip.table import GRANULARITIES, Granularity, check_forecast_order
+from slimdiff.engines.skip.table import Granularity, check_forecast_order
 from slimdiff.errors import SlimdiffError
-from slimdiff.training.diffusion import SAMPLERS
 
 Method = Literal["dip-go", "deepcache", "step-reuse"]
-METHODS: tuple[str, ...] = ("dip-go", "deepcache", "step-reuse")
-SCHEDULES: tuple[str, ...] = ("uniform", "non-uniform")
-LOSSES: tuple[str, ...] = ("ssim", "mse")
-STARTS: tuple[str, ...] = ("full", "step-reuse")
-FALLBACKS: tuple[str, ...] = ("step-reuse", "none")
-CHECKPOINTINGS: tuple[str, ...] = ("steps", "none")
+Start = Literal["full", "step-reuse"]
 
 
 @dataclass
@@ -52,7 +46,7 @@ class SkipConfig(LatencyBudget):
     )
     noises: int = field(default=32, metadata={"help": "dip-go: fixed noises (and conditions) the search uses."})
     loss: Literal["ssim", "mse"] = field(default="ssim", metadata={"help": "dip-go consistency: ssim or mse."})
-    start: Literal["full", "step-reuse"] = field(
+    start: Start = field(
         default="step-reuse",
         metadata={
             "help": "dip-go: search from step reuse at the target (a warm start) or from everything kept "
@@ -82,6 +76,7 @@ class SkipConfig(LatencyBudget):
     seed: int = field(default=0, metadata={"help": "Random seed (noises, conditions, gate network init)."})
 
     def validate(self) -> None:
+        super().validate()
         exactly_one({"target_macs": self.target_macs, "target_latency_ms": self.target_latency_ms})
         self.validate_latency()
         if self.target_macs is not None and not 0 < self.target_macs < 1:
@@ -89,18 +84,6 @@ class SkipConfig(LatencyBudget):
         if self.steps < 2:
             raise SlimdiffError(f"steps must be ≥ 2 (got {self.steps})")
         check_forecast_order(self.forecast_order)
-        for name, value, valid in (
-            ("scheduler", self.scheduler, tuple(SAMPLERS)),
-            ("method", self.method, METHODS),
-            ("granularity", self.granularity, GRANULARITIES),
-            ("schedule", self.schedule, SCHEDULES),
-            ("loss", self.loss, LOSSES),
-            ("start", self.start, STARTS),
-            ("fallback", self.fallback, FALLBACKS),
-            ("checkpointing", self.checkpointing, CHECKPOINTINGS),
-        ):
-            if value not in valid:
-                raise SlimdiffError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
         if self.iterations < 1 or self.batch_size < 1 or self.noises < self.batch_size:
             raise SlimdiffError("iterations and batch_size must be ≥ 1, and noises ≥ batch_size")
         if self.lr <= 0 or self.alpha < 0 or not 0 < self.threshold <= 1 or not 0 <= self.tolerance < 0.5:

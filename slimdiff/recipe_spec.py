@@ -1,4 +1,4 @@
-"""Recipes: multi-step jobs in YAML, typed as dataclasses and validated with errors that name the bad field.
+"""The recipe spec: multi-step jobs in YAML, typed as dataclasses and validated with errors that name the bad field.
 
 ```yaml
 model: tiny-unet          # a tiny-config name, a config.json, or a model directory

@@ -17,7 +17,7 @@ from slimdiff.jobs.evaluation import evaluate_model
 from slimdiff.jobs.sampling import sample_model
 from slimdiff.jobs.training import finetune_model, new_model, train_model
 from slimdiff.models import TINY_CONFIGS
-from slimdiff.recipe import (
+from slimdiff.recipe_spec import (
     STEP_KINDS,
     CompressStep,
     EvalStep,
