@@ -37,7 +37,10 @@ from slimdiff.recipe import load_recipe
 
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A registry the test may add engines and artifacts to; restored afterwards."""
+    """A registry the test may add engines and artifacts to; restored afterwards. The built-in engines are
+    imported first, so that none registers itself into the copy only."""
+    for name in engines_base.BUILTIN_ENGINES:
+        get_engine(name)
     monkeypatch.setattr(engines_base, "_engines", dict(engines_base._engines))
     monkeypatch.setattr(engines_base, "_artifacts", dict(engines_base._artifacts))
 

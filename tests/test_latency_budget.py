@@ -4,6 +4,7 @@ through a deterministic stand-in timer, one real-timing smoke test, the provenan
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -78,21 +79,36 @@ ENGINES = ("channels", "layers", "skip")
 
 
 def test_a_real_timing_is_measured_and_recorded() -> None:
-    """Real timings on a shared CPU are noisy: only that real numbers are measured and recorded."""
+    """Real timings on a shared CPU are noisy, so either outcome may happen; each is checked against its numbers: a
+    product's record keeps the trial nearest the target and says truly whether it is within tolerance, a refusal
+    names a smallest model that really misses the target (or an original that already meets it)."""
     torch.manual_seed(0)
     model = build_tiny("tiny-unet").eval()
     teacher = latency.time_denoiser(model, 2).median_ms
     config = get_engine("channels").make_config(
         target_latency_ms=0.6 * teacher, latency_batch=2, importance="magnitude", calibration_size=4
     )
+    target, tolerance = config.target_latency_ms, config.latency_tolerance
     calibration = Calibration(load_data("digits", size=16), lambda labels: None, DEFAULT_SCHEDULE)
     try:
         result = get_engine("channels").compress(adapter_for(model), config, calibration)
-    except SlimdiffError as error:  # the machine may be slower than it was a moment ago: still a clear refusal
-        assert "cannot reach" in str(error) or "already runs" in str(error)
+    except SlimdiffError as error:  # the machine may be slower or faster than it was a moment ago
+        message = str(error)
+        assert "\n" not in message
+        smallest = re.search(r"cannot reach .* runs in ([\d.]+) ms; the best achieved is ([\d.]+) ms", message)
+        original = re.search(r"already runs in ([\d.]+) ms", message)
+        assert smallest or original, message
+        if smallest:
+            assert float(smallest.group(2)) > target * (1 + tolerance) - 0.05, message  # (printed to 0.1 ms)
+        else:
+            assert float(original.group(1)) <= target + 0.05, message
         return
     record = result.record["latency"]
-    assert record["achieved_ms"] > 0 and record["teacher_ms"] > 0 and all(t["ms"] > 0 for t in record["trials"])
+    assert record["teacher_ms"] > 0 and all(t["ms"] > 0 for t in record["trials"])
+    nearest = min(record["trials"], key=lambda trial: abs(trial["ms"] - target))
+    assert record["achieved_ms"] == pytest.approx(nearest["ms"])
+    assert record["within_tolerance"] == (abs(record["achieved_ms"] - target) <= tolerance * target)
+    assert result.achieved["latency"] == pytest.approx(record["achieved_ms"] / record["teacher_ms"], rel=1e-4)
     assert 0 < result.achieved["macs"] < 1 and math.isfinite(result.achieved["latency"])
 
 
