@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slimdiff_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One slimdiff cache for the whole test run (`$SLIMDIFF_CACHE`, inherited by subprocesses), never the home
+    directory: the digits feature network trains once per run, and reference features are computed once."""
+    cache = tmp_path_factory.getbasetemp() / "slimdiff-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLIMDIFF_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(autouse=True)

@@ -186,7 +186,6 @@ def test_recipe_rerun_from_another_directory_finds_its_finished_steps(tmp_path: 
 
 
 def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv("SLIMDIFF_CACHE", str(tmp_path / "cache"))
     save(build_tiny("tiny-unet"), tmp_path / "teacher")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(

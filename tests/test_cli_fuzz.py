@@ -74,14 +74,6 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: _save_variant(model, root / name) for name, model in models.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory):
-    """The feature network the FID case trains goes to a temporary cache, not the home directory."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SLIMDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
 def slimdiff(*args: object) -> subprocess.CompletedProcess:
     """Run `python -m slimdiff ARGS` (the console script's `main`) in a fresh process from the repository root."""
     return subprocess.run(
