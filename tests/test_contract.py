@@ -35,16 +35,28 @@ from slimdiff.recipe import load_recipe
 RECIPES = Path(__file__).resolve().parents[1] / "slimdiff" / "recipes"
 #: Every engine the registry knows, and the toy engine this module registers.
 ENGINES = sorted({*engine_names(), "toy"})
-#: Settings that make a built-in engine quick on the tiny U-Net, each with a budget of half its MACs. An engine not
-#: listed here (a newly registered one) runs with its defaults and gets every check but the budget ones.
+#: Settings that make a built-in engine quick on the tiny U-Net, each with a budget of half its MACs.
 QUICK: dict[str, dict[str, Any]] = {
     "channels": {"importance": "magnitude", "calibration_size": 4, "timestep_stride": 100, "target_macs": 0.5},
     "layers": {"criterion": "magnitude", "calibration_size": 4, "batch_size": 4, "target_macs": 0.5},
     "skip": {"method": "step-reuse", "steps": 8, "target_macs": 0.5},
     "ofa": {"sizes": (0.5,), "steps": 2, "importance_samples": 2, "batch_size": 4},
 }
-#: The engines whose settings take a measured latency budget.
-LATENCY_ENGINES = [name for name in ENGINES if name in QUICK and issubclass(get_engine(name).config, LatencyBudget)]
+
+
+def settings_for(name: str) -> dict[str, Any]:
+    """The settings an engine runs with here: its quick ones, or for any other engine its defaults, with half the
+    MACs as its budget where it takes `target_macs`."""
+    if name in QUICK:
+        return QUICK[name]
+    fields = {f.name for f in dataclasses.fields(get_engine(name).config)}
+    return {"target_macs": 0.5} if "target_macs" in fields else {}
+
+
+#: The engines run with a budget (the toy engine, registered by this module, has none).
+BUDGETED = [name for name in engine_names() if settings_for(name)]
+#: The budgeted engines whose settings take a measured latency budget.
+LATENCY_ENGINES = [name for name in BUDGETED if issubclass(get_engine(name).config, LatencyBudget)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,7 +115,7 @@ def made(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callabl
             adapter = adapter_for(source)
             work = tmp_path_factory.mktemp(f"work-{name}")
             calibration, _, _ = calibration_for(teacher_dir, adapter, "digits", work, seed=0)
-            config = engine.make_config(**QUICK.get(name, {}))
+            config = engine.make_config(**settings_for(name))
             result = engine.compress(adapter, config, calibration, log=no_log)
             products = {name: result} if result.training is None else result.training.finish(result.training.model)
             runs[name] = Made(source, before, modules, config, products)
@@ -198,7 +210,7 @@ def _check_budget(config: Any, products: dict[str, Result]) -> None:
         assert asked * (1 - config.tolerance) <= got <= asked * (1 + config.tolerance), (unit, asked, got)
 
 
-@pytest.mark.parametrize("name", [name for name in ENGINES if name in QUICK])
+@pytest.mark.parametrize("name", BUDGETED)
 def test_the_budget_is_met_from_both_sides(name: str, made: Callable[[str], Made]) -> None:
     """Within the engine's tolerance above and below: a product that computes nothing fails, as one that keeps
     everything does."""
@@ -220,10 +232,10 @@ def test_each_engine_meets_a_latency_target_and_records_it(
     batch = 4
     per_call = count_macs(model).total * batch / 1e6
     engine = get_engine(name)
-    steps = QUICK[name].get("steps", 0)
+    steps = settings_for(name).get("steps", 0)
     teacher_ms = steps * (0.5 + per_call) if engine.keeps_model else 2 + per_call  # a sampling run, or one call
     target = round(0.6 * teacher_ms, 2)
-    settings = {k: v for k, v in QUICK[name].items() if not k.startswith("target_")}
+    settings = {k: v for k, v in settings_for(name).items() if not k.startswith("target_")}
     config = engine.make_config(target_latency_ms=target, latency_batch=batch, **settings)
     assert config.budget() == {"latency_ms": target, "batch": batch}
     result = compress_model(name, teacher_dir, "digits", tmp_path / "out", config, progress=False)
@@ -244,7 +256,7 @@ def test_a_latency_it_cannot_reach_is_refused_in_one_line(
 ) -> None:
     """The stand-in timer has a fixed overhead per call no product removes: 0.01 ms is out of reach. (Channels
     and skip name the latency they cannot reach; layers refuses the MACs fraction the search asks for.)"""
-    settings = {k: v for k, v in QUICK[name].items() if not k.startswith("target_")}
+    settings = {k: v for k, v in settings_for(name).items() if not k.startswith("target_")}
     config = get_engine(name).make_config(target_latency_ms=0.01, latency_batch=4, **settings)
     with pytest.raises(SlimdiffError, match="cannot reach 0.01 ms|less than the .* required") as refused:
         compress_model(name, teacher_dir, "digits", tmp_path / "out", config, progress=False)
@@ -267,7 +279,7 @@ def test_compress_help_lists_every_setting(name: str, monkeypatch, capsys) -> No
 
 @pytest.mark.parametrize("name", ENGINES)
 def test_a_recipe_step_is_validated_by_the_engines_config(name: str, tmp_path: Path) -> None:
-    settings = QUICK.get(name, {})
+    settings = settings_for(name)
     options = ", ".join(f"{k}: {list(v) if isinstance(v, tuple) else v}" for k, v in settings.items())
     path = tmp_path / "r.yaml"
     path.write_text(f"model: m\nsteps:\n  - compress: {{engine: {name}{', ' if options else ''}{options}}}\n")
