@@ -101,6 +101,7 @@ def test_global_widths_meet_the_budget_with_uneven_slices_of_the_original(name: 
     inputs = adapter_for(result.model).example_inputs(2)
     with torch.no_grad():
         assert torch.isfinite(result.model(**inputs).sample).all()
+    verify_slices(model, prune_copy(model, 0.3, "magnitude", global_ranking=True))  # uneven, yet slices of the original
 
 
 def test_pruned_unet_runs_in_the_ddim_pipeline(digits, tmp_path: Path) -> None:
@@ -163,9 +164,15 @@ def test_kept_weights_are_slices_of_the_original() -> None:
 
 def test_head_pruning_keeps_head_dim_and_updates_heads() -> None:
     model = build_tiny("tiny-dit").eval()
-    pruned = prune_copy(model, 0.5, "magnitude", attention="heads").model
+    result = prune_copy(model, 0.5, "magnitude", attention="heads")
+    pruned = result.model
     attn = pruned.transformer_blocks[0].attn1
     assert attn.heads == 2 and attn.inner_dim == 32 and attn.scale == pytest.approx(16**-0.5)
+    verify_slices(model, result)  # every kept weight is the original's at the kept indices
+    for projection in ("to_q", "to_k", "to_v"):  # whole heads were kept: two of the original's four, all 16 dims
+        kept = result.kept[(f"transformer_blocks.0.attn1.{projection}", "out")]
+        heads = sorted({i // 16 for i in kept})
+        assert len(heads) == 2 and sorted(kept) == [h * 16 + d for h in heads for d in range(16)]
     with torch.no_grad():
         assert torch.isfinite(pruned(**adapter_for(pruned).example_inputs(1)).sample).all()
 
