@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slimdiff_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One slimdiff cache for the whole test run (`$SLIMDIFF_CACHE`, inherited by subprocesses), never the home
+    directory: the digits feature network trains once per run, and reference features are computed once."""
+    cache = tmp_path_factory.getbasetemp() / "slimdiff-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLIMDIFF_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +36,28 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture
+def fake_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deterministic stand-in for the latency timers, following the MACs: a denoiser call takes 2 ms + 1 ms per
+    M MACs·image; a sampling run, the sum of its steps' calls (0.5 ms + the MACs a skip table keeps)."""
+    from slimdiff.engines import budgets, skip
+    from slimdiff.metrics.cost import LatencyStats, count_macs
+
+    def stats(ms: float, batch: int, what: str) -> LatencyStats:
+        return LatencyStats(ms, ms, ms, ms, 0.0, repeats=10, warmup=3, batch_size=batch, device="cpu", what=what)
+
+    def denoiser(model: torch.nn.Module, batch: int) -> LatencyStats:
+        return stats(2 + count_macs(model).total * batch / 1e6, batch, "denoiser call")
+
+    def sampling(adapter, batch: int, *, steps: int, scheduler: str, guidance_scale: float) -> LatencyStats:
+        table = skip.table_of(adapter.model)
+        kept = 1.0
+        if table is not None:
+            kept = skip.kept_fraction(table, skip.unit_costs(adapter.model, table.units))
+        per_call = count_macs(adapter.model).total * batch / 1e6
+        return stats(steps * (0.5 + per_call * kept), batch, "sampling run")
+
+    monkeypatch.setattr(budgets, "time_denoiser", denoiser)
+    monkeypatch.setattr(budgets, "time_sampling", sampling)

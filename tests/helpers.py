@@ -16,6 +16,8 @@ from PIL import Image
 from slimdiff.cli import main
 from slimdiff.text import TextEncoder
 
+#: The docs page whose "Add an engine" section shows the toy engine the tests register.
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 #: The public reference configs shipped with the project (reference/README.md).
 REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 FAMILIES = ["tiny-unet", "tiny-sd", "tiny-dit"]
@@ -32,6 +34,19 @@ def tiny_vae(latent_channels: int) -> AutoencoderKL:
         down_block_types=("DownEncoderBlock2D",),
         up_block_types=("UpDecoderBlock2D",),
     ).eval()
+
+
+def register_docs_toy_engine() -> None:
+    """Run the toy engine of docs/architecture.md ("Add an engine") exactly as shown, as a module of its own: it
+    registers the engine `toy` (the caller restores the registry)."""
+    import re
+    import types
+
+    section = ARCHITECTURE.read_text().split("## Add an engine", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    module = types.ModuleType("toy_engine")
+    sys.modules[module.__name__] = module
+    exec(compile(code, str(ARCHITECTURE), "exec"), module.__dict__)
 
 
 def reference_config(name: str) -> Path:

@@ -95,6 +95,7 @@ def test_global_widths_meet_the_budget_with_uneven_slices_of_the_original(name: 
     inputs = adapter_for(result.model).example_inputs(2)
     with torch.no_grad():
         assert torch.isfinite(result.model(**inputs).sample).all()
+    verify_slices(model, prune_copy(model, 0.3, "magnitude", global_ranking=True))  # uneven, yet slices of the original
 
 
 def test_pruned_unet_runs_in_the_ddim_pipeline(digits, tmp_path: Path) -> None:
@@ -103,9 +104,15 @@ def test_pruned_unet_runs_in_the_ddim_pipeline(digits, tmp_path: Path) -> None:
     adapter = adapter_for(build_tiny("tiny-unet"))
     result = compress(adapter, _fast(importance="magnitude", target_macs=0.4), _data(adapter, digits))
     save(result.model, tmp_path / "pruned")
-    pipeline = DDIMPipeline(load(tmp_path / "pruned"), DDIMScheduler())
-    images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
-    assert images.shape == (2, 16, 16, 1) and (images >= 0).all() and (images <= 1).all()
+
+    def images(model: torch.nn.Module) -> np.ndarray:
+        pipeline = DDIMPipeline(model, DDIMScheduler())
+        return pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+
+    loaded = images(load(tmp_path / "pruned"))
+    assert loaded.shape == (2, 16, 16, 1)
+    np.testing.assert_array_equal(loaded, images(result.model.eval()))  # what the pruned model samples in memory
+    assert not np.allclose(loaded, images(adapter.model), atol=1e-3)  # and not the original's images
 
 
 def test_residual_pruned_dit_runs_in_the_dit_pipeline(tmp_path: Path) -> None:
@@ -151,9 +158,15 @@ def test_kept_weights_are_slices_of_the_original() -> None:
 
 def test_head_pruning_keeps_head_dim_and_updates_heads() -> None:
     model = build_tiny("tiny-dit").eval()
-    pruned = prune_copy(model, 0.5, "magnitude", attention="heads").model
+    result = prune_copy(model, 0.5, "magnitude", attention="heads")
+    pruned = result.model
     attn = pruned.transformer_blocks[0].attn1
     assert attn.heads == 2 and attn.inner_dim == 32 and attn.scale == pytest.approx(16**-0.5)
+    verify_slices(model, result)  # every kept weight is the original's at the kept indices
+    for projection in ("to_q", "to_k", "to_v"):  # whole heads were kept: two of the original's four, all 16 dims
+        kept = result.kept[(f"transformer_blocks.0.attn1.{projection}", "out")]
+        heads = sorted({i // 16 for i in kept})
+        assert len(heads) == 2 and sorted(kept) == [h * 16 + d for h in heads for d in range(16)]
     with torch.no_grad():
         assert torch.isfinite(pruned(**adapter_for(pruned).example_inputs(1)).sample).all()
 

@@ -187,7 +187,6 @@ def test_recipe_rerun_from_another_directory_finds_its_finished_steps(tmp_path: 
 
 
 def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv("SLIMDIFF_CACHE", str(tmp_path / "cache"))
     save(build_tiny("tiny-unet"), tmp_path / "teacher")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -205,8 +204,9 @@ def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monke
     assert [h["job"] for h in history] == ["compress channels", "finetune"]
     assert history[1]["kd"]["feature_weight"] == 0 and history[1]["kd"]["output_weight"] == 10  # the default
     assert history[1]["teacher"] == str(tmp_path / "teacher")
-    assert summaries[2]["metrics"]["fid"] > 0
-    assert (tmp_path / "out" / "02-eval" / "eval.json").is_file()
+    report = json.loads((tmp_path / "out" / "02-eval" / "eval.json").read_text())
+    assert summaries[2]["metrics"]["fid"] == pytest.approx(report["metrics"]["fid"]["value"])  # what was measured
+    assert report["metrics"]["fid"]["n"] == 16 and report["metrics"]["fid"]["steps"] == 2
 
 
 def test_recipe_teacher_model_needs_a_trained_input(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -19,7 +19,8 @@ import torch
 
 from slimdiff.data import class_prompts, load_data
 from slimdiff.engines import Calibration
-from slimdiff.engines.channels import ChannelPruningConfig, compress, prune_copy
+from slimdiff.engines.channel_surgery import prune_copy
+from slimdiff.engines.channels import ChannelPruningConfig, compress
 from slimdiff.export import save
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.text import make_tiny_clip_text
@@ -72,14 +73,6 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
     assert residual.pos_embed.proj.out_channels < 48
     return {name: _save_variant(model, root / name) for name, model in models.items()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory):
-    """The feature network the FID case trains goes to a temporary cache, not the home directory."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SLIMDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
 
 
 def slimdiff(*args: object) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline
@@ -57,9 +58,9 @@ def _chain(teacher: Path, tmp_path: Path, engines: list[tuple[str, dict]]) -> Pa
     return current
 
 
-def _run_in_pipeline(model_dir: Path) -> torch.Tensor:
+def _run_in_pipeline(model_dir: Path, artifacts: bool = True) -> np.ndarray:
     """The family's diffusers pipeline with the loaded model (and its skip table), DDIM at the table's steps."""
-    model = slimdiff.load(model_dir)
+    model = slimdiff.load(model_dir, artifacts=artifacts)
     family = adapter_for(model).family
     generator = torch.Generator().manual_seed(0)
     scheduler = DDIMScheduler.from_config(SCHEDULE)
@@ -83,9 +84,9 @@ def test_channels_then_skip(teacher: Path, tmp_path: Path, monkeypatch, capsys) 
     assert info["chain"][2].startswith("compress skip: sampling_macs 0.5 → ")
     # the table keeps half the sampling MACs of the channel-pruned model, which has 0.6 of the teacher's
     pruned_macs = model_info(tmp_path / "0-channels")["macs"]
-    assert info["sampling_macs"] <= 0.5 * pruned_macs * STEPS * 1.02
+    assert 0.5 * pruned_macs * STEPS * 0.98 <= info["sampling_macs"] <= 0.5 * pruned_macs * STEPS * 1.02
     images = _run_in_pipeline(final)
-    assert images.shape[0] >= 1 and (images >= 0).all() and (images <= 1).all()
+    assert images.shape[0] >= 1 and not np.allclose(images, _run_in_pipeline(final, artifacts=False), atol=1e-4)
     code, out, err = run_cli(monkeypatch, capsys, "info", final)
     assert code == 0, err
     assert "made by:" in out and "compress channels" in out and "compress skip" in out
@@ -102,5 +103,5 @@ def test_layers_then_channels_then_skip(teacher: Path, tmp_path: Path) -> None:
         inputs = adapter_for(bare).example_inputs(2)
     with torch.no_grad():
         assert torch.equal(bare(**inputs)[0], pruned(**inputs)[0])
-    images = _run_in_pipeline(final)
-    assert torch.isfinite(torch.as_tensor(images)).all()
+    images = _run_in_pipeline(final)  # the pipeline samples with the table: not what the bare model samples
+    assert np.isfinite(images).all() and not np.allclose(images, _run_in_pipeline(final, artifacts=False), atol=1e-4)

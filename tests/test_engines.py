@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-import sys
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import register_docs_toy_engine, run_cli
 
 import slimdiff
 from slimdiff import artifacts
@@ -29,24 +26,21 @@ from slimdiff.jobs.recipe_runner import run_recipe
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.recipe_spec import load_recipe
 
-ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
-
 
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A registry the test may add engines and artifacts to; restored afterwards."""
+    """A registry the test may add engines and artifacts to; restored afterwards. The built-in engines are
+    imported first, so that none registers itself into the copy only."""
+    for name in engines_base.BUILTIN_ENGINES:
+        get_engine(name)
     monkeypatch.setattr(engines_base, "_engines", dict(engines_base._engines))
     monkeypatch.setattr(artifacts, "_artifacts", dict(artifacts._artifacts))
 
 
 @pytest.fixture
-def toy(registry: None, monkeypatch: pytest.MonkeyPatch) -> Engine:
-    """The toy engine exactly as docs/architecture.md shows it, run as a module of its own."""
-    section = ARCHITECTURE.read_text().split("## Add an engine", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    module = types.ModuleType("toy_engine")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(code, str(ARCHITECTURE), "exec"), module.__dict__)
+def toy(registry: None) -> Engine:
+    """The toy engine exactly as docs/architecture.md shows it."""
+    register_docs_toy_engine()
     return get_engine("toy")
 
 

@@ -22,11 +22,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLIMDIFF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def test_eval_reports_each_metric_with_its_settings(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "eval.json"
     monkeypatch.setattr(

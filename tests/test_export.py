@@ -254,12 +254,67 @@ def test_newer_format_is_refused(saved: Path) -> None:
         load(saved)
 
 
-def test_pickled_weights_are_never_loaded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".ckpt"])
+def test_pickled_weights_are_never_loaded(suffix: str, tmp_path: Path) -> None:
     model = build_tiny("tiny-unet")
     model.save_config(tmp_path)
-    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"pickle would run code")
-    with pytest.raises(SlimdiffError, match="only pickled weights"):
+    (tmp_path / f"diffusion_pytorch_model{suffix}").write_bytes(b"pickle would run code")
+    with pytest.raises(SlimdiffError, match=r"only pickled weights \(\.bin/\.pt/\.ckpt\)") as refused:
         load(tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+class _Crash(Exception):
+    """What a kill mid-save looks like to the code after it: nothing more is written."""
+
+
+@pytest.mark.parametrize("crash_at", ["weights", "spec"])
+def test_a_save_interrupted_over_a_model_leaves_it_or_a_folder_load_refuses(
+    crash_at: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second save into a model's folder dies while writing its weights, or its spec: loading then gives the
+    first model, the second one whole, or one line refusing the folder — never the new config with the old
+    weights, nor a half file."""
+    import slimdiff.export as export
+
+    first = build_tiny("tiny-unet").eval()
+    save(first, tmp_path / "m")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        inputs = adapter_for(first).example_inputs(2)
+    with torch.no_grad():
+        expected = first(**inputs).sample
+    second = build_tiny("tiny-unet", block_out_channels=[16, 32, 32]).eval()
+    if crash_at == "weights":
+
+        def crash(tensors: dict, path: object, metadata: dict | None = None) -> None:
+            Path(path).write_bytes(b"half a safetensors file")
+            raise _Crash
+
+        monkeypatch.setattr(export, "save_file", crash)
+    else:
+        real = export.atomic_write_json
+
+        def crash_on_spec(path: Path, obj: object) -> None:
+            if Path(path).name == "slimdiff.json":
+                raise _Crash
+            real(path, obj)
+
+        monkeypatch.setattr(export, "atomic_write_json", crash_on_spec)
+    with pytest.raises(_Crash):
+        save(second, tmp_path / "m")
+    assert not list((tmp_path / "m").glob(".*.tmp"))  # no temporary file is left behind
+    monkeypatch.undo()
+    try:
+        loaded = load(tmp_path / "m")
+    except SlimdiffError as refused:
+        assert "\n" not in str(refused)
+        return
+    with torch.no_grad():
+        got = loaded(**inputs).sample
+        if crash_at == "spec" and got.shape == expected.shape and not torch.equal(got, expected):
+            expected = second(**inputs).sample  # its config and weights had landed: the second model, whole
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_config_only_directory_gives_architecture(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_multiscale_fid_ranks_speckle_and_noise_worse_than_clean_holdout(
     assert fid(noisy) > 1.5 * clean
 
     # the first network ranks the same speckle worse too, only by much less
-    first = digits_feature_extractor(cache)
+    first = digits_feature_extractor()  # the run's one digits network (tests/conftest.py)
     real_first = reference_features(train, first, split="train", cache_dir=cache)
     before, after = (
         compute_quality(x, real_first, first, metrics=("fid",))["fid"] for x in (holdout, speckle(holdout, 0.02))

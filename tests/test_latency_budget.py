@@ -4,6 +4,7 @@ through a deterministic stand-in timer, one real-timing smoke test, the provenan
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,12 @@ import torch
 from helpers import run_cli
 
 from slimdiff.data import load_data
-from slimdiff.engines import Calibration, budgets, get_engine, skip
+from slimdiff.engines import Calibration, budgets, get_engine
 from slimdiff.engines.budgets import Budget
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import read_provenance, save
 from slimdiff.jobs.compression import compress_model
-from slimdiff.metrics.cost import LatencyStats, count_macs
+from slimdiff.metrics.cost import LatencyStats
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
@@ -68,77 +69,46 @@ def test_an_unreachable_or_pointless_latency_is_refused_naming_the_best() -> Non
         _fit(120.0, lambda f: 100 * f)
 
 
-# -- each engine, on a stand-in timer that follows the MACs (deterministic) -------------------------------------------
-@pytest.fixture
-def fake_timer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Denoiser calls take 2 ms + 1 ms per M MACs·image; a sampling run, the sum of its steps' calls."""
-
-    def denoiser(model, batch: int) -> LatencyStats:
-        return _stats(2 + count_macs(model).total * batch / 1e6, batch, "denoiser call")
-
-    def sampling(adapter, batch: int, *, steps: int, scheduler: str, guidance_scale: float) -> LatencyStats:
-        table = skip.table_of(adapter.model)
-        kept = 1.0
-        if table is not None:
-            kept = skip.kept_fraction(table, skip.unit_costs(adapter.model, table.units))
-        per_call = count_macs(adapter.model).total * batch / 1e6
-        return _stats(steps * (0.5 + per_call * kept), batch, "sampling run")
-
-    monkeypatch.setattr(budgets, "time_denoiser", denoiser)
-    monkeypatch.setattr(budgets, "time_sampling", sampling)
-
-
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save(build_tiny("tiny-unet").eval(), tmp_path_factory.mktemp("teacher") / "teacher")
 
 
-ENGINES = {
-    "channels": {"importance": "magnitude", "calibration_size": 4},
-    "layers": {"criterion": "magnitude", "calibration_size": 4, "batch_size": 4},
-    "skip": {"method": "step-reuse", "steps": 8},
-}
-
-
-@pytest.mark.parametrize("name", list(ENGINES))
-def test_each_engine_meets_a_latency_target_and_records_it(
-    name: str, fake_timer: None, teacher_dir: Path, tmp_path: Path
-) -> None:
-    model = build_tiny("tiny-unet").eval()
-    batch = 4
-    per_call = count_macs(model).total * batch / 1e6
-    teacher_ms = 8 * (0.5 + per_call) if name == "skip" else 2 + per_call
-    target = round(0.6 * teacher_ms, 2)
-    config = get_engine(name).make_config(target_latency_ms=target, latency_batch=batch, **ENGINES[name])
-    assert config.budget() == {"latency_ms": target, "batch": batch}
-    result = compress_model(name, teacher_dir, "digits", tmp_path / "out", config)
-    record = result.record["latency"]
-    assert record["within_tolerance"] and abs(record["achieved_ms"] - target) <= 0.05 * target, record
-    assert record["teacher_ms"] == pytest.approx(teacher_ms, rel=1e-6) and record["batch"] == batch
-    assert record["trials"] and record["device"].startswith("cpu (")
-    assert result.achieved["latency"] == pytest.approx(record["achieved_ms"] / record["teacher_ms"], rel=1e-4)
-    assert f"ms at batch {batch}" in result.summary
-    entry = read_provenance(tmp_path / "out").history[-1]
-    assert entry["target"] == {"latency_ms": target, "batch": batch} and entry["latency"] == record
-    assert read_provenance(tmp_path / "out").metrics["latency_fraction"] == result.achieved["latency"]
+#: The engines with a latency budget (each meets one: tests/test_contract.py).
+ENGINES = ("channels", "layers", "skip")
 
 
 def test_a_real_timing_is_measured_and_recorded() -> None:
-    """Real timings on a shared CPU are noisy: only that real numbers are measured and recorded."""
+    """Real timings on a shared CPU are noisy, so either outcome may happen; each is checked against its numbers: a
+    product's record keeps the trial nearest the target and says truly whether it is within tolerance, a refusal
+    names a smallest model that really misses the target (or an original that already meets it)."""
     torch.manual_seed(0)
     model = build_tiny("tiny-unet").eval()
     teacher = budgets.time_denoiser(model, 2).median_ms
     config = get_engine("channels").make_config(
         target_latency_ms=0.6 * teacher, latency_batch=2, importance="magnitude", calibration_size=4
     )
+    target, tolerance = config.target_latency_ms, config.latency_tolerance
     calibration = Calibration(load_data("digits", size=16), lambda labels: None, DEFAULT_SCHEDULE)
     try:
         result = get_engine("channels").compress(adapter_for(model), config, calibration)
-    except SlimdiffError as error:  # the machine may be slower than it was a moment ago: still a clear refusal
-        assert "cannot reach" in str(error) or "already runs" in str(error)
+    except SlimdiffError as error:  # the machine may be slower or faster than it was a moment ago
+        message = str(error)
+        assert "\n" not in message
+        smallest = re.search(r"cannot reach .* runs in ([\d.]+) ms; the best achieved is ([\d.]+) ms", message)
+        original = re.search(r"already runs in ([\d.]+) ms", message)
+        assert smallest or original, message
+        if smallest:
+            assert float(smallest.group(2)) > target * (1 + tolerance) - 0.05, message  # (printed to 0.1 ms)
+        else:
+            assert float(original.group(1)) <= target + 0.05, message
         return
     record = result.record["latency"]
-    assert record["achieved_ms"] > 0 and record["teacher_ms"] > 0 and all(t["ms"] > 0 for t in record["trials"])
+    assert record["teacher_ms"] > 0 and all(t["ms"] > 0 for t in record["trials"])
+    nearest = min(record["trials"], key=lambda trial: abs(trial["ms"] - target))
+    assert record["achieved_ms"] == pytest.approx(nearest["ms"])
+    assert record["within_tolerance"] == (abs(record["achieved_ms"] - target) <= tolerance * target)
+    assert result.achieved["latency"] == pytest.approx(record["achieved_ms"] / record["teacher_ms"], rel=1e-4)
     assert 0 < result.achieved["macs"] < 1 and math.isfinite(result.achieved["latency"])
 
 
@@ -169,7 +139,7 @@ def test_bad_latency_budgets_are_refused_in_one_line(name: str, values: dict, me
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("name", list(ENGINES))
+@pytest.mark.parametrize("name", ENGINES)
 def test_the_latency_flags_are_in_every_engines_help(name: str, monkeypatch, capsys) -> None:
     code, out, _ = run_cli(monkeypatch, capsys, "compress", name, "--help")
     assert code == 0 and "--target-latency" in out and "--batch " in out and "--latency-tolerance" in out

@@ -259,3 +259,15 @@ def test_a_text_model_run_is_readable_by_others_under_umask_022(tmp_path: Path, 
         os.umask(old)
     assert (tmp_path / "out" / "f" / "text_encoder").is_dir()
     _expect_as_created(tmp_path / "out", 0o022)
+
+
+def test_a_crash_mid_write_leaves_the_old_file(tmp_path: Path) -> None:
+    """An atomic write that dies halfway leaves the previous file whole, and no temporary file beside it."""
+    from slimdiff.io import atomic_path
+
+    atomic_write_json(tmp_path / "a.json", {"a": 1})
+    with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "a.json") as tmp:
+        tmp.write_text('{"a": 2, "trunc')
+        raise KeyboardInterrupt
+    assert json.loads((tmp_path / "a.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]

@@ -17,7 +17,7 @@ from helpers import cache_repo, run_cli, tiny_sd_pipeline, tiny_vae
 
 import slimdiff.pipeline  # noqa: F401  (what a user imports: diffusers then finds slimdiff's loader)
 from slimdiff.engines import skip
-from slimdiff.engines.channels import prune_copy
+from slimdiff.engines.channel_surgery import prune_copy
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, save
 from slimdiff.models import adapter_for, build_tiny

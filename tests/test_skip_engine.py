@@ -111,7 +111,9 @@ def test_dip_go_search_makes_a_table_at_the_target(tmp_path: Path) -> None:
         target_macs=0.5, steps=4, iterations=3, noises=4, batch_size=2, granularity="layer"
     )
     result = compress_model("skip", tmp_path / "m", "digits", tmp_path / "out", config)
-    assert result.achieved["sampling_macs"] <= config.limit
+    assert (
+        0.95 * config.target_macs <= result.achieved["sampling_macs"] <= config.limit
+    )  # a table computing nothing fails
     assert len(result.record["search_history"]) == 2 and result.record["search_seconds"] > 0
     loaded = load(tmp_path / "out")
     table = skip.table_of(loaded)
@@ -177,7 +179,7 @@ def test_guided_dip_go_search_on_a_text_model(tmp_path: Path) -> None:
         target_macs=0.5, steps=4, iterations=2, noises=4, batch_size=2, guidance_scale=3.0, start="step-reuse"
     )
     result = compress_model("skip", tmp_path / "m", "digits", tmp_path / "out", config)
-    assert result.achieved["sampling_macs"] <= config.limit
+    assert 0.9 * config.target_macs <= result.achieved["sampling_macs"] <= config.limit
     assert result.record["selected"] in ("dip-go", "step-reuse") and set(result.record["held_out"]) == {
         "dip-go",
         "step-reuse",

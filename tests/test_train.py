@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -197,6 +198,29 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path, digits) -> None:
         train(build_tiny("tiny-dit"), digits, tmp_path, TrainConfig(steps=4, batch_size=4), resume=True, progress=False)
 
 
+def test_resume_refuses_another_lr_data_or_process_count(tmp_path: Path, digits) -> None:
+    """Only the number of steps may change on resume: the lr, the data and the number of processes may not."""
+    import copy
+
+    config = TrainConfig(steps=2, batch_size=8)
+    train(build_tiny("tiny-dit"), digits, tmp_path, config, progress=False)
+    longer = dataclasses.replace(config, steps=4)
+    faster = dataclasses.replace(longer, lr=config.lr * 2)
+    with pytest.raises(SlimdiffError, match=f"cannot resume .* its lr was {config.lr!r}, this run's is {faster.lr!r}"):
+        train(build_tiny("tiny-dit"), digits, tmp_path, faster, resume=True, progress=False)
+    other = copy.copy(digits)
+    other.source = "another dataset"
+    with pytest.raises(SlimdiffError, match=f"its data was {digits.source!r}, this run's is 'another dataset'"):
+        train(build_tiny("tiny-dit"), other, tmp_path, longer, resume=True, progress=False)
+    (state_file,) = tmp_path.glob("checkpoints/*/state.json")
+    state = json.loads(state_file.read_text())
+    assert state["world"] == 1
+    state_file.write_text(json.dumps(state | {"world": 2}))  # as a 2-process run would have recorded it
+    with pytest.raises(SlimdiffError, match="its number of processes was 2, this run's is 1") as refused:
+        train(build_tiny("tiny-dit"), digits, tmp_path, longer, resume=True, progress=False)
+    assert "\n" not in str(refused.value)
+
+
 def test_min_snr_setting_is_part_of_what_a_resume_must_share(tmp_path: Path, digits) -> None:
     train(build_tiny("tiny-dit"), digits, tmp_path, TrainConfig(steps=2, batch_size=8), progress=False)
     weighted = TrainConfig(steps=4, batch_size=8, snr_gamma=5.0)
@@ -270,7 +294,7 @@ def test_distillation_lowers_the_gap_to_the_teacher(tmp_path: Path, digits) -> N
 
 
 def test_channel_pruned_student_distils_from_same_shaped_blocks_only(tmp_path: Path, digits) -> None:
-    from slimdiff.engines.channels import prune_copy
+    from slimdiff.engines.channel_surgery import prune_copy
     from slimdiff.training.distill import default_feature_pairs
 
     teacher = build_tiny("tiny-unet").eval()
