@@ -192,6 +192,10 @@ def _changed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return changed
 
 
+#: The key of the placeholder spec a save writes first: a folder whose save was interrupted is refused, not loaded.
+SAVING = "saving"
+
+
 def save(
     model: nn.Module,
     out_dir: str | Path,
@@ -204,8 +208,9 @@ def save(
 ) -> Path:
     """Save `model` into `out_dir` (created if needed; other files there, e.g. checkpoints, are left alone).
 
-    Every file is written atomically and `slimdiff.json` last, with the checksums of the files it belongs to: a
-    save interrupted at any point leaves either the previous model or one that `load` refuses, never a wrong one.
+    Every file is written atomically, after a placeholder `slimdiff.json` that `load` refuses and before the real
+    one, with the checksums of the files it belongs to: a save interrupted at any point leaves either the previous
+    model or a folder that `load` refuses, never a wrong one (e.g. new weights without their skip table).
     `conditioning` records what the model is conditioned on (e.g. `{"classes": [...]}`) for samplers;
     `artifacts` maps artifact names to JSON-able payloads, each written to `<name>.json`. With `weights_from` (a
     model directory), weights equal to that model's (names, shapes, dtypes and values) share its weights file — a
@@ -223,7 +228,7 @@ def save(
     if out_dir.exists() and not out_dir.is_dir():
         raise SlimdiffError(f"output path {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SPEC_NAME).unlink(missing_ok=True)  # the model is invalid until its new spec lands
+    atomic_write_json(out_dir / SPEC_NAME, {"format": FORMAT, SAVING: True})  # refused by load until the spec lands
     atomic_write_json(out_dir / CONFIG_NAME, config_of(model) | {"_diffusers_version": diffusers.__version__})
     files = {}
     source = _same_weights(state, weights_from) if weights_from is not None else None
@@ -323,6 +328,10 @@ def read_spec(model_dir: str | Path) -> dict[str, Any] | None:
     spec = read_json(path, "slimdiff spec")
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise SlimdiffError(f'{path} is not a slimdiff spec (missing "format": "{FORMAT}")')
+    if spec.get(SAVING):
+        raise SlimdiffError(
+            f"{path.parent} holds a model whose save did not finish: save it again, or delete the folder"
+        )
     if spec.get("format_version", 0) > FORMAT_VERSION:
         raise SlimdiffError(
             f"{path} was written by a newer slimdiff (format {spec['format_version']}); upgrade slimdiff"

@@ -309,7 +309,9 @@ def compress(adapter: Adapter, config: LayerPruningConfig, data: Calibration, *,
     total = original[unit]
 
     def required_for(target: float) -> int:
-        return total - math.floor(target * total)  # removed cost needed so that kept ≤ target
+        # removed cost needed so that kept ≤ target; the guard keeps `1 - removable / total` (the latency search's
+        # floor) from rounding to one unit more than every removable layer
+        return total - math.floor(target * total * (1 + 1e-12))
 
     if unit == config.unit and sum(costs) < required_for(config.target):
         reachable = 1 - sum(costs) / total
