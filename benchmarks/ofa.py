@@ -241,7 +241,7 @@ def untrained_ofa(args: argparse.Namespace, bench: Bench, allocation: str, norm:
 
 
 def init_key(allocation: str, norm: str) -> str:
-    """The untrained row's name: `init-ofa` is METHODS §2's raw importance (the first results' allocation)."""
+    """The untrained row's name: `init-ofa` is the paper's raw importance (the first results' allocation)."""
     if allocation == "uniform":
         return "init-ofa-uniform-alloc"
     return "init-ofa" if norm == "none" else f"init-ofa-{norm}-norm"

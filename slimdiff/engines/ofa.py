@@ -19,7 +19,7 @@ returns an elastic model and a `Training` that the compression job runs through 
    I_l is the group's mean channel score divided by the mean of that over all groups of its layer kind
    (`importance_norm=kind`, the default): raw Taylor means of different kinds (resnet interiors, residual
    streams, attention offsets, the time embedding) differ by up to 10× in scale, and the formula on raw means
-   (`importance_norm=none`, METHODS §2 as written) starves the low-scale kinds at the floor — e.g. the time
+   (`importance_norm=none`, the paper's formula as written) starves the low-scale kinds at the floor — e.g. the time
    embedding and every attention at P_0, which cost untrained FID 30 vs 16 and, after a 150-step shared run,
    2.00 vs 0.85 at 0.3 of the MACs (docs/ofa.md). A layer's kind is its roots' names without the block path
    (`conv1+time_emb_proj`, `to_k+to_q+to_v`, …). Resolution groups: for a U-Net, stage s = down block s, up block
@@ -103,13 +103,13 @@ class OFAConfig(EngineConfig):
     )
     allocation: Literal["importance", "uniform"] = field(
         default="importance",
-        metadata={"help": "importance (METHODS §2's proportional widths) or uniform (every group keeps P)."},
+        metadata={"help": "importance (the paper's proportional widths) or uniform (every group keeps P)."},
     )
     importance_norm: ImportanceNorm = field(
         default="kind",
         metadata={
             "help": "I_l of the importance allocation: kind (a layer's mean Taylor score over the mean of its "
-            "kind, e.g. all resnet conv1s), none (METHODS §2's raw means), sqrt (raw^½), rank (rank in its stage)."
+            "kind, e.g. all resnet conv1s), none (the paper's raw means), sqrt (raw^½), rank (rank in its stage)."
         },
     )
     floor: float = field(default=0.25, metadata={"help": "P_0: every group keeps at least this fraction."})
@@ -314,7 +314,7 @@ def importance_shares(groups: list[ChannelGroupInfo], importance: dict[GroupKey,
 
 
 def allocate(groups: list[ChannelGroupInfo], shares: dict[GroupKey, float], keep_ratio: float, floor: float) -> dict:
-    """Channels each group keeps at keep ratio P (METHODS §2's importance-proportional formula, floor P_0), in
+    """Channels each group keeps at keep ratio P (the paper's importance-proportional formula, floor P_0), in
     whole chunks of whole GroupNorm groups, and at least one."""
     counts: dict[GroupKey, int] = {}
     for group in groups:
