@@ -219,8 +219,9 @@ def postprocess(
 ) -> SkipTable:
     """DiP-GO's post-processing: from the output side to the input side, skip each unit's steps with the highest
     skip probability above the threshold (never step 0), lowering the threshold by 0.05 per sweep, until the table
-    keeps at most `target × (1 + tolerance)` of the sampling MACs. A skip that would undershoot `target × (1 − tolerance)` is
-    passed over (a smaller unit may land closer); only if no table lands in that band is the first one below taken.
+    keeps at most `target × (1 + tolerance)` of the sampling MACs. A skip that would undershoot
+    `target × (1 − tolerance)` is passed over (a smaller unit may land closer); only if no table lands in that band
+    is the first one below taken.
     """
     table = copy.deepcopy(base)
     limit, floor = target * (1 + tolerance), target * (1 - tolerance)
