@@ -282,8 +282,29 @@ def test_a_skip_table_is_kept_true_from_the_command_line(variants: dict[str, Pat
     }
     results = slimdiff_many(
         *refused,
-        (*sample, "--steps", "4"),
-        (*sample, "--steps", "5", "--scheduler", "ddpm", "--no-artifacts"),
+        (
+            "sample",
+            table,
+            "--n",
+            "2",
+            "--out",
+            tmp_path / "kept.png",
+            "--steps",
+            "4",
+        ),  # run side by side: each its own file
+        (
+            "sample",
+            table,
+            "--n",
+            "2",
+            "--out",
+            tmp_path / "bare.png",
+            "--steps",
+            "5",
+            "--scheduler",
+            "ddpm",
+            "--no-artifacts",
+        ),
         ("eval", table, "--metrics", "macs", "--steps", "3", "--scheduler", "dpm", "--no-artifacts"),
     )
     for result, expected in zip(results[: len(refused)], refused.values(), strict=True):
@@ -292,4 +313,4 @@ def test_a_skip_table_is_kept_true_from_the_command_line(variants: dict[str, Pat
     assert "--no-artifacts on the command line" in results[0].stderr
     for result in results[len(refused) :]:
         succeeds(result)
-    assert not (tmp_path / "p").exists()
+    assert (tmp_path / "kept.png").is_file() and (tmp_path / "bare.png").is_file() and not (tmp_path / "p").exists()
