@@ -270,7 +270,11 @@ def test_a_skip_table_is_kept_true_from_the_command_line(variants: dict[str, Pat
     assert (table / weights).samefile(teacher / weights)  # the table's model shares the teacher's weights file
     sampler = json.loads(succeeds(slimdiff("info", table, "--json")))["sampler"]
     assert sampler["scheduler"] == "DDIMScheduler" and sampler["settings"]["timestep_spacing"] == "leading"
-    sample = ("sample", table, "--n", "2", "--out", tmp_path / "g.png")
+
+    def sample_to(name: str) -> tuple[object, ...]:
+        return ("sample", table, "--n", "2", "--out", tmp_path / name)
+
+    sample = sample_to("g.png")
     refused = {
         (*sample, "--steps", "4", "--scheduler", "ddpm"): "; got DDPMScheduler — sample with that sampler",
         (*sample, "--steps", "5"): "got 5 steps",
@@ -282,29 +286,8 @@ def test_a_skip_table_is_kept_true_from_the_command_line(variants: dict[str, Pat
     }
     results = slimdiff_many(
         *refused,
-        (
-            "sample",
-            table,
-            "--n",
-            "2",
-            "--out",
-            tmp_path / "kept.png",
-            "--steps",
-            "4",
-        ),  # run side by side: each its own file
-        (
-            "sample",
-            table,
-            "--n",
-            "2",
-            "--out",
-            tmp_path / "bare.png",
-            "--steps",
-            "5",
-            "--scheduler",
-            "ddpm",
-            "--no-artifacts",
-        ),
+        (*sample_to("kept.png"), "--steps", "4"),  # the samples run side by side: each writes its own file
+        (*sample_to("bare.png"), "--steps", "5", "--scheduler", "ddpm", "--no-artifacts"),
         ("eval", table, "--metrics", "macs", "--steps", "3", "--scheduler", "dpm", "--no-artifacts"),
     )
     for result, expected in zip(results[: len(refused)], refused.values(), strict=True):
