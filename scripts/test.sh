@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command: install with the test extras at the tested versions (constraints.txt), make sure headless Chromium exists for the report's
-# browser test (installed with apt-get when run as root), then run pytest with any arguments given.
+# browser test (installed with apt-get when run as root), then run pytest, one worker per core, with any arguments given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,4 +22,4 @@ if ! have_chromium; then
   fi
 fi
 
-exec python3 -m pytest -q "$@"
+exec python3 -m pytest -q -n auto "$@"  # one worker per core (-n 0 runs serially)
