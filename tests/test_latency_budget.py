@@ -69,6 +69,13 @@ def test_an_unreachable_or_pointless_latency_is_refused_naming_the_best() -> Non
         _fit(120.0, lambda f: 100 * f)
 
 
+def test_a_smallest_model_within_tolerance_is_kept_not_refused() -> None:
+    """The smallest model the engine allows runs in 51.5 ms for a 50 ms target: off the search's aim (±1.25 ms),
+    yet within the 5 % tolerance, so it is the product, not a refusal."""
+    fit = _fit(50.0, lambda f: 45 + 65 * f, lowest=0.1)
+    assert fit.within_tolerance and fit.best.reached == pytest.approx(0.1) and fit.best.ms == pytest.approx(51.5)
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save(build_tiny("tiny-unet").eval(), tmp_path_factory.mktemp("teacher") / "teacher")
