@@ -8,8 +8,12 @@ concatenations) and a 32-group one (widths 32/64/64 — 48 does not split into 3
 scratch for `--teacher-steps`, pruned by `slimdiff compress channels` (Diff-Pruning importance) to every
 `--targets` fraction of its MACs, fine-tuned for `--finetune-steps` and read by `slimdiff eval` (FID and KID on the
 digits feature network, `--n` samples, DDIM `--steps`), all through the console script, so each pruned model is
-loaded and sampled exactly as a user would. The JSON records each row's achieved MACs fraction, its miss against
-the target, the norms that were regrouped, wall times and the commands.
+loaded and sampled exactly as a user would; each fine-tune distils the model's own teacher (`--teacher`, with the
+fine-tune's default settings). The JSON records each row's achieved MACs fraction, its miss against the target, the
+norms that were regrouped and the wall times.
+
+A rerun resumes: a step whose output is finished (recorded in `--work`/steps.json with its wall time) is reused, and
+an interrupted training or fine-tune continues from its last checkpoint (`--resume`).
 """
 
 from __future__ import annotations
@@ -45,19 +49,28 @@ def model_config(norm: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def slimdiff(*args: object) -> float:
-    """Run the console script (this interpreter's `slimdiff`), failing loudly; its wall time in seconds."""
+def slimdiff(work: Path, out: Path, *args: object) -> float:
+    """Run the console script (this interpreter's `slimdiff`) to make `out`, failing loudly; its wall time in seconds.
+
+    A step finished by an earlier run (its wall time recorded in `work`/steps.json) is not run again.
+    """
+    record = work / "steps.json"
+    done = json.loads(record.read_text()) if record.exists() else {}
+    if str(out) in done:
+        return done[str(out)]
     command = [sys.executable, "-m", "slimdiff", *map(str, args)]
     print("$", " ".join(command[2:]), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
-    return round(time.perf_counter() - start, 1)
+    done[str(out)] = round(time.perf_counter() - start, 1)
+    atomic_write_json(record, done)
+    return done[str(out)]
 
 
 def evaluate(model_dir: Path, out: Path, args: argparse.Namespace) -> tuple[dict[str, Any], float]:
     seconds = slimdiff(
-        "eval", model_dir, "--data", "digits", "--metrics", "fid,kid,macs", "--n", args.n, "--steps", args.steps,
-        "--json", out,
+        args.work, out, "eval", model_dir, "--data", "digits", "--metrics", "fid,kid,macs", "--n", args.n,
+        "--steps", args.steps, "--json", out, "--overwrite",
     )  # fmt: skip
     return json.loads(out.read_text()), seconds
 
@@ -83,21 +96,22 @@ def main() -> None:
         config.write_text(json.dumps(model_config(norm), indent=2))
         teacher = args.work / name / "teacher"
         train_s = slimdiff(
-            "train", "--model", config, "--data", "digits", "--steps", args.teacher_steps,
-            "--batch-size", args.batch_size, "--seed", 0, "--out", teacher,
+            args.work, teacher, "train", "--model", config, "--data", "digits", "--steps", args.teacher_steps,
+            "--batch-size", args.batch_size, "--seed", 0, "--out", teacher, "--resume",
         )  # fmt: skip
         quality, eval_s = evaluate(teacher, args.work / name / "teacher-eval.json", args)
         rows.append({"model": name, **norm, "target": 1.0, "train_s": train_s, "eval_s": eval_s, "eval": quality})
         for target in args.targets:
             pruned, tuned = args.work / name / f"pruned-{target}", args.work / name / f"tuned-{target}"
             prune_s = slimdiff(
-                "compress", "channels", teacher, "--importance", "diff-pruning", "--target-macs", target,
-                "--calibration", args.calibration, "--stride", args.stride, "--data", "digits", "--out", pruned,
+                args.work, pruned, "compress", "channels", teacher, "--importance", "diff-pruning",
+                "--target-macs", target, "--calibration", args.calibration, "--stride", args.stride,
+                "--data", "digits", "--out", pruned, "--overwrite",
             )  # fmt: skip
             record = json.loads((pruned / "slimdiff.json").read_text())
             tune_s = slimdiff(
-                "finetune", pruned, "--data", "digits", "--steps", args.finetune_steps,
-                "--batch-size", args.batch_size, "--out", tuned,
+                args.work, tuned, "finetune", pruned, "--teacher", teacher, "--data", "digits",
+                "--steps", args.finetune_steps, "--batch-size", args.batch_size, "--out", tuned, "--resume",
             )  # fmt: skip
             quality, eval_s = evaluate(tuned, args.work / name / f"tuned-{target}-eval.json", args)
             rows.append(
