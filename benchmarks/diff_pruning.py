@@ -49,10 +49,11 @@ from slimdiff.export import load, load_scheduler_config, read_provenance, save
 from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.compression import compress_model
 from slimdiff.jobs.training import finetune_model
-from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.metrics.cost import count_macs
 from slimdiff.metrics.features import DIGITS_FEATURES, feature_extractor
 from slimdiff.metrics.quality import compute_quality, reference_features
 from slimdiff.models import adapter_for
+from slimdiff.models.base import count_params
 from slimdiff.settings import KDConfig, TrainConfig
 from slimdiff.training.diffusion import sample
 

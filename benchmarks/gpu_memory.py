@@ -24,8 +24,8 @@ from diffusers import AutoencoderKL
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from slimdiff.metrics.cost import count_params
 from slimdiff.models import build
+from slimdiff.models.base import count_params
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 #: stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the keys that differ from diffusers' defaults).

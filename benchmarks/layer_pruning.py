@@ -35,8 +35,9 @@ from slimdiff.io import atomic_write_json, read_json
 from slimdiff.jobs.compression import compress_model
 from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
 from slimdiff.jobs.training import finetune_model
-from slimdiff.metrics.cost import count_macs, count_params, denoiser_latency, sampling_latency
+from slimdiff.metrics.cost import count_macs, denoiser_latency, sampling_latency
 from slimdiff.models import adapter_for, build
+from slimdiff.models.base import count_params
 from slimdiff.report import markdown_table
 from slimdiff.settings import KDConfig, TrainConfig
 from slimdiff.training.diffusion import DEFAULT_SCHEDULE

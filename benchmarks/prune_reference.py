@@ -23,8 +23,9 @@ from slimdiff.data import load_data
 from slimdiff.engines import Calibration
 from slimdiff.engines.channels import ChannelPruningConfig, compress
 from slimdiff.io import atomic_write_json, read_json
-from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.metrics.cost import count_macs
 from slimdiff.models import adapter_for, build
+from slimdiff.models.base import count_params
 from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference"

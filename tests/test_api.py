@@ -8,8 +8,9 @@ import slimdiff
 from slimdiff.engines.channels import ChannelPruningConfig
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, save
-from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.metrics.cost import count_macs
 from slimdiff.models import build_tiny
+from slimdiff.models.base import count_params
 
 
 def test_public_names_resolve() -> None:

@@ -15,8 +15,9 @@ from slimdiff.engines.channel_surgery import channel_scores, prune_copy, verify_
 from slimdiff.engines.channels import ChannelPruningConfig, accumulate_gradients, compress
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_architecture, save
-from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.metrics.cost import count_macs
 from slimdiff.models import adapter_for, build_tiny
+from slimdiff.models.base import count_params
 from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 
 

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from slimdiff.engines import skip
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import Provenance, load, load_architecture, read_provenance, read_spec, save
-from slimdiff.metrics.cost import count_params
 from slimdiff.models import SkippedLayer, adapter_for, build_tiny
+from slimdiff.models.base import count_params
 from slimdiff.models.structure import structure_of
 from slimdiff.text import make_tiny_clip_text
 from slimdiff.training.diffusion import make_scheduler

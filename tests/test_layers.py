@@ -18,8 +18,8 @@ from slimdiff.engines import Calibration, channels
 from slimdiff.engines.layers import LayerPruningConfig, compress, select_layers
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, save
-from slimdiff.metrics.cost import count_params
 from slimdiff.models import SkippedLayer, adapter_for, build_tiny
+from slimdiff.models.base import count_params
 from slimdiff.text import make_tiny_clip_text
 from slimdiff.training.diffusion import DEFAULT_SCHEDULE
 

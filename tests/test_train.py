@@ -18,7 +18,7 @@ from slimdiff.data import load_data
 from slimdiff.errors import SlimdiffError
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.settings import KDConfig, TrainConfig
-from slimdiff.training.distill import capture, feature_kd_loss, output_kd_loss
+from slimdiff.training.distill import capture, feature_kd_terms, output_kd_loss
 from slimdiff.training.loop import batch_indices, train
 
 HERE = Path(__file__).resolve().parent
@@ -117,16 +117,15 @@ def test_two_gloo_processes_agree_and_resume(tmp_path: Path) -> None:
 def test_normalized_feature_kd_weighs_stages_equally() -> None:
     teacher = [torch.randn(4, 8, 4, 4), 1000 * torch.randn(4, 8, 4, 4)]
     student = [t * 1.1 for t in teacher]  # the same 10 % relative error at both scales
-    normalized = [feature_kd_loss([s], [t], "normalized") for s, t in zip(student, teacher)]
-    plain = [feature_kd_loss([s], [t], "plain") for s, t in zip(student, teacher)]
+    normalized = feature_kd_terms(student, teacher, "normalized")
+    plain = feature_kd_terms(student, teacher, "plain")
     assert normalized[0] == pytest.approx(normalized[1].item(), rel=1e-5)
     assert normalized[0] == pytest.approx(0.01, rel=1e-5)
     assert plain[1] / plain[0] == pytest.approx(1e6, rel=0.2)
-    total = feature_kd_loss(student, teacher, "normalized")
-    assert total == pytest.approx(sum(normalized).item(), rel=1e-6)
+    assert normalized == [feature_kd_terms([s], [t], "normalized")[0] for s, t in zip(student, teacher)]  # per stage
     assert output_kd_loss(torch.ones(2), torch.zeros(2)) == pytest.approx(1.0)
     with pytest.raises(SlimdiffError, match="matched, non-empty"):
-        feature_kd_loss(student, teacher[:1], "plain")
+        feature_kd_terms(student, teacher[:1], "plain")
 
 
 def test_feature_capture_sees_block_outputs() -> None:
@@ -276,7 +275,7 @@ def _feature_gap(student: torch.nn.Module, teacher: torch.nn.Module, names: list
     with capture(student, names) as s_cap, capture(teacher, names) as t_cap, torch.no_grad():
         student.eval()(**inputs)
         teacher(**inputs)
-        return feature_kd_loss(s_cap.take(), t_cap.take(), "normalized").item()
+        return sum(feature_kd_terms(s_cap.take(), t_cap.take(), "normalized")).item()
 
 
 def test_distillation_lowers_the_gap_to_the_teacher(tmp_path: Path, digits) -> None:
@@ -314,4 +313,4 @@ def test_channel_pruned_student_distils_from_same_shaped_blocks_only(tmp_path: P
     )
     assert "feat_kd" in result.history[-1]
     with pytest.raises(SlimdiffError, match="student shape .* but teacher shape"):
-        feature_kd_loss([torch.zeros(1, 2)], [torch.zeros(1, 3)], "plain")
+        feature_kd_terms([torch.zeros(1, 2)], [torch.zeros(1, 3)], "plain")

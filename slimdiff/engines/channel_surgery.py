@@ -31,9 +31,9 @@ from torch import nn
 
 from slimdiff.data import ImageDataset
 from slimdiff.errors import SlimdiffError
-from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.metrics.cost import count_macs
 from slimdiff.models import adapter_for
-from slimdiff.models.base import get_submodule
+from slimdiff.models.base import count_params, get_submodule
 
 #: The scorers torch-pruning ranks by (`scorer`); `diff-pruning` and `taylor` read the `.grad` the caller filled.
 Importance = Literal["diff-pruning", "taylor", "magnitude", "random"]

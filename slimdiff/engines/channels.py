@@ -48,9 +48,9 @@ from slimdiff.engines.channel_surgery import (
     weightless_copy,
 )
 from slimdiff.errors import SlimdiffError
-from slimdiff.metrics.cost import count_macs, count_params, macs_by_module
+from slimdiff.metrics.cost import count_macs, macs_by_module
 from slimdiff.models import Adapter, adapter_for
-from slimdiff.models.base import get_submodule
+from slimdiff.models.base import count_params, get_submodule
 from slimdiff.training.diffusion import make_scheduler, training_target
 from slimdiff.training.distill import first_tensor
 

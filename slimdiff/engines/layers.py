@@ -49,9 +49,9 @@ from slimdiff.engines import budgets
 from slimdiff.engines.base import Calibration, Engine, Log, Result, no_log, register
 from slimdiff.engines.budgets import Budget
 from slimdiff.errors import SlimdiffError
-from slimdiff.metrics.cost import count_macs, count_params, macs_by_module
+from slimdiff.metrics.cost import count_macs, macs_by_module
 from slimdiff.models import Adapter, adapter_for
-from slimdiff.models.base import Layer, get_submodule, set_submodule
+from slimdiff.models.base import Layer, count_params, get_submodule, set_submodule
 from slimdiff.training.diffusion import make_scheduler, training_target
 
 Criterion = Literal["output-loss", "task-loss", "magnitude", "random", "handcrafted", "handcrafted-mid"]

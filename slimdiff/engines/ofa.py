@@ -71,8 +71,9 @@ from slimdiff.engines.ofa_elastic import (
     subnet_probabilities,
 )
 from slimdiff.errors import SlimdiffError
-from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.metrics.cost import count_macs
 from slimdiff.models import Adapter, adapter_for
+from slimdiff.models.base import count_params
 from slimdiff.training.diffusion import make_scheduler, training_target
 from slimdiff.training.loop import stream_seed
 

@@ -31,8 +31,9 @@ from torch.func import functional_call
 from slimdiff.engines.base import Result
 from slimdiff.engines.channel_surgery import PrunedCopy
 from slimdiff.errors import SlimdiffError
-from slimdiff.metrics.cost import count_macs, count_params
+from slimdiff.metrics.cost import count_macs
 from slimdiff.models import adapter_for
+from slimdiff.models.base import count_params
 from slimdiff.training.loop import stream_seed
 
 

@@ -7,8 +7,9 @@ from typing import Any
 
 from slimdiff.artifacts import full_compute, sampling_plan
 from slimdiff.export import check_finite, load_architecture, read_provenance
-from slimdiff.metrics.cost import count_macs, count_params, macs_by_module, sampling_macs
+from slimdiff.metrics.cost import count_macs, macs_by_module, sampling_macs
 from slimdiff.models import adapter_for
+from slimdiff.models.base import count_params
 
 
 def model_info(model_dir: str | Path) -> dict[str, Any]:

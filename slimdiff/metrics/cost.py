@@ -33,7 +33,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from slimdiff.errors import SlimdiffError
 from slimdiff.models import Adapter, adapter_for
-from slimdiff.models.base import count_params as count_params  # re-exported: cost lives here
 
 #: aten ops that make up attention's QK^T and AV products (and fused kernels, should one be dispatched).
 ATTENTION_OPS = {

@@ -41,11 +41,6 @@ def feature_kd_terms(
     return terms
 
 
-def feature_kd_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mode: KDMode) -> torch.Tensor:
-    """Sum over stages of the feature-KD terms (`feature_kd_terms`)."""
-    return torch.stack(feature_kd_terms(student, teacher, mode)).sum()
-
-
 def output_kd_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:
     """MSE between the student's and the teacher's noise predictions."""
     return F.mse_loss(student_eps.float(), teacher_eps.float())
