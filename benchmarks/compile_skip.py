@@ -36,15 +36,15 @@ def measure(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     adapter = adapter_for(model)
     cond = torch.zeros(args.batch, dtype=torch.long) if adapter.cond_kind == "class" else None
 
-    def wall(compiled_adapter: Any) -> float:
+    def wall(compiled_adapter: Any, warmup: int = 1, repeats: int = args.repeats) -> float:
         stats = sampling_latency(
             compiled_adapter,
             steps=args.steps,
             batch_size=args.batch,
             cond=cond,
             guidance_scale=args.guidance_scale,
-            warmup=1,
-            repeats=args.repeats,
+            warmup=warmup,
+            repeats=repeats,
         )
         return stats.median_ms / 1000
 
@@ -66,15 +66,7 @@ def measure(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     }
     counters.clear()
     with torch.inference_mode():
-        sampling_latency(
-            compiled,
-            steps=args.steps,
-            batch_size=args.batch,
-            cond=cond,
-            guidance_scale=args.guidance_scale,
-            warmup=0,
-            repeats=1,
-        )
+        wall(compiled, warmup=0, repeats=1)
     row["graph_breaks_per_run"] = sum(counters["graph_break"].values())
     row["graph_break_reasons"] = sorted(counters["graph_break"])[:10]
     row["recompiles_per_run"] = counters["stats"].get("unique_graphs", 0)

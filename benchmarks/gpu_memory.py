@@ -1,7 +1,7 @@
 """The memory arithmetic of a fine-tune with a teacher for the SD-1.5 and SDXL U-Nets (docs/gpu.md).
 
 Counted, not measured: every model is built on the meta device (no weights, no compute), parameters are counted
-with `slimdiff.metrics.cost.count_params`, and activations are the bytes autograd saves for the backward pass of
+with `slimdiff.models.base.count_params`, and activations are the bytes autograd saves for the backward pass of
 one training forward (`torch.autograd.graph.saved_tensors_hooks`; each tensor counted once, parameters not
 counted), at bf16 — without gradient checkpointing, and with diffusers' own checkpointing, where the saved bytes are
 what lives outside the checkpointed regions plus their inputs plus the largest region recomputed in the backward.

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import reference_config, run_cli
+from helpers import reference_config, run_cli, run_recipe
 from PIL import Image
 
 from slimdiff import __version__
@@ -108,9 +108,9 @@ def test_error_corrupt_safetensors(tmp_path: Path, monkeypatch, capsys) -> None:
 
 
 def test_error_bad_recipe_field(tmp_path: Path, monkeypatch, capsys) -> None:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: tiny-unet\nsteps:\n  - train: {steps: 10, batch_size: many}\n")
-    code, _, err = run_cli(monkeypatch, capsys, "run", recipe)
+    code, _, err = run_recipe(
+        monkeypatch, capsys, tmp_path / "r.yaml", "model: tiny-unet\nsteps:\n  - train: {steps: 10, batch_size: many}\n"
+    )
     _one_line_error(code, err, "r.yaml.steps[0].train.batch_size: expected an integer, got 'many'")
 
 
@@ -130,14 +130,15 @@ def test_error_bad_labels(tmp_path: Path, monkeypatch, capsys) -> None:
 
 
 def test_recipe_trains_then_samples(tmp_path: Path, monkeypatch, capsys) -> None:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
+    code, out, err = run_recipe(
+        monkeypatch,
+        capsys,
+        tmp_path / "r.yaml",
         f"model: tiny-dit\ndata: digits\nout: {tmp_path / 'out'}\nsteps:\n"
         "  - train: {steps: 3, batch_size: 8, checkpoint_every: 2}\n"
         "  - finetune: {steps: 2, batch_size: 8, lr: 1.0e-4}\n"
-        "  - sample: {n: 4, steps: 2}\n"
+        "  - sample: {n: 4, steps: 2}\n",
     )
-    code, out, err = run_cli(monkeypatch, capsys, "run", recipe)
     assert code == 0, err
     summaries = [json.loads(line) for line in out.splitlines()]
     assert [s["step"] for s in summaries] == ["train", "finetune", "sample"]
@@ -188,14 +189,15 @@ def test_recipe_rerun_from_another_directory_finds_its_finished_steps(tmp_path: 
 
 def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monkeypatch, capsys) -> None:
     save(build_tiny("tiny-unet"), tmp_path / "teacher")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
+    code, out, err = run_recipe(
+        monkeypatch,
+        capsys,
+        tmp_path / "r.yaml",
         f"model: {tmp_path / 'teacher'}\nout: {tmp_path / 'out'}\nsteps:\n"
         "  - compress: {engine: channels, importance: magnitude, target_macs: 0.6}\n"
         "  - finetune: {steps: 2, batch_size: 8, teacher: model, kd_feature_weight: 0}\n"  # model: the recipe's input
-        "  - eval: {n: 16, steps: 2, batch_size: 8, metrics: [fid, macs]}\n"
+        "  - eval: {n: 16, steps: 2, batch_size: 8, metrics: [fid, macs]}\n",
     )
-    code, out, err = run_cli(monkeypatch, capsys, "run", recipe)
     assert code == 0, err
     summaries = [json.loads(line) for line in out.splitlines()]
     assert [s["step"] for s in summaries] == ["compress", "finetune", "eval"]
@@ -210,20 +212,24 @@ def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monke
 
 
 def test_recipe_teacher_model_needs_a_trained_input(tmp_path: Path, monkeypatch, capsys) -> None:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
+    code, _, err = run_recipe(
+        monkeypatch,
+        capsys,
+        tmp_path / "r.yaml",
         f"model: tiny-unet\nout: {tmp_path / 'out'}\nsteps:\n"
         "  - train: {steps: 1, batch_size: 4}\n"
-        "  - finetune: {steps: 1, batch_size: 4, teacher: model}\n"
+        "  - finetune: {steps: 1, batch_size: 4, teacher: model}\n",
     )
-    code, _, err = run_cli(monkeypatch, capsys, "run", recipe)
     _one_line_error(code, err, "finetune.teacher: 'model' names the recipe's input model, but 'tiny-unet' is a config")
 
 
 def test_recipe_compress_field_is_validated(tmp_path: Path, monkeypatch, capsys) -> None:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: x\nsteps:\n  - compress: {engine: channels, importance: l2, target_macs: 0.5}\n")
-    code, _, err = run_cli(monkeypatch, capsys, "run", recipe)
+    code, _, err = run_recipe(
+        monkeypatch,
+        capsys,
+        tmp_path / "r.yaml",
+        "model: x\nsteps:\n  - compress: {engine: channels, importance: l2, target_macs: 0.5}\n",
+    )
     _one_line_error(code, err, "r.yaml.steps[0].compress.importance: expected one of")
 
 
@@ -257,9 +263,9 @@ def test_a_bad_setting_is_refused_alike_from_the_cli_and_a_recipe(tmp_path: Path
     expected = "invalid training setting lr ('--lr'): must be > 0, got -1.0"
     code, _, err = run_cli(monkeypatch, capsys, "finetune", tmp_path, "--out", tmp_path / "o", "--lr", "-1")
     _one_line_error(code, err, expected)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {tmp_path}\nsteps:\n  - finetune: {{lr: -1}}\n")
-    code, _, err = run_cli(monkeypatch, capsys, "run", recipe)
+    code, _, err = run_recipe(
+        monkeypatch, capsys, tmp_path / "r.yaml", f"model: {tmp_path}\nsteps:\n  - finetune: {{lr: -1}}\n"
+    )
     _one_line_error(code, err, f"r.yaml.steps[0].finetune: {expected}")
     code, _, err = run_cli(monkeypatch, capsys, "sample", tmp_path, "--out", tmp_path / "g.png", "--n", "0")
     _one_line_error(code, err, "invalid sample setting n ('--n'): must be ≥ 1, got 0")

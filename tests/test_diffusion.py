@@ -97,3 +97,12 @@ def test_min_snr_weighting_caps_the_low_noise_timesteps() -> None:
     weighted = task_loss(pred, target, t, scheduler, 5.0)
     assert torch.allclose(weighted, expected) and expected < 0.6  # t=10 weighs 5/SNR ≪ 1, t=900 weighs 1
     assert torch.allclose(task_loss(pred, target, t, scheduler, 1e9), torch.tensor(1.0))
+
+
+def test_sampling_keeps_no_autograd_graph() -> None:
+    """Sampling called with gradients on (a user's script, the latent benchmark) records no graph: a graph would hold
+    every step's activations for the whole trajectory (gigabytes for a latent model at batch 100)."""
+    adapter = adapter_for(build_tiny("tiny-unet"))
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in adapter.model.parameters())
+    images = sample(adapter, n=2, steps=2, batch_size=2, decode=lambda x: x * 2, progress=False)
+    assert images.grad_fn is None and not images.requires_grad

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,15 +65,26 @@ def test_digits_extractor_trains_caches_and_is_accurate(digits: tuple[features.D
     assert not net.training and not any(p.requires_grad for p in net.parameters())
 
 
-def test_digits_training_is_deterministic_and_leaves_global_rng(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(features._DIGITS_TRAIN, "epochs", 1)  # same procedure, shorter
+@pytest.mark.parametrize(
+    "extractor, procedure",
+    [
+        (features.digits_feature_extractor, "_DIGITS_TRAIN"),
+        (features.digits_multiscale_feature_extractor, "_DIGITS_MS_TRAIN"),
+    ],
+)
+def test_feature_network_training_is_deterministic_from_its_seed(
+    extractor: Callable[[Path], torch.nn.Module], procedure: str, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setitem(getattr(features, procedure), "epochs", 1)  # same procedure, shorter
     state = torch.get_rng_state()
-    a = digits_feature_extractor(tmp_path / "a")
-    b = digits_feature_extractor(tmp_path / "b")
-    assert torch.equal(torch.get_rng_state(), state)
+    a = extractor(tmp_path / "a")
+    b = extractor(tmp_path / "b")
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
     assert not a.info["from_cache"] and not b.info["from_cache"]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert a.info["weights_sha256"] == b.info["weights_sha256"]
+    monkeypatch.setitem(getattr(features, procedure), "seed", 2)
+    assert extractor(tmp_path / "c").info["weights_sha256"] != a.info["weights_sha256"]
 
 
 def test_corrupt_digits_cache_is_retrained(

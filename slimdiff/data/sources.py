@@ -153,15 +153,7 @@ def _imagefolder(root: Path, metadata: Path, config: DataConfig, size: int, chan
         paths.append(path)
         captions.append(caption)
     verify_images(paths)
-    return ImageDataset(
-        source=config.data,
-        classes=[],
-        size=size,
-        channels=channels,
-        labels=list(range(len(paths))),
-        items=[file_item(p) for p in paths],
-        captions=captions,
-    )
+    return _captioned(config, size, channels, [file_item(p) for p in paths], captions)
 
 
 def _saved_dataset(root: Path, config: DataConfig, size: int, channels: int) -> ImageDataset:
@@ -190,12 +182,19 @@ def _saved_dataset(root: Path, config: DataConfig, size: int, channels: int) -> 
     def item(i: int) -> ImageItem:
         return ImageItem(f"{loaded._fingerprint}:{i}", f"{root}[{i}]", lambda: loaded[i][image_column])
 
+    return _captioned(config, size, channels, [item(i) for i in range(len(captions))], captions)
+
+
+def _captioned(
+    config: DataConfig, size: int, channels: int, items: list[ImageItem], captions: list[str]
+) -> ImageDataset:
+    """A captioned dataset: one item per caption, each its own label (no classes)."""
     return ImageDataset(
         source=config.data,
         classes=[],
         size=size,
         channels=channels,
-        labels=list(range(len(captions))),
-        items=[item(i) for i in range(len(captions))],
+        labels=list(range(len(items))),
+        items=items,
         captions=captions,
     )

@@ -20,7 +20,6 @@ from slimdiff.jobs.sampling import draw, refuse_other_sampler
 from slimdiff.metrics.cost import (
     MEMORY_COUNTS,
     count_macs,
-    count_params,
     denoiser_latency,
     denoiser_memory,
     pipeline_fixed_macs,
@@ -31,6 +30,7 @@ from slimdiff.metrics.cost import (
 from slimdiff.metrics.features import feature_extractor
 from slimdiff.metrics.quality import clip_score, compute_quality, reference_features
 from slimdiff.models import Adapter, adapter_for
+from slimdiff.models.base import count_params
 from slimdiff.report import markdown_table, save_grid, write_compare_report
 from slimdiff.settings import EvalSettings as EvalSettings
 

@@ -99,6 +99,11 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def per_model(value: Any) -> Any:
+    """A config value diffusers allows per block or per axis (a list) or once for the model: its first entry."""
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
 class Adapter(ABC):
     """Uniform view of one diffusers denoiser for the engines, the trainer and the metrics.
 
@@ -134,8 +139,7 @@ class Adapter(ABC):
 
     @property
     def sample_size(self) -> int:
-        size = self.model.config.sample_size
-        return size[0] if isinstance(size, (list, tuple)) else size
+        return per_model(self.model.config.sample_size)
 
     @property
     def num_classes(self) -> int | None:

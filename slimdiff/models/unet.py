@@ -13,7 +13,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from slimdiff.models.base import Adapter, Block, Layer, SkippedLayer, count_params
+from slimdiff.models.base import Adapter, Block, Layer, SkippedLayer, count_params, per_model
 
 
 class _UNetAdapter(Adapter):
@@ -180,8 +180,7 @@ class SDUNetAdapter(_UNetAdapter):
 
     @property
     def cross_attention_dim(self) -> int:
-        dim = self.model.config.cross_attention_dim
-        return dim[0] if isinstance(dim, (list, tuple)) else dim
+        return per_model(self.model.config.cross_attention_dim)
 
     @property
     def pooled_dim(self) -> int | None:

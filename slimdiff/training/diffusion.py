@@ -96,12 +96,12 @@ def null_condition(adapter: Adapter, cond: torch.Tensor, uncond_embedding: torch
     return uncond_embedding.expand_as(cond)
 
 
-@torch.no_grad()
 def _placed(cond: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A condition on the model's device; prompt embeddings also in its dtype (class labels stay integers)."""
     return cond.to(device, dtype) if cond.is_floating_point() else cond.to(device)
 
 
+@torch.no_grad()
 def sample(
     adapter: Adapter,
     *,
