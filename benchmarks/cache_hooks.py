@@ -1,6 +1,6 @@
 """diffusers' cache hooks as baselines beside skip tables, at equal sampling MACs, on a digits teacher.
 
-    OMP_NUM_THREADS=1 python benchmarks/cache_hooks.py --teacher /tmp/dit-teacher --steps 12 --n 500 \
+    OMP_NUM_THREADS=1 python benchmarks/cache_hooks.py --teacher runs/dit-teacher --steps 12 --n 500 \
         --out benchmarks/results/cache_hooks_dit.json
 
 For each hook in `--hooks` (slimdiff.engines.cache_baselines.HOOKS): on this model it refuses (the reason is

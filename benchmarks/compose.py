@@ -1,7 +1,7 @@
 """Engines compose: channels 50 % MACs (+ fine-tune) × a skip table, and latency budgets, per teacher.
 
-    OMP_NUM_THREADS=1 python benchmarks/compose.py --teachers /work/runs/demo/teacher /work/runs/external-teacher \
-        --work /work/runs/compose --out benchmarks/results/compose.json
+    OMP_NUM_THREADS=1 python benchmarks/compose.py --teachers runs/demo/teacher runs/external-teacher \
+        --work runs/compose --out benchmarks/results/compose.json
     # quick: --n 64 --finetune-steps 5 --skip-iterations 3 --latency-skip-iterations 3 --curve 4 8
     # one part: --parts latency   (or quality); each part's results replace only that part's in --out
 
@@ -233,8 +233,8 @@ def latency_part(args: argparse.Namespace, teacher: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teachers", type=Path, nargs="+", default=[Path("/work/runs/demo/teacher")])
-    parser.add_argument("--work", type=Path, default=Path("/work/runs/compose"))
+    parser.add_argument("--teachers", type=Path, nargs="+", default=[Path("runs/demo/teacher")])
+    parser.add_argument("--work", type=Path, default=Path("runs/compose"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compose.json"))
     parser.add_argument("--parts", nargs="+", choices=("quality", "latency"), default=["quality", "latency"])
     parser.add_argument("--n", type=int, default=500, help="samples per FID")

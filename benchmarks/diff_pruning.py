@@ -1,6 +1,6 @@
 """Diff-Pruning side by side with the official procedure; quality read as a curve over DDIM step counts.
 
-    python benchmarks/diff_pruning.py --teacher /work/runs/external-teacher --rows official diff-pruning \
+    python benchmarks/diff_pruning.py --teacher runs/external-teacher --rows official diff-pruning \
         --match-official --work runs/bench-dp-external --out benchmarks/results/diff_pruning_external.json
 
 Rows (`--rows`):

@@ -19,9 +19,9 @@ Reproducible: everything is drawn from generators seeded by `--seed`; the same c
 (on the same torch build and thread count). The output directory appears atomically (written to a temporary
 sibling, then renamed). `--resume` continues from the checkpoint saved every `--checkpoint-every` steps.
 
-    OMP_NUM_THREADS=1 python benchmarks/external_teacher.py --out /work/runs/external-teacher
+    OMP_NUM_THREADS=1 python benchmarks/external_teacher.py --out runs/external-teacher
 
-The benchmark teacher in /work/runs/external-teacher is `--steps 2000 --stop-after 1250`: the EMA weights after
+The benchmark teacher in runs/external-teacher is `--steps 2000 --stop-after 1250`: the EMA weights after
 1250 steps of a 2000-step schedule (a user would train 3000; on the shared 2-core machine one step took
 0.5-9 s at one thread, so the run was stopped at its step-1250 checkpoint and finished with `--resume`, which
 restores the weights, EMA, optimiser, schedule and RNG state, so it continues the same run).

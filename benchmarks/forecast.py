@@ -1,6 +1,6 @@
 """Forecasting skipped units (Taylor order 1, 2) vs reusing them (order 0) vs fewer steps, at equal sampling MACs.
 
-    OMP_NUM_THREADS=2 python benchmarks/forecast.py --teacher /tmp/fc/teacher --steps 20 --n 500 \
+    OMP_NUM_THREADS=2 python benchmarks/forecast.py --teacher runs/demo/teacher --steps 20 --n 500 \
         --out benchmarks/results/forecast_tiny_unet.json
 
 For each fraction in `--fractions` of the sampling MACs of DDIM-`--steps`: DDIM and DPM-Solver++ with

@@ -16,7 +16,7 @@ the second run of the same command shows that nothing is encoded.
 Rows append to `--out` as they finish; a rerun skips finished rows. An engine that fails records its one-line error
 in its row and the next row runs. The same code runs `slimdiff demo --latent` (slimdiff/demo/latent.py).
 
-    OMP_NUM_THREADS=1 nice python benchmarks/latent.py --teacher /work/cache/latent-teacher \\
+    OMP_NUM_THREADS=1 nice python benchmarks/latent.py --teacher runs/latent-teacher \\
         --work runs/latent-bench --out benchmarks/results/latent.json --table benchmarks/results/latent.md --n 500
 """
 

@@ -3,8 +3,8 @@
 The training code lives in `slimdiff/latent_teacher.py` (so `slimdiff demo --latent` can run it); it is plain
 diffusers + transformers + torch, written as a user outside the project would. See that module for the options.
 
-    OMP_NUM_THREADS=1 nice python benchmarks/latent_teacher.py --out /work/cache/latent-teacher
-    OMP_NUM_THREADS=1 nice python benchmarks/latent_teacher.py --out /work/cache/latent-teacher --evaluate 200
+    OMP_NUM_THREADS=1 nice python benchmarks/latent_teacher.py --out runs/latent-teacher
+    OMP_NUM_THREADS=1 nice python benchmarks/latent_teacher.py --out runs/latent-teacher --evaluate 200
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LAPTOP-Diff layer pruning vs its baselines on a digits teacher, at one params budget and equal fine-tune steps.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/layer_pruning.py --teacher /work/runs/demo/teacher \
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/layer_pruning.py --teacher runs/demo/teacher \
         --work runs/bench-layers --out benchmarks/results/layer_pruning_seed0.json --seed 0
 
 Rows are `criterion/kd[@target]` (`@m0.7`: a MACs target): the teacher is pruned by the `layers` engine to
@@ -226,7 +226,7 @@ def seed_table(paths: list[Path]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, default=Path("/work/runs/demo/teacher"))
+    parser.add_argument("--teacher", type=Path, default=Path("runs/demo/teacher"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench-layers"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/layer_pruning_seed0.json"))
     parser.add_argument("--target-params", type=float, default=0.6)

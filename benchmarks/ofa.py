@@ -1,6 +1,6 @@
 """OFA-Diffusion vs dedicated Diff-Pruning runs: one shared run for K sizes against K prune + fine-tune runs.
 
-    OMP_NUM_THREADS=1 python benchmarks/ofa.py --teacher /work/runs/demo/teacher --steps 200 --n 500 \\
+    OMP_NUM_THREADS=1 python benchmarks/ofa.py --teacher runs/demo/teacher --steps 200 --n 500 \\
         --work runs/bench-ofa --out benchmarks/results/ofa.json
 
 Rows, at the sizes `--sizes` (fractions of the teacher's MACs), every one trained with the same settings (batch 64,
@@ -249,7 +249,7 @@ def init_key(allocation: str, norm: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, default=Path("/work/runs/demo/teacher"))
+    parser.add_argument("--teacher", type=Path, default=Path("runs/demo/teacher"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench-ofa"))
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.3, 0.5, 0.75])
     parser.add_argument("--steps", type=int, default=200, help="N: the shared run's optimizer steps")

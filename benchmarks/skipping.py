@@ -1,7 +1,7 @@
 """Skip tables vs sampling with fewer steps, on a digits teacher: the teacher's own quality-vs-steps curve first.
 
-    OMP_NUM_THREADS=1 python benchmarks/skipping.py --teacher /work/runs/demo/teacher --n 1000 \
-        --out benchmarks/results/skipping_demo.json --work /tmp/bench-skipping-demo
+    OMP_NUM_THREADS=1 python benchmarks/skipping.py --teacher runs/demo/teacher --n 1000 \
+        --out benchmarks/results/skipping_demo.json --work runs/bench-skipping-demo
     ... --stage wall      # then: back-to-back wall times at batch 64 and batch 1
     ... --stage grids     # and a grid of 64 samples per row, in <work>/grids/
     ... --stage report --report benchmarks/results/skipping_demo.json
@@ -429,7 +429,7 @@ def main() -> None:
     )
     parser.add_argument("--report", type=Path, nargs="+", help="--stage report: result files to print as Markdown")
     parser.add_argument("--reference-config", type=Path, default=REFERENCE / "sd-1.5.unet.json")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-skipping"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-skipping"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/skipping.json"))
     args = parser.parse_args()
     if args.stage == "report":

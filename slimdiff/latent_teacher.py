@@ -38,8 +38,8 @@ and measures class agreement (the fraction that slimdiff's digits classifier rea
 imports `slimdiff.metrics`), written to `<out>/agreement.json`. The defaults are the settings of the teacher that
 docs/latent.md measures (class agreement 0.985 at guidance 3, DDIM 25).
 
-    OMP_NUM_THREADS=1 nice python benchmarks/latent_teacher.py --out /work/cache/latent-teacher
-    OMP_NUM_THREADS=1 nice python benchmarks/latent_teacher.py --out /work/cache/latent-teacher --evaluate 200
+    OMP_NUM_THREADS=1 nice python benchmarks/latent_teacher.py --out runs/latent-teacher
+    OMP_NUM_THREADS=1 nice python benchmarks/latent_teacher.py --out runs/latent-teacher --evaluate 200
 
 `write_captioned_digits` writes the same digits as a captioned image folder (diffusers' `imagefolder` convention), the
 data the demo and `benchmarks/latent.py` hand to slimdiff.
