@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import reference_config, run_cli, run_recipe
+from helpers import class_folders, reference_config, run_cli, run_recipe
 from PIL import Image
 
 from slimdiff import __version__
@@ -172,17 +172,20 @@ def test_recipe_rerun_with_changed_settings_starts_that_step_and_the_next_afresh
 
 
 def test_recipe_rerun_from_another_directory_finds_its_finished_steps(tmp_path: Path, monkeypatch, capsys) -> None:
-    def write(out: str) -> Path:
+    class_folders(tmp_path / "data")
+
+    def write(root: str) -> Path:
         recipe = tmp_path / "r.yaml"
         recipe.write_text(
-            f"model: tiny-dit\ndata: digits\nout: {out}\nsteps:\n"
-            "  - train: {steps: 2, batch_size: 8}\n  - finetune: {steps: 1, batch_size: 8}\n"
+            f"model: tiny-dit\ndata: {root}data\nout: {root}out\nsteps:\n"
+            "  - train: {steps: 2, batch_size: 8}\n"
+            f"  - finetune: {{steps: 1, batch_size: 8, teacher: {root}out/00-train}}\n"
         )
         return recipe
 
-    assert run_cli(monkeypatch, capsys, "run", write(str(tmp_path / "out")))[0] == 0
+    assert run_cli(monkeypatch, capsys, "run", write(f"{tmp_path}/"))[0] == 0
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(monkeypatch, capsys, "run", write("out"))  # the same folders, named relatively
+    code, _, err = run_cli(monkeypatch, capsys, "run", write(""))  # the same folders, named relatively
     assert code == 0, err
     assert not list((tmp_path / "out").glob("*.superseded-*"))  # nothing reran
 

@@ -124,8 +124,10 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
     for index, step in enumerate(recipe.steps):
         kind = _KIND_OF[type(step)]
         ctx = StepContext(recipe, current, Path(recipe.out) / f"{index:02d}-{kind}", progress)
-        source = os.path.abspath(current) if Path(current).exists() else current  # a folder, or a preset name
-        settings = json.loads(json.dumps({"input": source, "data": recipe.data, **dataclasses.asdict(step)}))
+        fields = dataclasses.asdict(step)
+        if isinstance(step, FinetuneStep) and step.finetune.teacher:
+            fields["finetune"]["teacher"] = _located(step.finetune.teacher)
+        settings = json.loads(json.dumps({"input": _located(current), "data": _located(recipe.data), **fields}))
         done = None if reran else _finished(ctx.out, settings)
         reused = done is not None
         if done is None:
@@ -138,6 +140,11 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> list[dict[str, Any]]
         current = summary.pop("model", current)
         summaries.append({"step": kind, "reused": reused, "out": summary.pop("out", current), **summary})
     return summaries
+
+
+def _located(name: str) -> str:
+    """A path that exists, made absolute (so `runs/x` and `/home/u/runs/x` are one input); a preset name as it is."""
+    return os.path.abspath(name) if Path(name).exists() else name
 
 
 def _set_aside(step_dir: Path) -> None:
