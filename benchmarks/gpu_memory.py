@@ -28,24 +28,6 @@ from slimdiff.models import build
 from slimdiff.models.base import count_params
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference"
-#: stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the keys that differ from diffusers' defaults).
-SDXL_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [320, 640, 1280],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
 #: The frozen encoders beside each U-Net (their published configs).
 CLIP_L = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 CLIP_BIGG = CLIPTextConfig(
@@ -174,11 +156,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Write the numbers here too.")
     parser.add_argument("--math-attention", action="store_true", help="Count unfused attention (L×L saved).")
     args = parser.parse_args()
-    sd15 = json.loads((REFERENCE / "sd-1.5.unet.json").read_text())
+    sd15, sdxl = (
+        json.loads((REFERENCE / name).read_text()) for name in ("sd-1.5.unet.json", "sdxl-base-1.0.unet.json")
+    )
     batches = [1, 8, 32]
     results = [
         arithmetic("SD-1.5 (64² latents, 512² images)", sd15, [CLIP_L], batches, args.math_attention),
-        arithmetic("SDXL (128² latents, 1024² images)", SDXL_UNET, [CLIP_L, CLIP_BIGG], batches, args.math_attention),
+        arithmetic("SDXL (128² latents, 1024² images)", sdxl, [CLIP_L, CLIP_BIGG], batches, args.math_attention),
     ]
     for result in results:
         print(

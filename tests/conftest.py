@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
+from helpers import run_cli
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,6 +37,20 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture
+def recipe_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> Callable[[str], tuple[int, str, str]]:
+    """`slimdiff run` in-process on a recipe written from text to `tmp_path/r.yaml`: its exit code, stdout, stderr."""
+
+    def run(text: str) -> tuple[int, str, str]:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(text)
+        return run_cli(monkeypatch, capsys, "run", recipe)
+
+    return run
 
 
 @pytest.fixture

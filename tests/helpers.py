@@ -68,14 +68,6 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *arg
     return code, out, err
 
 
-def run_recipe(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, recipe: Path, text: str
-) -> tuple[int, str, str]:
-    """Write a recipe to `recipe` and run `slimdiff run` on it in-process; its exit code, stdout and stderr."""
-    recipe.write_text(text)
-    return run_cli(monkeypatch, capsys, "run", recipe)
-
-
 def tiny_sd_pipeline(
     unet: torch.nn.Module, encoder: TextEncoder, scheduler: DDIMScheduler | None = None
 ) -> StableDiffusionPipeline:

@@ -7,18 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import FAMILIES, tiny_vae
 
 from slimdiff.data import load_data
 from slimdiff.engines import Calibration
-from slimdiff.engines.channel_surgery import channel_scores, prune_copy, verify_slices
+from slimdiff.engines.channel_surgery import calibration_batch, channel_scores, prune_copy, verify_slices
 from slimdiff.engines.channels import ChannelPruningConfig, accumulate_gradients, compress
 from slimdiff.errors import SlimdiffError
 from slimdiff.export import load, load_architecture, save
 from slimdiff.metrics.cost import count_macs
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.models.base import count_params
-from slimdiff.training.diffusion import DEFAULT_SCHEDULE
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE, make_scheduler, training_target
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,34 @@ def test_diff_pruning_threshold_drops_the_noisy_timesteps(digits) -> None:
     assert all(p.grad is not None for p in adapter.model.parameters() if p.requires_grad)
 
 
+def _grads(adapter) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in adapter.model.parameters() if p.requires_grad]
+
+
+def test_sweep_gradients_are_the_sum_over_kept_timesteps_whatever_the_pass_size(digits) -> None:
+    adapter = adapter_for(build_tiny("tiny-unet"))
+    data = _data(adapter, digits)
+    kept = accumulate_gradients(adapter, data, _fast(target_macs=0.5, thr=0.9, batch_size=4))
+    whole = _grads(adapter)
+    assert accumulate_gradients(adapter, data, _fast(target_macs=0.5, thr=0.9, batch_size=3)) == kept
+    # the reference: Σ over the kept timesteps of the batch-mean loss's gradient, in one pass each
+    adapter.model.zero_grad(set_to_none=True)
+    scheduler = make_scheduler("ddpm", DEFAULT_SCHEDULE)
+    x0, labels = calibration_batch(digits, 4, 0)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    for step in kept:
+        t = torch.full((4,), step)
+        out = adapter(scheduler.add_noise(x0, noise, t), t, data.cond_for(labels))
+        F.mse_loss(out, training_target(scheduler, x0, noise, t)).backward()
+    reference = _grads(adapter)
+    accumulate_gradients(adapter, data, _fast(target_macs=0.5, thr=0.9, batch_size=3))
+    # float sums in another order: within 1e-5 of the largest gradient entry (some entries are float noise, ~1e-10)
+    atol = 1e-5 * max(want.abs().max().item() for want in reference)
+    for got, one_pass, want in zip(_grads(adapter), whole, reference, strict=True):
+        assert torch.allclose(one_pass, want, rtol=0, atol=atol)
+        assert torch.allclose(got, want, rtol=0, atol=atol)
+
+
 def test_importances_choose_different_channels(digits) -> None:
     model = build_tiny("tiny-unet")
     adapter = adapter_for(model)
@@ -212,6 +241,8 @@ def test_bad_configs_are_refused() -> None:
         ChannelPruningConfig(widths="per-layer", target_macs=0.5).validate()
     with pytest.raises(SlimdiffError, match=r"budget 1.5 must be a fraction"):
         ChannelPruningConfig(target_macs=1.5).validate()
+    with pytest.raises(SlimdiffError, match=r"batch_size \(0\) must be ≥ 1"):
+        ChannelPruningConfig(target_macs=0.5, batch_size=0).validate()
 
 
 def test_unreachable_budget_is_reported(digits) -> None:

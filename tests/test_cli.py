@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import class_folders, reference_config, run_cli, run_recipe
+from helpers import class_folders, reference_config, run_cli
 from PIL import Image
 
 from slimdiff import __version__
@@ -107,10 +107,8 @@ def test_error_corrupt_safetensors(tmp_path: Path, monkeypatch, capsys) -> None:
     _one_line_error(code, err, "corrupt or truncated")
 
 
-def test_error_bad_recipe_field(tmp_path: Path, monkeypatch, capsys) -> None:
-    code, _, err = run_recipe(
-        monkeypatch, capsys, tmp_path / "r.yaml", "model: tiny-unet\nsteps:\n  - train: {steps: 10, batch_size: many}\n"
-    )
+def test_error_bad_recipe_field(recipe_cli) -> None:
+    code, _, err = recipe_cli("model: tiny-unet\nsteps:\n  - train: {steps: 10, batch_size: many}\n")
     _one_line_error(code, err, "r.yaml.steps[0].train.batch_size: expected an integer, got 'many'")
 
 
@@ -129,11 +127,8 @@ def test_error_bad_labels(tmp_path: Path, monkeypatch, capsys) -> None:
     _one_line_error(code, err, "--labels must be comma-separated integers")
 
 
-def test_recipe_trains_then_samples(tmp_path: Path, monkeypatch, capsys) -> None:
-    code, out, err = run_recipe(
-        monkeypatch,
-        capsys,
-        tmp_path / "r.yaml",
+def test_recipe_trains_then_samples(tmp_path: Path, recipe_cli) -> None:
+    code, out, err = recipe_cli(
         f"model: tiny-dit\ndata: digits\nout: {tmp_path / 'out'}\nsteps:\n"
         "  - train: {steps: 3, batch_size: 8, checkpoint_every: 2}\n"
         "  - finetune: {steps: 2, batch_size: 8, lr: 1.0e-4}\n"
@@ -190,12 +185,9 @@ def test_recipe_rerun_from_another_directory_finds_its_finished_steps(tmp_path: 
     assert not list((tmp_path / "out").glob("*.superseded-*"))  # nothing reran
 
 
-def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, recipe_cli) -> None:
     save(build_tiny("tiny-unet"), tmp_path / "teacher")
-    code, out, err = run_recipe(
-        monkeypatch,
-        capsys,
-        tmp_path / "r.yaml",
+    code, out, err = recipe_cli(
         f"model: {tmp_path / 'teacher'}\nout: {tmp_path / 'out'}\nsteps:\n"
         "  - compress: {engine: channels, importance: magnitude, target_macs: 0.6}\n"
         "  - finetune: {steps: 2, batch_size: 8, teacher: model, kd_feature_weight: 0}\n"  # model: the recipe's input
@@ -214,11 +206,8 @@ def test_recipe_compresses_finetunes_with_kd_and_evaluates(tmp_path: Path, monke
     assert report["metrics"]["fid"]["n"] == 16 and report["metrics"]["fid"]["steps"] == 2
 
 
-def test_recipe_teacher_model_needs_a_trained_input(tmp_path: Path, monkeypatch, capsys) -> None:
-    code, _, err = run_recipe(
-        monkeypatch,
-        capsys,
-        tmp_path / "r.yaml",
+def test_recipe_teacher_model_needs_a_trained_input(tmp_path: Path, recipe_cli) -> None:
+    code, _, err = recipe_cli(
         f"model: tiny-unet\nout: {tmp_path / 'out'}\nsteps:\n"
         "  - train: {steps: 1, batch_size: 4}\n"
         "  - finetune: {steps: 1, batch_size: 4, teacher: model}\n",
@@ -226,11 +215,8 @@ def test_recipe_teacher_model_needs_a_trained_input(tmp_path: Path, monkeypatch,
     _one_line_error(code, err, "finetune.teacher: 'model' names the recipe's input model, but 'tiny-unet' is a config")
 
 
-def test_recipe_compress_field_is_validated(tmp_path: Path, monkeypatch, capsys) -> None:
-    code, _, err = run_recipe(
-        monkeypatch,
-        capsys,
-        tmp_path / "r.yaml",
+def test_recipe_compress_field_is_validated(recipe_cli) -> None:
+    code, _, err = recipe_cli(
         "model: x\nsteps:\n  - compress: {engine: channels, importance: l2, target_macs: 0.5}\n",
     )
     _one_line_error(code, err, "r.yaml.steps[0].compress.importance: expected one of")
@@ -262,13 +248,13 @@ def _field(settings: type, name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(settings) if f.name == name)
 
 
-def test_a_bad_setting_is_refused_alike_from_the_cli_and_a_recipe(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_bad_setting_is_refused_alike_from_the_cli_and_a_recipe(
+    tmp_path: Path, monkeypatch, capsys, recipe_cli
+) -> None:
     expected = "invalid training setting lr ('--lr'): must be > 0, got -1.0"
     code, _, err = run_cli(monkeypatch, capsys, "finetune", tmp_path, "--out", tmp_path / "o", "--lr", "-1")
     _one_line_error(code, err, expected)
-    code, _, err = run_recipe(
-        monkeypatch, capsys, tmp_path / "r.yaml", f"model: {tmp_path}\nsteps:\n  - finetune: {{lr: -1}}\n"
-    )
+    code, _, err = recipe_cli(f"model: {tmp_path}\nsteps:\n  - finetune: {{lr: -1}}\n")
     _one_line_error(code, err, f"r.yaml.steps[0].finetune: {expected}")
     code, _, err = run_cli(monkeypatch, capsys, "sample", tmp_path, "--out", tmp_path / "g.png", "--n", "0")
     _one_line_error(code, err, "invalid sample setting n ('--n'): must be ≥ 1, got 0")

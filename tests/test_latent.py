@@ -284,6 +284,6 @@ def test_in_memory_images_are_keyed_by_content(sd21: Path, tmp_path: Path, vae_c
     assert latents[3][0].shape == (4, 8, 8) and latents[3][1] == 1 and len(vae_calls) == 1
     expected = vae.encode(images[3:]).latent_dist.mean[0] * vae.config.scaling_factor
     assert torch.allclose(latents[3][0], expected, atol=1e-5)
-    dataset._images[0] = 0.0  # a changed image re-encodes its shard only
+    dataset.images[0] = 0.0  # a changed image re-encodes its shard only
     encode_images(dataset, vae, sd21 / "vae", tmp_path)
     assert len(vae_calls) == 3  # one re-encoding, + the reference call above

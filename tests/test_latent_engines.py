@@ -100,11 +100,7 @@ def _images(kind: str, pipe: DiffusionPipeline, steps: int = 2) -> np.ndarray:
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 @pytest.mark.parametrize("kind", KINDS)
 def test_engine_product_runs_in_its_pipeline(
-    kind: str,
-    engine: str,
-    pipelines: dict[str, Path],
-    compress: Callable[..., Path],
-    tmp_path: Path,
+    kind: str, engine: str, pipelines: dict[str, Path], compress: Callable[..., Path], tmp_path: Path
 ) -> None:
     out = compress(kind, engine, tmp_path / engine, *ENGINES[engine])
     product = next(out.glob("*/slimdiff.json")).parent if engine == "ofa" else out
@@ -130,11 +126,7 @@ SKIP = {
 @pytest.mark.parametrize("method", sorted(SKIP))
 @pytest.mark.parametrize("kind", KINDS)
 def test_skip_table_is_honoured_or_refused_by_the_pipelines_scheduler(
-    kind: str,
-    method: str,
-    pipelines: dict[str, Path],
-    compress: Callable[..., Path],
-    tmp_path: Path,
+    kind: str, method: str, pipelines: dict[str, Path], compress: Callable[..., Path], tmp_path: Path
 ) -> None:
     sampler, scheduler_class = SKIP_SAMPLER[kind]
     settings = ["--method", method, "--steps", 3, "--scheduler", sampler, "--target-macs", 0.7, "--tolerance", 0.4]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline
-from helpers import FAMILIES, run_cli, run_recipe, tiny_sd_pipeline, tiny_vae
+from helpers import FAMILIES, run_cli, tiny_sd_pipeline, tiny_vae
 
 from slimdiff.data import load_data
 from slimdiff.engines import Calibration, channels
@@ -288,12 +288,9 @@ def test_cli_compress_layers(tmp_path: Path, monkeypatch, capsys) -> None:
     assert code == 2 and "criterion ('--criterion'): must be one of output-loss, task-loss" in err
 
 
-def test_recipe_prunes_layers_and_distils_features(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_recipe_prunes_layers_and_distils_features(tmp_path: Path, recipe_cli) -> None:
     save(build_tiny("tiny-unet"), tmp_path / "teacher")
-    code, out, err = run_recipe(
-        monkeypatch,
-        capsys,
-        tmp_path / "r.yaml",
+    code, out, err = recipe_cli(
         f"model: {tmp_path / 'teacher'}\nout: {tmp_path / 'out'}\nsteps:\n"
         "  - compress: {engine: layers, criterion: task-loss, target_params: 0.6, calibration_size: 8}\n"
         "  - finetune: {steps: 2, batch_size: 8, teacher: model, kd: plain, kd_feature_weight: 1}\n",

@@ -19,6 +19,7 @@ REFERENCE_FIGURES = {
     "ddpm-cifar10-32.unet.json": (35_746_307, 6.22e9, 9, 28),
     "sd-1.5.unet.json": (859_520_964, 401.6e9, 9, 38),
     "dit-xl-2-256.transformer.json": (749_826_464, 118.67e9, 28, 28),
+    "sdxl-base-1.0.unet.json": (2_567_463_684, 3.38e12, 7, 28),
 }
 
 

@@ -6,11 +6,12 @@ deterministic: they depend only on `seed` and the sorted item list, never on glo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,8 +44,9 @@ def file_item(path: Path) -> ImageItem:
     return ImageItem(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}", str(path), lambda: Image.open(path))
 
 
+@dataclass(eq=False)
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Labelled square images, held in memory (`images`) or loaded lazily (`paths` or `items`).
+    """Labelled square images, held in memory (`images`) or loaded lazily (`items`; exactly one of the two).
 
     A captioned dataset has one caption per item (`captions`) and labels `0 … n-1` (an item's label is its own
     index, so the caption and SDXL micro-conditioning of each item can be looked up); `crops` holds each item's
@@ -53,99 +55,65 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     same on every read), and mirrored where `flip` (one seeded coin per item).
     """
 
+    source: str
     classes: list[str]
     size: int
     channels: int
-    source: str
+    labels: list[int]
+    images: torch.Tensor | None = None
+    items: list[ImageItem] | None = None
+    captions: list[str] | None = None
+    crops: torch.Tensor | None = None
+    crop: Literal["center", "random"] = "center"
+    flip: bool = False
+    seed: int = 0
 
-    def __init__(
-        self,
-        *,
-        source: str,
-        classes: list[str],
-        size: int,
-        channels: int,
-        labels: list[int],
-        images: torch.Tensor | None = None,
-        paths: list[Path] | None = None,
-        items: list[ImageItem] | None = None,
-        captions: list[str] | None = None,
-        crops: torch.Tensor | None = None,
-        crop: Literal["center", "random"] = "center",
-        flip: bool = False,
-        seed: int = 0,
-    ) -> None:
-        if paths is not None:
-            items = [file_item(p) for p in paths]
-        if (images is None) == (items is None):
-            raise TypeError("ImageDataset needs exactly one of images=, paths= or items=")
-        n = len(images) if images is not None else len(items or [])
-        if n != len(labels):
-            raise TypeError(f"ImageDataset got {n} images but {len(labels)} labels")
-        if captions is not None and (len(captions) != n or labels != list(range(n))):
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.items is None):
+            raise TypeError("ImageDataset needs exactly one of images= or items=")
+        n = len(self.images) if self.images is not None else len(self.items or [])
+        if n != len(self.labels):
+            raise TypeError(f"ImageDataset got {n} images but {len(self.labels)} labels")
+        if self.captions is not None and (len(self.captions) != n or self.labels != list(range(n))):
             raise TypeError("a captioned ImageDataset needs one caption per item and labels 0 … n-1")
-        self.source = source
-        self.classes = classes
-        self.size = size
-        self.channels = channels
-        self.captions = captions
-        self.crops = crops
-        self.crop = crop
-        self.flip = flip
-        self.seed = seed
-        self._labels = labels
-        self._images = images
-        self._items = items
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        label = self._labels[index]
-        if self._images is not None:
-            return self._images[index], label
+        label = self.labels[index]
+        if self.images is not None:
+            return self.images[index], label
         return self.load(index)[0], label
 
     def load(self, index: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """Item `index` as an image tensor, with its original (height, width) and crop (top, left) at `size`."""
-        if self._items is None:
-            return self._images[index], (self.size, self.size, 0, 0)
-        item = self._items[index]
+        if self.items is None:
+            return self.images[index], (self.size, self.size, 0, 0)
+        item = self.items[index]
         rng = np.random.default_rng([self.seed, int(hashlib.sha256(item.key.encode()).hexdigest()[:8], 16)])
         return _load_image(item, self.size, self.channels, self.crop, rng, self.flip)
 
     def item_keys(self) -> list[str] | None:
         """What identifies each lazily loaded item's content (None for in-memory datasets)."""
-        return None if self._items is None else [item.key for item in self._items]
+        return None if self.items is None else [item.key for item in self.items]
 
     def subset(self, indices: list[int]) -> ImageDataset:
         """A dataset with the items at `indices`, in that order."""
-        return self._replace(
-            labels=list(range(len(indices))) if self.captions else [self._labels[i] for i in indices],
-            images=self._images[indices] if self._images is not None else None,
-            items=[self._items[i] for i in indices] if self._items is not None else None,
+        return dataclasses.replace(
+            self,
+            labels=list(range(len(indices))) if self.captions else [self.labels[i] for i in indices],
+            images=self.images[indices] if self.images is not None else None,
+            items=[self.items[i] for i in indices] if self.items is not None else None,
             captions=[self.captions[i] for i in indices] if self.captions else None,
             crops=self.crops[indices] if self.crops is not None else None,
         )
 
     def with_images(self, images: torch.Tensor, crops: torch.Tensor | None = None) -> ImageDataset:
         """The same items (labels, captions) held as `images` (e.g. their latents) in memory, with their `crops`."""
-        return self._replace(
-            images=images, size=images.shape[-1], channels=images.shape[1], captions=self.captions, crops=crops
+        return dataclasses.replace(
+            self, images=images, items=None, size=images.shape[-1], channels=images.shape[1], crops=crops
         )
-
-    def _replace(self, **changes: Any) -> ImageDataset:
-        fields = dict(
-            source=self.source,
-            classes=self.classes,
-            size=self.size,
-            channels=self.channels,
-            labels=self._labels,
-            crop=self.crop,
-            flip=self.flip,
-            seed=self.seed,
-        )
-        return ImageDataset(**(fields | changes))
 
 
 def check_fits(dataset: ImageDataset, *, sample_size: int, in_channels: int) -> None:
@@ -259,7 +227,8 @@ def folder_dataset(source: str, size: int, channels: int) -> ImageDataset:
     paths = [p for files in by_class.values() for p in files]
     labels = [label for label, files in enumerate(by_class.values()) for _ in files]
     verify_images(paths)
-    return ImageDataset(source=source, classes=classes, size=size, channels=channels, labels=labels, paths=paths)
+    items = [file_item(p) for p in paths]
+    return ImageDataset(source=source, classes=classes, size=size, channels=channels, labels=labels, items=items)
 
 
 def verify_images(paths: list[Path]) -> None:

@@ -273,14 +273,6 @@ class PrunedCopy:
     regrouped: list[str] = field(default_factory=list)  # GroupNorms that could not lose whole groups
 
 
-def copy_with_grads(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` whose parameters carry copies of the original's `.grad`."""
-    clone = copy.deepcopy(model)
-    for original, copied in zip(model.parameters(), clone.parameters(), strict=True):
-        copied.grad = None if original.grad is None else original.grad.clone()
-    return clone
-
-
 def weightless_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` whose parameters and buffers are meta tensors of the same shapes (nothing is copied)."""
     memo: dict[int, object] = {
@@ -316,7 +308,7 @@ def prune_copy(
     """
     if not isinstance(importance, ChannelScores):
         importance = channel_scores(model, importance, seed=seed, attention=attention)
-    clone = weightless_copy(model) if weightless else copy_with_grads(model)
+    clone = weightless_copy(model) if weightless else copy.deepcopy(model)  # scores recorded: no .grad needed
     adapter = adapter_for(clone)
     names = {module: name for name, module in clone.named_modules()}
     kept: dict[tuple[str, str], list[int]] = {}

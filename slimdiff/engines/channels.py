@@ -71,13 +71,12 @@ class ChannelPruningConfig(Budget):
         default=10, metadata={"help": "Timestep stride of the importance sweep.", "flag": "--stride"}
     )
     calibration_size: int = field(default=32, metadata={"help": "Calibration images.", "flag": "--calibration"})
+    batch_size: int = field(
+        default=32, metadata={"help": "Images per backward pass of the sweep (summed; lower it to fit memory)."}
+    )
     attention: AttentionPruning = field(default="head-dim", metadata={"help": "head-dim (keep heads) or heads."})
     widths: Literal["uniform", "global"] = field(
-        default="uniform",
-        metadata={
-            "help": "uniform: every layer loses the same fraction (the paper); global: channels ranked across all "
-            "layers at once (torch-pruning's global ranking), so widths differ per layer."
-        },
+        default="uniform", metadata={"help": "uniform (the paper) or global (channels ranked across layers)."}
     )
     seed: int = field(default=0, metadata={"help": "Random seed (calibration batch, noise, random importance)."})
 
@@ -85,8 +84,11 @@ class ChannelPruningConfig(Budget):
         super().validate()
         if not 0 <= self.thr < 1:
             raise SlimdiffError(f"thr {self.thr} must be in [0, 1)")
-        if self.timestep_stride < 1 or self.calibration_size < 1:
-            raise SlimdiffError("timestep_stride and calibration_size must be ≥ 1")
+        if min(self.timestep_stride, self.calibration_size, self.batch_size) < 1:
+            raise SlimdiffError(
+                f"timestep_stride ({self.timestep_stride}), calibration_size ({self.calibration_size}) and "
+                f"batch_size ({self.batch_size}) must be ≥ 1"
+            )
 
 
 @dataclass(kw_only=True)
@@ -100,32 +102,63 @@ class ChannelPruningResult(Result):
 
 
 def accumulate_gradients(adapter: Adapter, data: Calibration, config: ChannelPruningConfig) -> list[int]:
-    """Fill `.grad` of every parameter for Taylor importance; returns the timesteps that contributed."""
+    """Fill `.grad` of every parameter for Taylor importance; returns the timesteps that contributed.
+
+    Each timestep's loss is the mean over the calibration batch, back-propagated in passes of `batch_size` images
+    (the gradients add up to the whole batch's); a `diff-pruning` timestep whose loss falls under `thr` times the
+    largest so far adds nothing. With more than one pass, a timestep's gradients are held apart from the sum until
+    its loss is known, which costs one more gradient-sized buffer.
+    """
     model = adapter.model
     scheduler = make_scheduler("ddpm", data.schedule)
     device = next(model.parameters()).device
     x0, labels = calibration_batch(data.dataset, config.calibration_size, config.seed)
-    x0, cond = x0.to(device), data.cond_for(labels)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    noise = torch.randn(x0.shape, generator=generator).to(device)
+    noise = torch.randn(x0.shape, generator=generator)
+    passes = torch.split(torch.arange(len(x0)), config.batch_size)
     model.zero_grad(set_to_none=True)
     model.eval()
-    used: list[int] = []
+
+    def pass_loss(part: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The loss of the images in `part` at their timesteps, weighted by their share of the batch."""
+        x, eps, step = x0[part].to(device), noise[part].to(device), t[part].to(device)
+        out = adapter(scheduler.add_noise(x, eps, step), step, data.cond_for(labels[part]))
+        return F.mse_loss(out, training_target(scheduler, x, eps, step)) * (len(part) / len(x0))
+
     if config.importance == "taylor":
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
-        loss = F.mse_loss(adapter(scheduler.add_noise(x0, noise, t), t, cond), training_target(scheduler, x0, noise, t))
-        loss.backward()
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        for part in passes:
+            pass_loss(part, t).backward()
         return sorted(set(t.tolist()))
+    params = [p for p in model.parameters() if p.requires_grad]
+    used: list[int] = []
     peak = 0.0
     for step in range(0, scheduler.config.num_train_timesteps, config.timestep_stride):
-        t = torch.full((x0.shape[0],), step, dtype=torch.long, device=device)
-        target = training_target(scheduler, x0, noise, t)
-        loss = F.mse_loss(adapter(scheduler.add_noise(x0, noise, t), t, cond), target)
-        peak = max(peak, loss.item())
-        if used and loss.item() < config.thr * peak:
+        t = torch.full((len(x0),), step, dtype=torch.long)
+        if len(passes) == 1:  # the loss is known before its backward
+            loss = pass_loss(passes[0], t)
+            value = loss.item()
+        else:
+            summed = [p.grad for p in params]  # Σ over the timesteps so far, set aside
+            model.zero_grad(set_to_none=True)
+            value = 0.0
+            for part in passes:
+                loss = pass_loss(part, t)
+                loss.backward()
+                value += loss.item()
+        peak = max(peak, value)
+        stop = bool(used) and value < config.thr * peak
+        if len(passes) == 1 and not stop:
+            loss.backward()
+        elif len(passes) > 1:
+            for p, before in zip(params, summed, strict=True):
+                if stop or p.grad is None:
+                    p.grad = before
+                elif before is not None:
+                    p.grad.add_(before)
+        if stop:
             break
-        loss.backward()  # gradients accumulate over timesteps: Σ_t ∂L_t/∂w
-        used.append(step)
+        used.append(step)  # gradients accumulate over timesteps: Σ_t ∂L_t/∂w
     return used
 
 
