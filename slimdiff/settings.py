@@ -58,7 +58,7 @@ def check(settings: Any, rules: dict[str, tuple[bool, str]], *, what: str = "set
         raise SlimdiffError(f"invalid {what} {name} ('{flag_of(fields[name])}'): must be {valid}, got {value!r}")
 
 
-Scheduler = Literal["ddpm", "ddim", "dpm"]
+Scheduler = Literal["ddpm", "ddim", "dpm", "euler"]
 KDMode = Literal["plain", "normalized"]
 Precision = Literal["fp32", "bf16", "fp16"]
 EVAL_METRICS = ("fid", "kid", "is", "pr", "clip", "macs", "latency", "memory")
@@ -245,7 +245,7 @@ class SamplingSettings(DeviceConfig):
 
     n: int = field(default=64, metadata={"help": "Number of samples."})
     steps: int = field(default=50, metadata={"help": "Sampling steps."})
-    scheduler: Scheduler = field(default="ddim", metadata={"help": "ddpm, ddim or dpm (DPM-Solver++)."})
+    scheduler: Scheduler = field(default="ddim", metadata={"help": "ddpm, ddim, dpm (DPM-Solver++) or euler."})
     seed: int = field(default=0, metadata={"help": "Random seed of the initial noise."})
     batch_size: int = field(default=64, metadata={"help": "Samples per denoiser batch."})
     guidance_scale: float = field(

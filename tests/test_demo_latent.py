@@ -50,6 +50,11 @@ def test_latent_demo_measures_every_row(demo_run: tuple[Path, dict]) -> None:
             measured = product["ddim-5"]
             assert math.isfinite(measured["fid"]) and 0.0 <= measured["agreement"] <= 1.0
             assert results["vae_decoder_macs"] < measured["sampling_macs"] < full
+            other = product["dpm-4"]  # a skip table is made for DDIM-5: another sampler is refused and recorded
+            if "skip" in row["key"]:
+                assert "skip table" in other["error"] and "DPMSolverMultistepScheduler" in other["error"]
+            else:
+                assert math.isfinite(other["fid"]) and other["sampling_macs"] < full
     assert set(results["rows"][2]["products"]) == {"macs-0.3", "macs-0.5", "macs-0.75"}
     assert "| channels |" in Path(result["report"]).read_text()
 

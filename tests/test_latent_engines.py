@@ -12,9 +12,11 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DiffusionPipeline,
     DiTPipeline,
     DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -110,11 +112,10 @@ def test_engine_product_runs_in_its_pipeline(
     _images(kind, _pipeline(kind, pipelines[kind], model))
 
 
-#: The sampler each skip table is made for: the pipeline's own (DDIM, DPM-Solver++) where slimdiff has it; SDXL's
-#: Euler is not among the skip engine's samplers, so its table is made for DDIM on the same noise schedule.
+#: The sampler each skip table is made for: each pipeline's own (DDIM, Euler, DPM-Solver++).
 SKIP_SAMPLER = {
     "sd21": ("ddim", DDIMScheduler),
-    "sdxl": ("ddim", DDIMScheduler),
+    "sdxl": ("euler", EulerDiscreteScheduler),
     "dit": ("dpm", DPMSolverMultistepScheduler),
 }
 SKIP = {
@@ -138,9 +139,10 @@ def test_skip_table_is_honoured_or_refused_by_the_pipelines_scheduler(
     honoured = _images(kind, _pipeline(kind, pipelines[kind], model, scheduler), steps=3)
     with pytest.raises(SlimdiffError, match="skip table"):
         _images(kind, _pipeline(kind, pipelines[kind], model, scheduler), steps=2)  # other timesteps
-    if kind == "sdxl":  # the pipeline's own Euler scheduler is not the table's sampler
-        with pytest.raises(SlimdiffError, match="skip table"):
-            _images(kind, pipe, steps=3)
+    assert type(pipe.scheduler) is scheduler_class  # the pipeline's own sampler, as the user runs it
+    other = DDPMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(SlimdiffError, match="skip table"):
+        _images(kind, _pipeline(kind, pipelines[kind], model, other), steps=3)  # another sampler
     full = _images(kind, _pipeline(kind, pipelines[kind], slimdiff.load(out, artifacts=False), scheduler), steps=3)
     assert not np.allclose(honoured, full), "the table skips work, so its images differ from full compute"
 

@@ -19,7 +19,7 @@ from slimdiff.errors import SlimdiffError
 from slimdiff.export import SPEC_NAME, WEIGHTS_NAME, load, save
 from slimdiff.models import adapter_for, build_tiny
 from slimdiff.settings import SampleConfig
-from slimdiff.training.diffusion import DEFAULT_SCHEDULE, make_scheduler
+from slimdiff.training.diffusion import DEFAULT_SCHEDULE, make_scheduler, sample
 
 STEPS = 4
 
@@ -86,6 +86,20 @@ def test_a_dpm_table_refuses_another_solver_order(tmp_path: Path) -> None:
     third.set_timesteps(STEPS)
     with pytest.raises(SlimdiffError, match="got solver_order=3 instead of 2"):
         plan.check(third)
+
+
+def test_an_euler_table_is_honoured_by_euler_and_refused_by_ddim() -> None:
+    model = build_tiny("tiny-unet").eval()
+    full = sample(adapter_for(model), n=2, steps=STEPS, scheduler="euler", progress=False)
+    skip.attach(model, _table(model, "euler").to_json())
+    euler, ddim = make_scheduler("euler", DEFAULT_SCHEDULE), make_scheduler("ddim", DEFAULT_SCHEDULE)
+    euler.set_timesteps(STEPS)
+    ddim.set_timesteps(STEPS)
+    sampling_plan(model).check(euler)
+    with pytest.raises(SlimdiffError, match="got DDIMScheduler"):
+        sampling_plan(model).check(ddim)
+    skipped = sample(adapter_for(model), n=2, steps=STEPS, scheduler="euler", progress=False)
+    assert torch.isfinite(skipped).all() and not torch.allclose(skipped, full)  # the table skipped work
 
 
 def test_a_table_saved_before_settings_were_recorded_loads_and_checks_class_and_timesteps(tmp_path: Path) -> None:

@@ -91,8 +91,8 @@ def draw(
 
 
 def refuse_other_sampler(model: nn.Module, scheduler: str, steps: int, schedule: dict[str, Any] | None) -> None:
-    """Before any sampling: refuse `scheduler` (ddpm, ddim, dpm) with `steps` over the model's `schedule` when the
-    model's sampling plan was made for another sampler."""
+    """Before any sampling: refuse `scheduler` (ddpm, ddim, dpm, euler) with `steps` over the model's `schedule`
+    when the model's sampling plan was made for another sampler."""
     sched = make_scheduler(scheduler, schedule)
     sched.set_timesteps(steps)
     check_sampler(model, sched)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
@@ -19,6 +19,7 @@ SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
     "dpm": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
 }
 
 #: The training noise schedule used when a model directory carries none: DDPM's linear betas, epsilon prediction.
@@ -33,7 +34,7 @@ DEFAULT_SCHEDULE: dict[str, Any] = {
 
 
 def make_scheduler(name: str, schedule: dict[str, Any] | None = None) -> SchedulerMixin:
-    """A sampler (`ddpm`, `ddim` or `dpm`) over the model's training noise schedule."""
+    """A sampler (`ddpm`, `ddim`, `dpm` or `euler`) over the model's training noise schedule."""
     if name not in SAMPLERS:
         raise SlimdiffError(f"unknown scheduler '{name}'; valid: {', '.join(SAMPLERS)}")
     config = {k: v for k, v in (schedule or DEFAULT_SCHEDULE).items() if not k.startswith("_")}

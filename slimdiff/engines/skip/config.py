@@ -8,6 +8,7 @@ from typing import Literal
 from slimdiff.engines.budgets import LatencyBudget, exactly_one
 from slimdiff.engines.skip.table import Granularity, check_forecast_order
 from slimdiff.errors import SlimdiffError
+from slimdiff.settings import Scheduler
 
 Method = Literal["dip-go", "deepcache", "step-reuse"]
 Start = Literal["full", "step-reuse"]
@@ -22,8 +23,8 @@ class SkipConfig(LatencyBudget):
         default=None, metadata={"help": "Keep this fraction of the MACs of a full sampling run (e.g. 0.25)."}
     )
     steps: int = field(default=50, metadata={"help": "Sampling steps the table is made for."})
-    scheduler: Literal["ddim", "dpm", "ddpm"] = field(
-        default="ddim", metadata={"help": "Sampler the table is made for: ddim, dpm or ddpm."}
+    scheduler: Scheduler = field(
+        default="ddim", metadata={"help": "Sampler the table is made for: ddim, dpm, ddpm or euler."}
     )
     method: Method = field(default="dip-go", metadata={"help": "dip-go (learned), deepcache or step-reuse."})
     granularity: Granularity = field(
