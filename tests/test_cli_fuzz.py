@@ -216,7 +216,7 @@ def test_bad_values_are_named(variants: dict[str, Path], tmp_path: Path) -> None
             "invalid setting importance ('--importance'): must be one of diff-pruning"
         ),
         ("compress", "channels", model, "--target-macs", "1.5", "--out", tmp_path / "o"): "budget 1.5",
-        (*sample, "--scheduler", "euler"): "euler",
+        (*sample, "--scheduler", "heun"): "heun",
         (*sample, "--labels", "5000"): "labels [5000] out of range",
         ("eval", model, "--metrics", "fid,bogus", "--n", "2"): "bogus",
         ("finetune", model, "--steps", "1", "--out", model): "--out must differ",

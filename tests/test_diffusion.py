@@ -69,8 +69,8 @@ def test_text_guidance_needs_the_empty_prompt() -> None:
 
 def test_bad_sampling_arguments() -> None:
     adapter = adapter_for(build_tiny("tiny-unet"))
-    with pytest.raises(SlimdiffError, match="unknown scheduler 'euler'; valid: ddpm, ddim, dpm"):
-        sample(adapter, n=1, steps=1, scheduler="euler", progress=False)
+    with pytest.raises(SlimdiffError, match="unknown scheduler 'heun'; valid: ddpm, ddim, dpm, euler"):
+        sample(adapter, n=1, steps=1, scheduler="heun", progress=False)
     with pytest.raises(SlimdiffError, match="must be ≥ 1"):
         sample(adapter, n=0, steps=1, progress=False)
     with pytest.raises(SlimdiffError, match="got 3 conditions for 2 samples"):
