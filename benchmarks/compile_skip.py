@@ -5,8 +5,9 @@
     OMP_NUM_THREADS=2 python benchmarks/compile_skip.py --teacher TEACHER --table TABLE --steps 12 --batch 64 \
         --out benchmarks/results/compile_skip_dit.json
 
-For each model (the bare teacher, the teacher with TABLE's skip table): one whole DDIM sampling run of `--steps`
-steps at batch `--batch` (classifier-free guidance `--guidance-scale`: one doubled-batch call per step), eager and
+For each model (the bare teacher, the teacher with TABLE's skip table compiled whole, and the same with only the
+table's units compiled — `slimdiff.compile_units`, the hooks eager): one whole DDIM sampling run of `--steps` steps
+at batch `--batch` (classifier-free guidance `--guidance-scale`: one doubled-batch call per step), eager and
 under `torch.compile` (default backend: inductor; on CPU it needs a C compiler). Graph breaks and graphs compiled are
 dynamo's counters over the first compiled runs (the warm-up, which compiles, and the timed ones) and over one
 run after them (a frame past dynamo's recompile limit runs eager and counts nothing there). Wall: median of
@@ -25,14 +26,16 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from slimdiff.engines.skip import compile_units
 from slimdiff.export import load
 from slimdiff.io import atomic_write_json
 from slimdiff.metrics.cost import sampling_latency
 from slimdiff.models import adapter_for
 
 
-def measure(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
-    """Eager and compiled wall time of one sampling run, and the compiled run's graph breaks."""
+def measure(model: torch.nn.Module, args: argparse.Namespace, *, regional: bool = False) -> dict[str, Any]:
+    """Eager and compiled wall time of one sampling run, and the compiled run's graph breaks: the whole model
+    compiled, or (`regional`) only the skip table's units, its hooks eager (`slimdiff.compile_units`)."""
     adapter = adapter_for(model)
     cond = torch.zeros(args.batch, dtype=torch.long) if adapter.cond_kind == "class" else None
 
@@ -51,7 +54,11 @@ def measure(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"eager_seconds": wall(adapter)}
     torch._dynamo.reset()
     counters.clear()
-    compiled = adapter_for(model, torch.compile(model))
+    if regional:
+        compile_units(model)
+        compiled = adapter_for(model)
+    else:
+        compiled = adapter_for(model, torch.compile(model))
     start = time.perf_counter()
     try:
         row["compiled_seconds"] = wall(compiled)
@@ -87,10 +94,15 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps}
     results["batch"] = args.batch
-    for name, path, artifacts in (("teacher", args.teacher, False), ("step-reuse table", args.table, True)):
+    rows = (
+        ("teacher", args.teacher, False),
+        ("step-reuse table", args.table, False),
+        ("step-reuse table, units compiled", args.table, True),
+    )
+    for name, path, regional in rows:
         if name in results:
             continue  # a rerun measures what is missing
-        results[name] = measure(load(path, artifacts=artifacts).eval(), args)
+        results[name] = measure(load(path, artifacts=name != "teacher").eval(), args, regional=regional)
         print(name, results[name], flush=True)
         atomic_write_json(args.out, results)
 

@@ -9,7 +9,8 @@ The public API (imported lazily, so that `slimdiff --help` stays fast):
 - `load(dir)`, `save(model, dir)`, `load_architecture(dir)`, `Provenance` — pickle-free export (`slimdiff.export`)
 - `adapter_for(model)`, `build_tiny(name)` — the family adapters (`slimdiff.models`)
 - `apply_skip(model, table_or_config)`, `remove_skip(model)` — a skip table's hooks on an in-memory model, as
-  diffusers' `apply_first_block_cache` (`slimdiff.engines.skip`)
+  diffusers' `apply_first_block_cache`; `compile_units(model)` — `torch.compile` of its units, the hooks eager
+  (`slimdiff.engines.skip`)
 - `train(...)` — the training loop (`slimdiff.training.loop`); `sample(...)` — sampling through diffusers schedulers
 - `SlimdiffError` — raised for bad input
 """
@@ -38,6 +39,7 @@ _EXPORTS = {
     "build_tiny": "slimdiff.models",
     "apply_skip": "slimdiff.engines.skip",
     "remove_skip": "slimdiff.engines.skip",
+    "compile_units": "slimdiff.engines.skip",
     "train": "slimdiff.training.loop",
     "sample": "slimdiff.training.diffusion",
     "SlimdiffError": "slimdiff.errors",

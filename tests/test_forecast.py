@@ -172,6 +172,33 @@ def test_apply_skip_and_remove_skip_on_each_family(family: str) -> None:
     assert {"apply_skip", "remove_skip"} <= set(dir(slimdiff))
 
 
+@pytest.mark.parametrize("family", ["tiny-unet", "tiny-dit"])
+def test_compiled_units_give_the_same_samples_with_no_graph_break_and_no_recompile_per_step(family: str) -> None:
+    from torch._dynamo.utils import counters
+
+    model = build_tiny(family).eval()
+    with pytest.raises(SlimdiffError, match="needs a model with a skip table"):
+        slimdiff.compile_units(model)
+    slimdiff.apply_skip(model, skip.SkipConfig(target_macs=0.5, steps=STEPS, method="step-reuse", forecast_order=1))
+    eager = _sample(model)
+    torch._dynamo.reset()
+    counters.clear()
+    slimdiff.compile_units(model, backend="eager")  # dynamo's tracing without a code generator: fast, exact
+    assert torch.equal(_sample(model), eager)
+    assert sum(counters["graph_break"].values()) == 0
+    first = counters["stats"]["unique_graphs"]
+    assert 0 < first <= len(skip.table_of(model).units)  # at most a graph per unit, not one per step
+    _sample(model, seed=1)
+    assert counters["stats"]["unique_graphs"] == first  # a second run compiles nothing new
+    slimdiff.remove_skip(model)
+    hooks = getattr(model, "_diffusers_hook", None)
+    assert all(
+        getattr(unit, "_diffusers_hook", None) is None or not unit._diffusers_hook.hooks for unit in model.modules()
+    )
+    assert hooks is None or not hooks.hooks
+    torch._dynamo.reset()
+
+
 def test_deepcache_forecast_table_is_saved_and_attached_on_load(tmp_path: Path) -> None:
     model = build_tiny("tiny-unet").eval()
     config = skip.SkipConfig(target_macs=0.85, steps=STEPS, method="deepcache", forecast_order=2)

@@ -8,7 +8,8 @@ One module per concept, each importing only those before it:
 
 - `table` — units (`model_units`), `SkipTable`, `UnitCosts` / `unit_costs`, kept fractions;
 - `runtime` — the `diffusers.hooks` that honour a table (`attach`, `detach`, `table_of`, `apply_skip`,
-  `remove_skip`) and its `SamplingPlan`; loading a model with a skip table imports only `table` and `runtime`;
+  `remove_skip`, `compile_units`) and its `SamplingPlan`; loading a model with a skip table imports only `table`
+  and `runtime`;
 - `config` — `SkipConfig`, the engine's settings;
 - `baselines` — DeepCache and step-reuse tables, through the same runtime;
 - `dipgo` — the search: `GateNetwork`, the gated trajectory, post-processing, held-out choice, checkpoints;
@@ -27,6 +28,7 @@ from slimdiff.engines.skip.runtime import (
     ARTIFACT,
     apply_skip,
     attach,
+    compile_units,
     detach,
     remove_skip,
     run_state,
@@ -78,6 +80,7 @@ __all__ = [
     "apply_skip",
     "attach",
     "check_forecast_order",
+    "compile_units",
     "detach",
     "kept_fraction",
     "kept_fractions",

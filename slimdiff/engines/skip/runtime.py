@@ -17,7 +17,7 @@ This is all that loading a model with a skip table imports (with `table`): no se
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -184,18 +184,20 @@ class _UnitHook(ModelHook):
     def __init__(self, state: RunState, name: str, index: int) -> None:
         super().__init__()
         self.state, self.name, self.index = state, name, index
+        self.compiled: Callable[..., Any] | None = None  # the unit's forward under torch.compile (`compile_units`)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = self.state
+        compute = self.compiled or self.fn_ref.original_forward
         if not state.active:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return compute(*args, **kwargs)
         history = state.caches[state.slot].get(self.name)
         t = state.table.timesteps[state.step]
         if history is not None and not state.live[state.step][self.index]:
             return history.forecast(t)
         if history is None:
             history = state.caches[state.slot][self.name] = UnitHistory(state.table.forecast_order)
-        output = self.fn_ref.original_forward(*args, **kwargs)
+        output = compute(*args, **kwargs)
         history.add(t, output)
         return output
 
@@ -289,6 +291,21 @@ def apply_skip(
         table = baseline_for(model, table_or_config, schedule)
     attach(model, table)
     return table
+
+
+def compile_units(model: nn.Module, **compile_options: Any) -> None:
+    """Regional compilation for a model with a skip table: each unit's own computation runs under
+    `torch.compile(**compile_options)`, while the table's hooks — which read the timestep and decide per step whether
+    a unit runs — stay eager. Compiling the whole model instead puts that per-step decision inside the graph: a graph
+    break at the timestep read and a recompilation per step. `remove_skip` (or attaching another table) returns the
+    units to eager."""
+    registry = getattr(model, "_diffusers_hook", None)
+    state = run_state(model)
+    if registry is None or state is None:
+        raise SlimdiffError("compile_units needs a model with a skip table (apply_skip or slimdiff.load)")
+    for name in state.table.units:
+        hook = get_submodule(model, name)._diffusers_hook.get_hook(UNIT_HOOK)
+        hook.compiled = torch.compile(hook.fn_ref.original_forward, **compile_options)
 
 
 def remove_skip(model: nn.Module) -> None:
