@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from skipping import Bench
 
-from benchmarks.skipping import Bench
 from slimdiff.engines import cache_baselines as cb
 
 

@@ -17,8 +17,9 @@ import copy
 import time
 from pathlib import Path
 
+from skipping import Bench
+
 import slimdiff
-from benchmarks.skipping import Bench
 from slimdiff.engines import skip
 from slimdiff.errors import SlimdiffError
 

@@ -147,13 +147,14 @@ class Bench:
     def skip_config(self, **values: Any) -> skip.SkipConfig:
         return get_engine("skip").make_config(guidance_scale=self.guidance, **values)
 
-    def table_row(self, key: str, model_dir: Path, ref_steps: int, fraction: float, how: dict) -> dict[str, Any]:
+    def table_row(self, key: str, model_dir: Path, ref: Ref, fraction: float, how: dict) -> dict[str, Any]:
         model = load(model_dir)
         table = skip.table_of(model)
         costs = skip.unit_costs(model, table.units)
         kept = skip.kept_fraction(table, costs)
-        row = {"key": key, "kind": "table", "ref_steps": ref_steps, "fraction": fraction, **how}
-        row |= self.quality(model, "ddim", ref_steps)
+        scheduler, ref_steps = ref
+        row = {"key": key, "kind": "table", "ref_scheduler": scheduler, "ref_steps": ref_steps, "fraction": fraction}
+        row |= how | self.quality(model, scheduler, ref_steps)
         row |= {
             "kept_sampling_macs": kept,
             "sampling_macs": round(kept * self.per_call * ref_steps),
@@ -162,20 +163,46 @@ class Bench:
         return self.add(row)
 
 
-def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
+#: A reference sampler: (scheduler, steps).
+Ref = tuple[str, int]
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm": "DPM-Solver++", "euler": "Euler", "ddpm": "DDPM"}
+
+
+def _ref(row: dict[str, Any]) -> Ref:
+    """A table row's reference sampler (rows from before other samplers were measured are DDIM's)."""
+    return row.get("ref_scheduler", "ddim"), row["ref_steps"]
+
+
+def _prefix(ref: Ref) -> str:
+    """The work folder and key prefix of a reference sampler: `ddim50`, `dpm20`."""
+    return f"{ref[0]}{ref[1]}"
+
+
+def _parse_ref(text: str) -> Ref:
+    """`50` (DDIM) or `dpm-20`."""
+    scheduler, _, steps = text.rpartition("-")
+    if scheduler and scheduler not in SAMPLER_NAMES or not steps.isdigit():
+        raise SystemExit(f"--refs {text!r}: give DDIM steps (50), nstar, or SAMPLER-STEPS (dpm-20, euler-20)")
+    return scheduler or "ddim", int(steps)
+
+
+def run_tables(bench: Bench, ref: Ref, fractions: list[float]) -> None:
     args = bench.args
-    work = args.work / f"ddim{ref_steps}"
-    bench.sampler_row("ddim", ref_steps)
+    scheduler, ref_steps = ref
+    work = args.work / _prefix(ref)
+    bench.sampler_row(scheduler, ref_steps)
     for fraction in fractions:
         equal = max(1, round(fraction * ref_steps))
-        bench.sampler_row("ddim", equal)
-        bench.sampler_row("dpm", equal)
+        for fewer in dict.fromkeys(("ddim", "dpm", scheduler)):  # the free alternatives, and the reference's own
+            bench.sampler_row(fewer, equal)
     for method, granularity in (("step-reuse", "block"), ("deepcache", "layer")):
         for fraction in fractions:
-            key = f"ddim{ref_steps}-{method}-{granularity}-{fraction}"
+            key = f"{_prefix(ref)}-{method}-{granularity}-{fraction}"
             if bench.done(key):
                 continue
-            config = bench.skip_config(method=method, granularity=granularity, steps=ref_steps, target_macs=fraction)
+            config = bench.skip_config(
+                method=method, granularity=granularity, scheduler=scheduler, steps=ref_steps, target_macs=fraction
+            )
             out = work / key
             try:
                 result = compress_model("skip", args.teacher, "digits", out, config, resume=True)
@@ -184,6 +211,7 @@ def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
                     {
                         "key": key,
                         "kind": "table",
+                        "ref_scheduler": scheduler,
                         "ref_steps": ref_steps,
                         "fraction": fraction,
                         "method": method,
@@ -195,27 +223,29 @@ def run_tables(bench: Bench, ref_steps: int, fractions: list[float]) -> None:
             bench.table_row(
                 key,
                 out,
-                ref_steps,
+                ref,
                 fraction,
                 {"method": method, "granularity": granularity, "how": result.record["how"]},
             )
     for seed in args.seeds:
         for granularity in args.granularities:
-            dip_go(bench, ref_steps, fractions, granularity, seed)
-    searched_tables(bench, ref_steps)
+            dip_go(bench, ref, fractions, granularity, seed)
+    searched_tables(bench, ref)
 
 
-def dip_go(bench: Bench, ref_steps: int, fractions: list[float], granularity: str, seed: int) -> None:
+def dip_go(bench: Bench, ref: Ref, fractions: list[float], granularity: str, seed: int) -> None:
     """One DiP-GO search per fraction (`slimdiff compress skip --method dip-go --target-macs F`), warm-started as
     configured; the engine keeps step reuse instead where that is more consistent on held-out noises."""
     args = bench.args
+    scheduler, ref_steps = ref
     for fraction in fractions:
-        key = f"ddim{ref_steps}-dip-go-{granularity}-{fraction}" + ("" if seed == 0 else f"-s{seed}")
+        key = f"{_prefix(ref)}-dip-go-{granularity}-{fraction}" + ("" if seed == 0 else f"-s{seed}")
         if bench.done(key):
             continue
         config = bench.skip_config(
             method="dip-go",
             granularity=granularity,
+            scheduler=scheduler,
             steps=ref_steps,
             target_macs=fraction,
             iterations=args.iterations,
@@ -224,7 +254,7 @@ def dip_go(bench: Bench, ref_steps: int, fractions: list[float], granularity: st
             start=args.start,
             seed=seed,
         )
-        out = args.work / f"ddim{ref_steps}" / key
+        out = args.work / _prefix(ref) / key
         start = time.perf_counter()
         result = compress_model("skip", args.teacher, "digits", out, config, resume=True, log=print)
         how = {
@@ -238,17 +268,17 @@ def dip_go(bench: Bench, ref_steps: int, fractions: list[float], granularity: st
             "selected": result.record["selected"],
             "held_out": result.record["held_out"],
         }
-        bench.table_row(key, out, ref_steps, fraction, how)
+        bench.table_row(key, out, ref, fraction, how)
 
 
-def searched_tables(bench: Bench, ref_steps: int) -> None:
+def searched_tables(bench: Bench, ref: Ref) -> None:
     """Where the engine shipped step reuse instead of the search's table, also measure what the search found: its
     probabilities post-processed to the same budget (a `<key>-searched` row)."""
     for row in list(bench.results["rows"]):
         key = f"{row['key']}-searched"
-        if row.get("selected") != "step-reuse" or row["ref_steps"] != ref_steps or bench.done(key):
+        if row.get("selected") != "step-reuse" or _ref(row) != ref or bench.done(key):
             continue
-        out = bench.args.work / f"ddim{ref_steps}" / row["key"]
+        out = bench.args.work / _prefix(ref) / row["key"]
         entry = read_provenance(out).history[-1]
         config = skip.SkipConfig(**entry["config"])
         made = skip.table_of(load(out))
@@ -257,10 +287,10 @@ def searched_tables(bench: Bench, ref_steps: int) -> None:
         costs = skip.unit_costs(bench.teacher, base.units)
         probs = torch.tensor(entry["skip_probabilities"])
         table = skip.postprocess(probs, base, costs, config.target_macs, config.tolerance, config.threshold)
-        searched = bench.args.work / f"ddim{ref_steps}" / key
+        searched = bench.args.work / _prefix(ref) / key
         save(bench.teacher, searched, artifacts={"skip_table": table.to_json()})
         how = {k: row[k] for k in ("method", "granularity", "seed", "start", "search_seconds", "held_out")}
-        bench.table_row(key, searched, ref_steps, row["fraction"], how | {"selected": "searched (not shipped)"})
+        bench.table_row(key, searched, ref, row["fraction"], how | {"selected": "searched (not shipped)"})
 
 
 def reference_architecture(config_path: Path, steps: int = 50) -> dict[str, Any]:
@@ -315,14 +345,14 @@ def wall_times(bench: Bench) -> None:
     for row in bench.results["rows"]:
         if row["kind"] != "table" or "infeasible" in row or "wall" in row:
             continue
-        ref, equal = row["ref_steps"], max(1, round(row["fraction"] * row["ref_steps"]))
-        model = load(bench.args.work / f"ddim{ref}" / row["key"])
+        (scheduler, ref), equal = _ref(row), max(1, round(row["fraction"] * row["ref_steps"]))
+        model = load(bench.args.work / _prefix(_ref(row)) / row["key"])
         wall: dict[str, float] = {"macs_speedup": 1 / row["kept_sampling_macs"]}
         for batch in (64, 1):
             times = {
-                "ref_s": bench.wall(bench.teacher, "ddim", ref, batch),
-                "table_s": bench.wall(model, "ddim", ref, batch),
-                "fewer_steps_s": bench.wall(bench.teacher, "ddim", equal, batch),
+                "ref_s": bench.wall(bench.teacher, scheduler, ref, batch),
+                "table_s": bench.wall(model, scheduler, ref, batch),
+                "fewer_steps_s": bench.wall(bench.teacher, scheduler, equal, batch),
             }
             wall |= {f"{name}_batch{batch}": value for name, value in times.items()}
             wall[f"table_speedup_batch{batch}"] = times["ref_s"] / times["table_s"]
@@ -342,8 +372,8 @@ def grids(bench: Bench) -> None:
         if row["kind"] == "sampler":
             images = bench.samples(bench.teacher, row["scheduler"], row["steps"], 64)
         else:
-            model = load(bench.args.work / f"ddim{row['ref_steps']}" / row["key"])
-            images = bench.samples(model, "ddim", row["ref_steps"], 64)
+            model = load(bench.args.work / _prefix(_ref(row)) / row["key"])
+            images = bench.samples(model, *_ref(row), 64)
         save_grid(images, path, scale=2)
         print(path, flush=True)
 
@@ -382,18 +412,19 @@ def markdown(paths: list[Path]) -> str:
         for r in samplers
     ]
     out = ["### The teacher's curve", "", markdown_table(curve), ""]
-    for ref in sorted({r["ref_steps"] for r in rows.values() if r["kind"] == "table"}):
-        full = rows.get(f"ddim-{ref}", {})
+    for scheduler, ref in sorted({_ref(r) for r in rows.values() if r["kind"] == "table"}):
+        full = rows.get(f"{scheduler}-{ref}", {})
+        ours = [r for r in rows.values() if r["kind"] == "table" and _ref(r) == (scheduler, ref)]
         table = []
-        for fraction in sorted({r["fraction"] for r in rows.values() if r.get("ref_steps") == ref}, reverse=True):
+        for fraction in sorted({r["fraction"] for r in ours}, reverse=True):
             equal = max(1, round(fraction * ref))
-            for name in (f"ddim-{equal}", f"dpm-{equal}"):
+            for name in dict.fromkeys((f"ddim-{equal}", f"dpm-{equal}", f"{scheduler}-{equal}")):
                 if name in rows:
                     r = rows[name]
                     row = {"fraction": fraction, "row": f"{r['scheduler']} {equal} steps", "kept MACs": equal / ref}
                     table.append(row | _quality(r) | {"wall b64": "", "wall b1": ""})
-            for r in rows.values():
-                if r["kind"] != "table" or r["ref_steps"] != ref or r["fraction"] != fraction:
+            for r in ours:
+                if r["fraction"] != fraction:
                     continue
                 row = {"fraction": fraction, "row": _name(r)}
                 if "infeasible" in r:
@@ -401,7 +432,7 @@ def markdown(paths: list[Path]) -> str:
                     continue
                 row |= {"kept MACs": r["kept_sampling_macs"], **_quality(r)}
                 table.append(row | {"wall b64": _wall(r, 64), "wall b1": _wall(r, 1)})
-        head = f"### From DDIM-{ref} (FID {full.get('fid', float('nan')):.3f})"
+        head = f"### From {SAMPLER_NAMES[scheduler]}-{ref} (FID {full.get('fid', float('nan')):.3f})"
         out += [head, "", markdown_table(table), ""]
     return "\n".join(out)
 
@@ -412,7 +443,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=[4, 6, 8, 10, 12, 16, 25, 50, 100])
     parser.add_argument("--dpm-steps", type=int, nargs="+", default=[4, 6, 8, 12, 16, 25])
-    parser.add_argument("--refs", nargs="+", default=["50", "nstar"], help="reference DDIM step counts, or nstar")
+    parser.add_argument("--euler-steps", type=int, nargs="*", default=[])
+    parser.add_argument(
+        "--refs",
+        nargs="+",
+        default=["50", "nstar"],
+        help="reference samplers: DDIM step counts (50), nstar (DDIM's best), or SAMPLER-STEPS (dpm-20, euler-20)",
+    )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.33, 0.25, 0.2])
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="conditional teachers: CFG scale")
     parser.add_argument("--iterations", type=int, default=60, help="dip-go optimizer steps per search")
@@ -452,6 +489,8 @@ def main() -> None:
             bench.sampler_row("ddim", steps)
         for steps in args.dpm_steps:
             bench.sampler_row("dpm", steps)
+        for steps in args.euler_steps:
+            bench.sampler_row("euler", steps)
     if args.stage in ("tables", "all"):
         for ref in args.refs:
             if ref == "nstar":
@@ -459,7 +498,7 @@ def main() -> None:
                 if not curve:
                     raise SystemExit("--refs nstar needs the curve first (--stage curve or all)")
                 bench.results["nstar"] = min(curve, key=lambda r: r["fid"])["steps"]
-            run_tables(bench, bench.results["nstar"] if ref == "nstar" else int(ref), args.fractions)
+            run_tables(bench, ("ddim", bench.results["nstar"]) if ref == "nstar" else _parse_ref(ref), args.fractions)
     atomic_write_json(args.out, bench.results)
 
 

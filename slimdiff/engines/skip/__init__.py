@@ -49,6 +49,7 @@ from slimdiff.engines.skip.table import (
 
 _LAZY = {
     "SkipConfig": "config",
+    "Start": "config",
     "base_table": "baselines",
     "baseline_table": "baselines",
     "deepcache_branches": "baselines",
