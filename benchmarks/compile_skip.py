@@ -27,7 +27,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from slimdiff.engines.skip import compile_units
-from slimdiff.export import load
+from slimdiff.export import load, load_scheduler_config
 from slimdiff.io import atomic_write_json
 from slimdiff.metrics.cost import sampling_latency
 from slimdiff.models import adapter_for
@@ -44,6 +44,7 @@ def measure(model: torch.nn.Module, args: argparse.Namespace, *, regional: bool 
             compiled_adapter,
             steps=args.steps,
             batch_size=args.batch,
+            schedule=load_scheduler_config(args.teacher),
             cond=cond,
             guidance_scale=args.guidance_scale,
             warmup=warmup,

@@ -127,6 +127,7 @@ class Bench:
             steps=steps,
             batch_size=batch,
             scheduler=scheduler,
+            schedule=self.schedule,
             guidance_scale=self.guidance,
             warmup=1 if batch == 1 else 0,
             repeats=self.args.wall_repeats,

@@ -57,8 +57,10 @@ def recipe_cli(
 def fake_timer(monkeypatch: pytest.MonkeyPatch) -> None:
     """A deterministic stand-in for the latency timers, following the MACs: a denoiser call takes 2 ms + 1 ms per
     M MACs·image; a sampling run, the sum of its steps' calls (0.5 ms + the MACs a skip table keeps)."""
+    from slimdiff.artifacts import check_sampler
     from slimdiff.engines import budgets, skip
     from slimdiff.metrics.cost import LatencyStats, count_macs
+    from slimdiff.training.diffusion import make_scheduler
 
     def stats(ms: float, batch: int, what: str) -> LatencyStats:
         return LatencyStats(ms, ms, ms, ms, 0.0, repeats=10, warmup=3, batch_size=batch, device="cpu", what=what)
@@ -66,10 +68,13 @@ def fake_timer(monkeypatch: pytest.MonkeyPatch) -> None:
     def denoiser(model: torch.nn.Module, batch: int) -> LatencyStats:
         return stats(2 + count_macs(model).total * batch / 1e6, batch, "denoiser call")
 
-    def sampling(adapter, batch: int, *, steps: int, scheduler: str, guidance_scale: float) -> LatencyStats:
+    def sampling(adapter, batch: int, *, steps: int, scheduler: str, schedule, guidance_scale: float) -> LatencyStats:
         table = skip.table_of(adapter.model)
         kept = 1.0
-        if table is not None:
+        if table is not None:  # a real run over another sampler than the table's is refused: so is this one
+            sched = make_scheduler(scheduler, schedule)
+            sched.set_timesteps(steps)
+            check_sampler(adapter.model, sched)
             kept = skip.kept_fraction(table, skip.unit_costs(adapter.model, table.units))
         per_call = count_macs(adapter.model).total * batch / 1e6
         return stats(steps * (0.5 + per_call * kept), batch, "sampling run")

@@ -102,6 +102,29 @@ def test_an_euler_table_is_honoured_by_euler_and_refused_by_ddim() -> None:
     assert torch.isfinite(skipped).all() and not torch.allclose(skipped, full)  # the table skipped work
 
 
+def test_latency_and_memory_of_a_table_run_over_the_models_own_schedule(tmp_path: Path) -> None:
+    from slimdiff.jobs.evaluation import EvalSettings, evaluate_model
+
+    # SD-1.5's: its timesteps are offset by one from the default schedule's, so a run over the default is refused
+    schedule = DEFAULT_SCHEDULE | {
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+    }
+    model = build_tiny("tiny-unet").eval()
+    sched = make_scheduler("ddim", schedule)
+    sched.set_timesteps(STEPS)
+    units = skip.model_units(adapter_for(model), "block")
+    table = skip.SkipTable.full("DDIMScheduler", sched.timesteps.tolist(), units, "block", sampler_settings(sched))
+    table.compute[1] = [False] * len(units)
+    path = save(model, tmp_path / "m", artifacts={"skip_table": table.to_json()}, scheduler_config=schedule)
+    settings = EvalSettings(metrics=("latency", "memory"), steps=STEPS, batch_size=2)
+    metrics = evaluate_model(path, settings, progress=False)["metrics"]  # timed with the table, not refused
+    assert metrics["sampling_latency_ms"]["value"] > 0 and "sampling_peak_memory_bytes" in metrics
+
+
 def test_a_table_saved_before_settings_were_recorded_loads_and_checks_class_and_timesteps(tmp_path: Path) -> None:
     model, path = _saved(tmp_path, recorded=False)
     payload = json.loads((path / "skip_table.json").read_text())

@@ -146,13 +146,17 @@ def time_denoiser(model: nn.Module, batch: int) -> LatencyStats:
     return denoiser_latency(model, batch_size=batch, device=_device_of(model), **DENOISER_TIMING)
 
 
-def time_sampling(adapter: Adapter, batch: int, *, steps: int, scheduler: str, guidance_scale: float) -> LatencyStats:
-    """One whole sampling run drawing `batch` images (with whatever sampling plan the model carries)."""
+def time_sampling(
+    adapter: Adapter, batch: int, *, steps: int, scheduler: str, schedule: dict[str, Any], guidance_scale: float
+) -> LatencyStats:
+    """One whole sampling run drawing `batch` images over the model's noise `schedule` (with whatever sampling plan
+    the model carries)."""
     return sampling_latency(
         adapter,
         steps=steps,
         batch_size=batch,
         scheduler=scheduler,
+        schedule=schedule,
         guidance_scale=guidance_scale,
         device=_device_of(adapter.model),
         **SAMPLING_TIMING,

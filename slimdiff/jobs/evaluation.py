@@ -34,6 +34,9 @@ from slimdiff.models.base import count_params
 from slimdiff.report import markdown_table, save_grid, write_compare_report
 from slimdiff.settings import EvalSettings as EvalSettings
 
+#: A model's training noise-scheduler config (None: diffusers' DDPM schedule, `DEFAULT_SCHEDULE`).
+Schedule = dict[str, Any] | None
+
 
 def evaluate_model(
     model_dir: str | Path, settings: EvalSettings, *, grid: str | Path | None = None, progress: bool = True
@@ -111,17 +114,19 @@ def evaluate_model(
                 "no denoiser compression removes it (not in sampling_macs)",
             }
     if "latency" in settings.metrics:
-        report["metrics"] |= _latency(model, adapter, settings, device)
+        report["metrics"] |= _latency(model, adapter, settings, schedule, device)
     if "memory" in settings.metrics:
-        report["metrics"] |= _memory(model, adapter, settings, device)
+        report["metrics"] |= _memory(model, adapter, settings, schedule, device)
     return report
 
 
-def _latency(model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, device: torch.device) -> dict[str, Any]:
+def _latency(
+    model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, schedule: Schedule, device: torch.device
+) -> dict[str, Any]:
     """Median wall-clock time of one denoiser call and of one sampling run at the evaluation's batch."""
     with full_compute(model):  # one call outside a sampling run computes everything
         call = denoiser_latency(model, batch_size=settings.batch_size, device=device)
-    run = sampling_latency(adapter, **_sampling_run(settings), device=device)
+    run = sampling_latency(adapter, **_sampling_run(settings, schedule), device=device)
     threads = {"threads": torch.get_num_threads()} if device.type == "cpu" else {}
     call_counts, run_counts = _measured_runs(settings)
     measured = {"device": str(device), "dtype": settings.dtype} | threads
@@ -132,11 +137,13 @@ def _latency(model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, d
     return {"latency_ms": timed[0] | measured, "sampling_latency_ms": timed[1] | measured}
 
 
-def _memory(model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, device: torch.device) -> dict[str, Any]:
+def _memory(
+    model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, schedule: Schedule, device: torch.device
+) -> dict[str, Any]:
     """Peak memory beyond the weights of one denoiser call and of one sampling run at the evaluation's batch."""
     with full_compute(model):  # one call outside a sampling run computes everything
         call = denoiser_memory(model, batch_size=settings.batch_size, device=device)
-    run = sampling_memory(adapter, **_sampling_run(settings), device=device)
+    run = sampling_memory(adapter, **_sampling_run(settings, schedule), device=device)
     call_counts, run_counts = _measured_runs(settings)
     measured = {"device": str(device), "dtype": settings.dtype, "measures": MEMORY_COUNTS[device.type]}
     return {
@@ -145,12 +152,14 @@ def _memory(model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, de
     }
 
 
-def _sampling_run(settings: EvalSettings) -> dict[str, Any]:
-    """The sampling run that latency and memory measure, as `metrics.cost` takes it."""
+def _sampling_run(settings: EvalSettings, schedule: Schedule) -> dict[str, Any]:
+    """The sampling run that latency and memory measure, over the model's noise schedule, as `metrics.cost` takes
+    it."""
     return {
         "steps": settings.steps,
         "batch_size": settings.batch_size,
         "scheduler": settings.scheduler,
+        "schedule": schedule,
         "guidance_scale": settings.guidance_scale,
     }
 

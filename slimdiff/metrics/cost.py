@@ -337,9 +337,16 @@ def _default_cond(adapter: Adapter, batch_size: int) -> torch.Tensor | None:
 
 
 def _sampling_run(
-    adapter: Adapter, steps: int, batch_size: int, scheduler: str, cond: torch.Tensor | None, guidance_scale: float
+    adapter: Adapter,
+    steps: int,
+    batch_size: int,
+    scheduler: str,
+    schedule: dict[str, Any] | None,
+    cond: torch.Tensor | None,
+    guidance_scale: float,
 ) -> Callable[[], None]:
-    """One whole `diffusion.sample` run drawing `batch_size` images in one batch, stand-in conditions by default."""
+    """One whole `diffusion.sample` run drawing `batch_size` images in one batch over the model's noise `schedule`
+    (its timesteps are the ones a skip table checks), stand-in conditions by default."""
     from slimdiff.training.diffusion import sample  # diffusion imports schedulers; keep cost.py light to import
 
     if cond is None:
@@ -354,6 +361,7 @@ def _sampling_run(
             n=batch_size,
             steps=steps,
             scheduler=scheduler,
+            schedule=schedule,
             cond=cond,
             guidance_scale=guidance_scale,
             uncond_embedding=uncond,
@@ -370,6 +378,7 @@ def sampling_latency(
     steps: int,
     batch_size: int,
     scheduler: str = "ddim",
+    schedule: dict[str, Any] | None = None,
     warmup: int = 1,
     repeats: int = 3,
     device: torch.device | str = "cpu",
@@ -378,11 +387,12 @@ def sampling_latency(
 ) -> LatencyStats:
     """Wall-clock time of one whole `diffusion.sample` run drawing `batch_size` images in one batch, in eval mode.
 
-    Covers noise creation, every scheduler step and denoiser call (no decoding). `cond` defaults to stand-in
-    conditions for conditional models; with `guidance_scale != 1` each step runs the denoiser on a doubled batch.
+    Covers noise creation, every scheduler step and denoiser call (no decoding). `schedule` is the model's training
+    noise-scheduler config (default: DDPM's); `cond` defaults to stand-in conditions for conditional models; with
+    `guidance_scale != 1` each step runs the denoiser on a doubled batch.
     """
     dev = _check_on_device(adapter.model, device)
-    run = _sampling_run(adapter, steps, batch_size, scheduler, cond, guidance_scale)
+    run = _sampling_run(adapter, steps, batch_size, scheduler, schedule, cond, guidance_scale)
     with _eval_mode(adapter.model):
         return time_callable(
             run,
@@ -491,12 +501,13 @@ def sampling_memory(
     steps: int,
     batch_size: int,
     scheduler: str = "ddim",
+    schedule: dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
     cond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
 ) -> int:
     """Peak memory of one whole sampling run (as `sampling_latency` times it) beyond the weights (bytes)."""
     dev = _check_on_device(adapter.model, device)
-    run = _sampling_run(adapter, steps, batch_size, scheduler, cond, guidance_scale)
+    run = _sampling_run(adapter, steps, batch_size, scheduler, schedule, cond, guidance_scale)
     with _eval_mode(adapter.model):
         return peak_memory(run, dev)

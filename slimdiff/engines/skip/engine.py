@@ -38,6 +38,7 @@ def _fit_latency(
     base: SkipTable,
     costs: UnitCosts,
     table_for: Callable[[SkipConfig], tuple[SkipTable, str]],
+    schedule: dict[str, Any],
     log: Log,
 ) -> budgets.LatencyFit[tuple[SkipTable, str]]:
     """The table whose whole sampling run at `latency_batch` meets the latency budget (engines/budgets.py): each
@@ -54,6 +55,7 @@ def _fit_latency(
                 config.latency_batch,
                 steps=config.steps,
                 scheduler=config.scheduler,
+                schedule=schedule,
                 guidance_scale=config.guidance_scale,
             )
         finally:
@@ -122,7 +124,7 @@ def compress(adapter: Adapter, config: SkipConfig, data: Calibration, *, log: Lo
     if config.target_latency_ms is None:
         table, how = table_for(config)
     else:
-        fit = _fit_latency(adapter, config, base, costs, table_for, log)
+        fit = _fit_latency(adapter, config, base, costs, table_for, data.schedule, log)
         table, how = fit.product
         record["latency"] = fit.record()
     kept = kept_fraction(table, costs)
