@@ -25,6 +25,7 @@ Fang, Ma, Wang, *Structural Pruning for Diffusion Models* (NeurIPS 2023); summar
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -131,34 +132,39 @@ def accumulate_gradients(adapter: Adapter, data: Calibration, config: ChannelPru
             pass_loss(part, t).backward()
         return sorted(set(t.tolist()))
     params = [p for p in model.parameters() if p.requires_grad]
-    used: list[int] = []
-    peak = 0.0
-    for step in range(0, scheduler.config.num_train_timesteps, config.timestep_stride):
-        t = torch.full((len(x0),), step, dtype=torch.long)
-        if len(passes) == 1:  # the loss is known before its backward
+
+    def measure(t: torch.Tensor) -> tuple[float, Callable[[bool], None]]:
+        """L_t, and `keep(yes)`, which adds its gradient to the sum over timesteps (or leaves the sum as it was)."""
+        if len(passes) == 1:  # the loss is known before its backward: no gradient is computed in vain
             loss = pass_loss(passes[0], t)
-            value = loss.item()
-        else:
-            summed = [p.grad for p in params]  # Σ over the timesteps so far, set aside
-            model.zero_grad(set_to_none=True)
-            value = 0.0
-            for part in passes:
-                loss = pass_loss(part, t)
-                loss.backward()
-                value += loss.item()
-        peak = max(peak, value)
-        stop = bool(used) and value < config.thr * peak
-        if len(passes) == 1 and not stop:
+            return loss.item(), lambda yes: loss.backward() if yes else None
+        summed = [p.grad for p in params]  # Σ over the timesteps so far, set aside while L_t is measured
+        model.zero_grad(set_to_none=True)
+        value = 0.0
+        for part in passes:
+            loss = pass_loss(part, t)
             loss.backward()
-        elif len(passes) > 1:
+            value += loss.item()
+
+        def keep(yes: bool) -> None:
             for p, before in zip(params, summed, strict=True):
-                if stop or p.grad is None:
+                if not yes or p.grad is None:
                     p.grad = before
                 elif before is not None:
                     p.grad.add_(before)
+
+        return value, keep
+
+    used: list[int] = []
+    peak = 0.0
+    for step in range(0, scheduler.config.num_train_timesteps, config.timestep_stride):
+        value, keep = measure(torch.full((len(x0),), step, dtype=torch.long))
+        peak = max(peak, value)
+        stop = bool(used) and value < config.thr * peak
+        keep(not stop)  # gradients accumulate over the kept timesteps: Σ_t ∂L_t/∂w
         if stop:
             break
-        used.append(step)  # gradients accumulate over timesteps: Σ_t ∂L_t/∂w
+        used.append(step)
     return used
 
 

@@ -34,9 +34,6 @@ from slimdiff.models.base import count_params
 from slimdiff.report import markdown_table, save_grid, write_compare_report
 from slimdiff.settings import EvalSettings as EvalSettings
 
-#: A model's training noise-scheduler config (None: diffusers' DDPM schedule, `DEFAULT_SCHEDULE`).
-Schedule = dict[str, Any] | None
-
 
 def evaluate_model(
     model_dir: str | Path, settings: EvalSettings, *, grid: str | Path | None = None, progress: bool = True
@@ -121,7 +118,11 @@ def evaluate_model(
 
 
 def _latency(
-    model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, schedule: Schedule, device: torch.device
+    model: torch.nn.Module,
+    adapter: Adapter,
+    settings: EvalSettings,
+    schedule: dict[str, Any] | None,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Median wall-clock time of one denoiser call and of one sampling run at the evaluation's batch."""
     with full_compute(model):  # one call outside a sampling run computes everything
@@ -138,7 +139,11 @@ def _latency(
 
 
 def _memory(
-    model: torch.nn.Module, adapter: Adapter, settings: EvalSettings, schedule: Schedule, device: torch.device
+    model: torch.nn.Module,
+    adapter: Adapter,
+    settings: EvalSettings,
+    schedule: dict[str, Any] | None,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Peak memory beyond the weights of one denoiser call and of one sampling run at the evaluation's batch."""
     with full_compute(model):  # one call outside a sampling run computes everything
@@ -152,7 +157,7 @@ def _memory(
     }
 
 
-def _sampling_run(settings: EvalSettings, schedule: Schedule) -> dict[str, Any]:
+def _sampling_run(settings: EvalSettings, schedule: dict[str, Any] | None) -> dict[str, Any]:
     """The sampling run that latency and memory measure, over the model's noise schedule, as `metrics.cost` takes
     it."""
     return {

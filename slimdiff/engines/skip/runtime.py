@@ -299,9 +299,8 @@ def compile_units(model: nn.Module, **compile_options: Any) -> None:
     a unit runs — stay eager. Compiling the whole model instead puts that per-step decision inside the graph: a graph
     break at the timestep read and a recompilation per step. `remove_skip` (or attaching another table) returns the
     units to eager."""
-    registry = getattr(model, "_diffusers_hook", None)
     state = run_state(model)
-    if registry is None or state is None:
+    if state is None:
         raise SlimdiffError("compile_units needs a model with a skip table (apply_skip or slimdiff.load)")
     for name in state.table.units:
         hook = get_submodule(model, name)._diffusers_hook.get_hook(UNIT_HOOK)
