@@ -174,12 +174,12 @@ def _ref(row: dict[str, Any]) -> Ref:
     return row.get("ref_scheduler", "ddim"), row["ref_steps"]
 
 
-def _prefix(ref: Ref) -> str:
+def ref_prefix(ref: Ref) -> str:
     """The work folder and key prefix of a reference sampler: `ddim50`, `dpm20`."""
     return f"{ref[0]}{ref[1]}"
 
 
-def _parse_ref(text: str) -> Ref:
+def parse_ref(text: str) -> Ref:
     """`50` (DDIM) or `dpm-20`."""
     scheduler, _, steps = text.rpartition("-")
     if scheduler and scheduler not in SAMPLER_NAMES or not steps.isdigit():
@@ -190,57 +190,60 @@ def _parse_ref(text: str) -> Ref:
 def run_tables(bench: Bench, ref: Ref, fractions: list[float]) -> None:
     args = bench.args
     scheduler, ref_steps = ref
-    work = args.work / _prefix(ref)
     bench.sampler_row(scheduler, ref_steps)
     for fraction in fractions:
         equal = max(1, round(fraction * ref_steps))
         for fewer in dict.fromkeys(("ddim", "dpm", scheduler)):  # the free alternatives, and the reference's own
             bench.sampler_row(fewer, equal)
-    for method, granularity in (("step-reuse", "block"), ("deepcache", "layer")):
-        for fraction in fractions:
-            key = f"{_prefix(ref)}-{method}-{granularity}-{fraction}"
-            if bench.done(key):
-                continue
-            config = bench.skip_config(
-                method=method, granularity=granularity, scheduler=scheduler, steps=ref_steps, target_macs=fraction
-            )
-            out = work / key
-            try:
-                result = compress_model("skip", args.teacher, "digits", out, config, resume=True)
-            except SlimdiffError as error:
-                bench.add(
-                    {
-                        "key": key,
-                        "kind": "table",
-                        "ref_scheduler": scheduler,
-                        "ref_steps": ref_steps,
-                        "fraction": fraction,
-                        "method": method,
-                        "granularity": granularity,
-                        "infeasible": str(error),
-                    }
-                )
-                continue
-            bench.table_row(
-                key,
-                out,
-                ref,
-                fraction,
-                {"method": method, "granularity": granularity, "how": result.record["how"]},
-            )
-    for seed in args.seeds:
-        for granularity in args.granularities:
-            dip_go(bench, ref, fractions, granularity, seed)
+    for order in args.forecast_orders:
+        for method, granularity in (("step-reuse", "block"), ("deepcache", "layer")):
+            for fraction in fractions:
+                baseline(bench, ref, method, granularity, fraction, order)
+        for seed in args.seeds:
+            for granularity in args.granularities:
+                dip_go(bench, ref, fractions, granularity, seed, order)
     searched_tables(bench, ref)
 
 
-def dip_go(bench: Bench, ref: Ref, fractions: list[float], granularity: str, seed: int) -> None:
+def _order(order: int) -> str:
+    """The key suffix of a forecast order (none for reuse, so rows from before forecasting keep their keys)."""
+    return "" if order == 0 else f"-order{order}"
+
+
+def baseline(bench: Bench, ref: Ref, method: str, granularity: str, fraction: float, order: int) -> None:
+    """A step-reuse or DeepCache table at `fraction` (as `slimdiff compress skip --method M` makes it), or the
+    reason it cannot keep that little."""
+    scheduler, ref_steps = ref
+    key = f"{ref_prefix(ref)}-{method}-{granularity}-{fraction}{_order(order)}"
+    if bench.done(key):
+        return
+    config = bench.skip_config(
+        method=method,
+        granularity=granularity,
+        scheduler=scheduler,
+        steps=ref_steps,
+        target_macs=fraction,
+        forecast_order=order,
+    )
+    out = bench.args.work / ref_prefix(ref) / key
+    how = {"method": method, "granularity": granularity, "forecast_order": order}
+    try:
+        result = compress_model("skip", bench.args.teacher, "digits", out, config, resume=True)
+    except SlimdiffError as error:
+        head = {"key": key, "kind": "table", "ref_scheduler": scheduler, "ref_steps": ref_steps, "fraction": fraction}
+        bench.add(head | how | {"infeasible": str(error)})
+        return
+    bench.table_row(key, out, ref, fraction, how | {"how": result.record["how"]})
+
+
+def dip_go(bench: Bench, ref: Ref, fractions: list[float], granularity: str, seed: int, order: int) -> None:
     """One DiP-GO search per fraction (`slimdiff compress skip --method dip-go --target-macs F`), warm-started as
-    configured; the engine keeps step reuse instead where that is more consistent on held-out noises."""
+    configured and searched for the forecast order it ships with; the engine keeps step reuse (or its uniform
+    forecast) instead where that is more consistent on held-out noises."""
     args = bench.args
     scheduler, ref_steps = ref
     for fraction in fractions:
-        key = f"{_prefix(ref)}-dip-go-{granularity}-{fraction}" + ("" if seed == 0 else f"-s{seed}")
+        key = f"{ref_prefix(ref)}-dip-go-{granularity}-{fraction}" + ("" if seed == 0 else f"-s{seed}") + _order(order)
         if bench.done(key):
             continue
         config = bench.skip_config(
@@ -254,13 +257,15 @@ def dip_go(bench: Bench, ref: Ref, fractions: list[float], granularity: str, see
             noises=args.search_noises,
             start=args.start,
             seed=seed,
+            forecast_order=order,
         )
-        out = args.work / _prefix(ref) / key
+        out = args.work / ref_prefix(ref) / key
         start = time.perf_counter()
         result = compress_model("skip", args.teacher, "digits", out, config, resume=True, log=print)
         how = {
             "method": "dip-go",
             "granularity": granularity,
+            "forecast_order": order,
             "seed": seed,
             "start": args.start,
             "search_seconds": round(time.perf_counter() - start, 1),
@@ -277,20 +282,23 @@ def searched_tables(bench: Bench, ref: Ref) -> None:
     probabilities post-processed to the same budget (a `<key>-searched` row)."""
     for row in list(bench.results["rows"]):
         key = f"{row['key']}-searched"
-        if row.get("selected") != "step-reuse" or _ref(row) != ref or bench.done(key):
+        if row.get("selected") not in ("step-reuse", "step-reuse-forecast") or _ref(row) != ref or bench.done(key):
             continue
-        out = bench.args.work / _prefix(ref) / row["key"]
+        out = bench.args.work / ref_prefix(ref) / row["key"]
         entry = read_provenance(out).history[-1]
         config = skip.SkipConfig(**entry["config"])
         made = skip.table_of(load(out))
         units = skip.model_units(bench.adapter, config.granularity)
-        base = skip.SkipTable.full(made.scheduler, made.timesteps, units, config.granularity, made.settings)
+        base = skip.SkipTable.full(
+            made.scheduler, made.timesteps, units, config.granularity, made.settings, config.forecast_order
+        )
         costs = skip.unit_costs(bench.teacher, base.units)
         probs = torch.tensor(entry["skip_probabilities"])
         table = skip.postprocess(probs, base, costs, config.target_macs, config.tolerance, config.threshold)
-        searched = bench.args.work / _prefix(ref) / key
+        searched = bench.args.work / ref_prefix(ref) / key
         save(bench.teacher, searched, artifacts={"skip_table": table.to_json()})
         how = {k: row[k] for k in ("method", "granularity", "seed", "start", "search_seconds", "held_out")}
+        how["forecast_order"] = row.get("forecast_order", 0)
         bench.table_row(key, searched, ref, row["fraction"], how | {"selected": "searched (not shipped)"})
 
 
@@ -347,7 +355,7 @@ def wall_times(bench: Bench) -> None:
         if row["kind"] != "table" or "infeasible" in row or "wall" in row:
             continue
         (scheduler, ref), equal = _ref(row), max(1, round(row["fraction"] * row["ref_steps"]))
-        model = load(bench.args.work / _prefix(_ref(row)) / row["key"])
+        model = load(bench.args.work / ref_prefix(_ref(row)) / row["key"])
         wall: dict[str, float] = {"macs_speedup": 1 / row["kept_sampling_macs"]}
         for batch in (64, 1):
             times = {
@@ -373,7 +381,7 @@ def grids(bench: Bench) -> None:
         if row["kind"] == "sampler":
             images = bench.samples(bench.teacher, row["scheduler"], row["steps"], 64)
         else:
-            model = load(bench.args.work / _prefix(_ref(row)) / row["key"])
+            model = load(bench.args.work / ref_prefix(_ref(row)) / row["key"])
             images = bench.samples(model, *_ref(row), 64)
         save_grid(images, path, scale=2)
         print(path, flush=True)
@@ -392,10 +400,16 @@ def _quality(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _name(row: dict[str, Any]) -> str:
+    if row["kind"] == "hook":
+        missed = "" if row["reached"] else ", cheapest found: target missed"
+        return f"diffusers {row['hook']} ({row['knob']} = {row['value']:.3g}{missed})"
     name = f"{row['method']} ({row.get('granularity', 'layer')}"  # rows from before granularity was recorded
+    if row.get("forecast_order"):
+        name += f", forecast order {row['forecast_order']}"
     if row["method"] == "dip-go":
         name += f", seed {row['seed']}" + {
             "step-reuse": ", shipped step reuse",
+            "step-reuse-forecast": ", shipped uniform forecast",
             "searched (not shipped)": ", the search's table",
         }.get(row.get("selected"), "")
     return name + ")"
@@ -413,9 +427,12 @@ def markdown(paths: list[Path]) -> str:
         for r in samplers
     ]
     out = ["### The teacher's curve", "", markdown_table(curve), ""]
-    for scheduler, ref in sorted({_ref(r) for r in rows.values() if r["kind"] == "table"}):
+    refused = [f"- diffusers {r['hook']}: refused — {r['refused']}" for r in rows.values() if "refused" in r]
+    out += [*refused, ""] if refused else []
+    compared = [r for r in rows.values() if r["kind"] in ("table", "hook") and "refused" not in r]
+    for scheduler, ref in sorted({_ref(r) for r in compared}):
         full = rows.get(f"{scheduler}-{ref}", {})
-        ours = [r for r in rows.values() if r["kind"] == "table" and _ref(r) == (scheduler, ref)]
+        ours = [r for r in compared if _ref(r) == (scheduler, ref)]
         table = []
         for fraction in sorted({r["fraction"] for r in ours}, reverse=True):
             equal = max(1, round(fraction * ref))
@@ -453,9 +470,18 @@ def main() -> None:
     )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.33, 0.25, 0.2])
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="conditional teachers: CFG scale")
-    parser.add_argument("--iterations", type=int, default=60, help="dip-go optimizer steps per search")
-    parser.add_argument("--search-batch", type=int, default=4)
-    parser.add_argument("--search-noises", type=int, default=16)
+    defaults = skip.SkipConfig  # the engine's defaults are the settings this benchmark measures
+    parser.add_argument("--iterations", type=int, default=defaults.iterations, help="dip-go optimizer steps")
+    parser.add_argument("--search-batch", type=int, default=defaults.batch_size, help="dip-go noises per step")
+    parser.add_argument("--search-noises", type=int, default=defaults.noises, help="dip-go fixed noises")
+    parser.add_argument(
+        "--forecast-orders",
+        type=int,
+        nargs="+",
+        choices=skip.FORECAST_ORDERS,
+        default=[0],
+        help="what skipped units return in every table (0 reuse, 1/2 Taylor forecast): one row per order",
+    )
     parser.add_argument(
         "--start", choices=get_args(skip.Start), default="step-reuse", help="dip-go: where the search starts"
     )
@@ -499,7 +525,7 @@ def main() -> None:
                 if not curve:
                     raise SystemExit("--refs nstar needs the curve first (--stage curve or all)")
                 bench.results["nstar"] = min(curve, key=lambda r: r["fid"])["steps"]
-            run_tables(bench, ("ddim", bench.results["nstar"]) if ref == "nstar" else _parse_ref(ref), args.fractions)
+            run_tables(bench, ("ddim", bench.results["nstar"]) if ref == "nstar" else parse_ref(ref), args.fractions)
     atomic_write_json(args.out, bench.results)
 
 

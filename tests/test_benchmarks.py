@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,39 @@ def test_every_benchmark_script_imports_and_parses_its_arguments(tmp_path: Path)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "", result.stdout
+
+
+def test_skipping_report_puts_tables_and_diffusers_hooks_under_their_reference_sampler(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import skipping
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    quality = {"fid": 1.0, "kid_mean": 0.01}
+    sampler = lambda name, steps: {"key": f"{name}-{steps}", "kind": "sampler", "scheduler": name, "steps": steps}  # noqa: E731
+    tables = [
+        sampler("dpm", 20) | quality | {"sampling_macs": 20e9},
+        sampler("dpm", 10) | quality | {"sampling_macs": 10e9},
+        {"key": "dpm20-step-reuse-block-0.5-order2", "kind": "table", "ref_scheduler": "dpm", "ref_steps": 20}
+        | {"fraction": 0.5, "method": "step-reuse", "granularity": "block", "forecast_order": 2}
+        | {"kept_sampling_macs": 0.5, "fid": 2.5, "kid_mean": 0.02},
+    ]
+    hooks = [
+        {"key": "dpm20-magcache-0.5", "kind": "hook", "hook": "magcache", "ref_scheduler": "dpm", "ref_steps": 20}
+        | {"fraction": 0.5, "knob": "threshold", "value": 0.1234, "reached": False, "kept_sampling_macs": 0.61}
+        | {"fid": 3.5, "kid_mean": 0.03},
+        {"key": "first-block-refused", "kind": "hook", "hook": "first-block", "refused": "no transformer blocks"},
+    ]
+    paths = [tmp_path / "tables.json", tmp_path / "hooks.json"]
+    for path, rows in zip(paths, (tables, hooks)):
+        path.write_text(json.dumps({"rows": rows}))
+    report = skipping.markdown(paths)
+    assert "diffusers first-block: refused — no transformer blocks" in report
+    section = report.split("### From DPM-Solver++-20 (FID 1.000)")[1]
+    lines = [line for line in section.splitlines() if line.startswith("| 0.5")]
+    assert [line.split("|")[2].strip() for line in lines] == [
+        "dpm 10 steps",
+        "step-reuse (block, forecast order 2)",
+        "diffusers magcache (threshold = 0.123, cheapest found: target missed)",
+    ]
+    assert "| 3.5 |" in lines[2] and "not measured" in lines[2]

@@ -40,12 +40,14 @@ class SkipConfig(LatencyBudget):
     schedule: Literal["uniform", "non-uniform"] = field(
         default="uniform", metadata={"help": "Baselines: full steps at a uniform or non-uniform (DeepCache) interval."}
     )
-    iterations: int = field(default=200, metadata={"help": "dip-go: optimizer steps of the gate network."})
+    iterations: int = field(default=60, metadata={"help": "dip-go: optimizer steps of the gate network."})
     lr: float = field(default=0.001, metadata={"help": "dip-go: Adam learning rate of the gate network."})
     batch_size: int = field(
-        default=8, metadata={"help": "dip-go: noises per optimizer step.", "flag": "--search-batch"}
+        default=4, metadata={"help": "dip-go: noises per optimizer step.", "flag": "--search-batch"}
     )
-    noises: int = field(default=32, metadata={"help": "dip-go: fixed noises (and conditions) the search uses."})
+    noises: int = field(
+        default=16, metadata={"help": "dip-go: fixed noises (and conditions) the search uses; as many held out."}
+    )
     loss: Literal["ssim", "mse"] = field(default="ssim", metadata={"help": "dip-go consistency: ssim or mse."})
     start: Start = field(
         default="step-reuse",
