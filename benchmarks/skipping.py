@@ -10,10 +10,12 @@
    `--guidance-scale`, the recorded classes or prompts in turn, and class agreement — the share of samples the
    digits classifier assigns to their condition, the CLIP score of this domain) of the teacher with DDIM and
    DPM-Solver++ at each step count in `--ddim-steps` / `--dpm-steps`.
-2. For each reference sampler (DDIM at `--refs` steps; `nstar` = the DDIM step count with the best FID on the curve)
-   and each fraction in `--fractions` of its sampling MACs: dip-go (block and layer granularity, one search per
-   fraction and `--seeds` seed, as `slimdiff compress skip` runs it), deepcache (layer), step-reuse, and the free
-   alternatives at equal sampling MACs — DDIM and DPM-Solver++ with fraction × steps steps.
+2. For each reference sampler (DDIM at `--refs` steps, `nstar` = the DDIM step count with the best FID on the curve,
+   or SAMPLER-STEPS: dpm-20) and each fraction in `--fractions` of its sampling MACs: dip-go (block and layer
+   granularity, one search per fraction and `--seeds` seed, as `slimdiff compress skip` runs it), deepcache (layer),
+   step-reuse (block and layer), each with every forecast order in `--forecast-orders`, and the free alternatives
+   at equal sampling MACs — the same sampler, DDIM and DPM-Solver++ with fraction × steps steps. diffusers' cache
+   hooks are measured by `benchmarks/cache_hooks.py`; `--stage report` takes both files.
 3. `--stage wall`: wall time of one whole sampling run at batch 64 and at batch 1 (CPU, the threads the process
    has), measured back to back for the reference sampler, each table and DDIM with fewer steps at equal MACs.
 
@@ -187,6 +189,11 @@ def parse_ref(text: str) -> Ref:
     return scheduler or "ddim", int(steps)
 
 
+#: The tables that need no search: whole steps reused (block units), every unit's branch reused at the same steps
+#: (layer units: FORA's uniform cache on a DiT; with a forecast order, TaylorSeer's), and DeepCache.
+BASELINES = (("step-reuse", "block"), ("step-reuse", "layer"), ("deepcache", "layer"))
+
+
 def run_tables(bench: Bench, ref: Ref, fractions: list[float]) -> None:
     args = bench.args
     scheduler, ref_steps = ref
@@ -196,7 +203,7 @@ def run_tables(bench: Bench, ref: Ref, fractions: list[float]) -> None:
         for fewer in dict.fromkeys(("ddim", "dpm", scheduler)):  # the free alternatives, and the reference's own
             bench.sampler_row(fewer, equal)
     for order in args.forecast_orders:
-        for method, granularity in (("step-reuse", "block"), ("deepcache", "layer")):
+        for method, granularity in BASELINES:
             for fraction in fractions:
                 baseline(bench, ref, method, granularity, fraction, order)
         for seed in args.seeds:
@@ -446,6 +453,8 @@ def markdown(paths: list[Path]) -> str:
                     continue
                 row = {"fraction": fraction, "row": _name(r)}
                 if "infeasible" in r:
+                    if r.get("forecast_order"):
+                        continue  # what a table can keep does not depend on the forecast order: said once
                     table.append(row | {"kept MACs": None, "FID": None, "wall b64": "infeasible: " + r["infeasible"]})
                     continue
                 row |= {"kept MACs": r["kept_sampling_macs"], **_quality(r)}
