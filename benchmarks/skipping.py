@@ -458,7 +458,8 @@ def markdown(paths: list[Path]) -> str:
                     table.append(row | {"kept MACs": None, "FID": None, "wall b64": "infeasible: " + r["infeasible"]})
                     continue
                 row |= {"kept MACs": r["kept_sampling_macs"], **_quality(r)}
-                table.append(row | {"wall b64": _wall(r, 64), "wall b1": _wall(r, 1)})
+                timed = r["kind"] == "table"  # the wall stage times tables; hooks are not timed
+                table.append(row | {"wall b64": _wall(r, 64) if timed else "", "wall b1": _wall(r, 1) if timed else ""})
         head = f"### From {SAMPLER_NAMES[scheduler]}-{ref} (FID {full.get('fid', float('nan')):.3f})"
         out += [head, "", markdown_table(table), ""]
     return "\n".join(out)
