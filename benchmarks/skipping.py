@@ -495,7 +495,7 @@ def main() -> None:
     parser.add_argument(
         "--start", choices=get_args(skip.Start), default="step-reuse", help="dip-go: where the search starts"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="dip-go search seeds")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="dip-go search seeds (none: no searches)")
     parser.add_argument("--granularities", nargs="+", choices=skip.GRANULARITIES, default=list(skip.GRANULARITIES))
     parser.add_argument("--wall-repeats", type=int, default=1, help="--stage wall: runs per timing (median)")
     parser.add_argument(
