@@ -303,7 +303,7 @@ def compile_units(model: nn.Module, **compile_options: Any) -> None:
     if state is None:
         raise SlimdiffError("compile_units needs a model with a skip table (apply_skip or slimdiff.load)")
     for name in state.table.units:
-        hook = get_submodule(model, name)._diffusers_hook.get_hook(UNIT_HOOK)
+        hook = HookRegistry.check_if_exists_or_initialize(get_submodule(model, name)).get_hook(UNIT_HOOK)
         hook.compiled = torch.compile(hook.fn_ref.original_forward, **compile_options)
 
 
